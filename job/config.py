@@ -1,0 +1,263 @@
+"""The job's one typed configuration: `FT_*` environment variables over an optional YAML file.
+
+Precedence, highest first: environment variables, the YAML file named by `FT_CONFIG_FILE` (keys written either as
+`lora_r` or `FT_LORA_R`), the defaults below. The defaults are those of the classic "fine-tune Llama-2-7b with
+QLoRA" guide, except where the guide is wrong (see each field's description).
+
+Every field's description is user documentation: `finetune-job env`, the README table and the Helm chart's values
+are generated from or tested against this file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from job.errors import ConfigError
+
+PREFIX = "FT_"
+CONFIG_FILE_VAR = "FT_CONFIG_FILE"
+
+# transformers' optimizer and scheduler names, listed here so that validation needs no heavy import.
+OPTIMIZERS = (
+    "adamw_torch", "adamw_torch_fused", "adafactor", "adamw_bnb_8bit", "adamw_8bit", "lion_8bit", "lion_32bit",
+    "paged_adamw_32bit", "paged_adamw_8bit", "paged_lion_32bit", "paged_lion_8bit", "sgd", "adagrad", "rmsprop",
+)
+SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+    "cosine_with_min_lr", "warmup_stable_decay",
+)
+
+
+class Settings(BaseSettings):
+    """All settings of a run. Field name `lora_r` is the variable `FT_LORA_R`."""
+
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="forbid", validate_default=True)
+
+    # --- sources -----------------------------------------------------------------------------------------------
+    base_model: str = Field(
+        "NousResearch/Llama-2-7b-chat-hf",
+        description="Base model: a Hugging Face Hub id (`org/name`, or `hf://org/name`) or a local directory.",
+    )
+    model_revision: str | None = Field(
+        None, description="Hub branch, tag or commit of the base model; pin a commit for reproducible runs."
+    )
+    dataset: str = Field(
+        "mlabonne/guanaco-llama2-1k",
+        description="Dataset: a Hub dataset id, or a local file or directory of .jsonl, .json, .csv or .parquet files.",
+    )
+    dataset_revision: str | None = Field(None, description="Hub branch, tag or commit of the dataset.")
+    dataset_split: str = Field("train", description="Split of the dataset to train on.")
+    eval_split: str | None = Field(
+        None,
+        description="Existing split to evaluate on; when unset, `FT_EVAL_FRACTION` of the training split is held out.",
+    )
+    eval_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Fraction of the training split held out for evaluation (0 disables eval)."
+    )
+    dataset_format: Literal["auto", "text", "chat", "alpaca", "prompt_completion"] = Field(
+        "auto",
+        description="Record layout; `auto` detects it from the columns: `messages` (chat), `instruction`/`output` "
+        "(alpaca), `prompt`/`completion`, else the text field.",
+    )
+    text_field: str = Field("text", description="Column holding the raw text for the `text` format.")
+    max_seq_length: int = Field(
+        1024, gt=0, description="Tokens per sample; longer samples are truncated and counted in the log."
+    )
+    max_samples: int | None = Field(None, gt=0, description="Use only the first N training samples (smoke runs).")
+    completion_only_loss: bool = Field(
+        True,
+        description="Train on response tokens only where the format marks them (prompt/completion, alpaca, chat "
+        "assistant turns); the text format always trains on every token.",
+    )
+    packing: bool = Field(False, description="Pack several samples into each sequence (they cannot attend to each other).")
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with the model repository. Off unless you trust its author."
+    )
+
+    # --- model -------------------------------------------------------------------------------------------------
+    quantization: Literal["nf4", "fp4", "int8", "none"] = Field(
+        "nf4", description="Base weights: 4-bit nf4 or fp4 (QLoRA), 8-bit, or `none` for plain LoRA."
+    )
+    double_quant: bool = Field(False, description="Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="Compute dtype; `auto` is bf16 on GPUs that support it (Ampere and newer), else fp16, and fp32 on "
+        "the CPU. bf16 keeps fp32's exponent range, so it does not overflow where the guide's fp16 can.",
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="Where to train: `auto` takes the GPU when there is one, else the CPU."
+    )
+    lora_r: int = Field(64, gt=0, description="LoRA rank.")
+    lora_alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
+    lora_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    lora_target_modules: str = Field(
+        "auto",
+        description="Modules that get adapters: `auto` (peft's default per architecture: q_proj,v_proj on Llama, as "
+        "in the guide), `all-linear`, or a comma-separated list of module names.",
+    )
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+
+    # --- training ----------------------------------------------------------------------------------------------
+    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
+    batch_size: int = Field(4, gt=0, description="Samples per device per micro-batch (training and evaluation).")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.001, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping norm.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of the steps spent warming the learning rate up.")
+    lr_scheduler_type: str = Field("cosine", description=f"Learning-rate schedule: one of {', '.join(SCHEDULERS)}.")
+    optim: str = Field(
+        "paged_adamw_32bit",
+        description="Optimizer (transformers' names). Paged optimizers need CUDA; on the CPU `adamw_torch` is used "
+        "instead and the log says so.",
+    )
+    seed: int = Field(42, description="Seed for data order, LoRA initialisation and dropout.")
+    logging_steps: int = Field(25, gt=0, description="Log (and write TensorBoard scalars) every N optimizer steps.")
+    eval_steps: int = Field(25, gt=0, description="Evaluate every N optimizer steps.")
+    group_by_length: bool = Field(True, description="Batch samples of similar length together (less padding).")
+
+    # --- outputs -----------------------------------------------------------------------------------------------
+    output_uri: str = Field(
+        "./results", description="Destination: a local directory. Results land in `<output>/<run id>/`."
+    )
+    run_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="Name of this run's folder at the destination; default: `run-<UTC timestamp>`.",
+    )
+    overwrite: bool = Field(False, description="Replace a completed run with the same run id at the destination.")
+    work_dir: Path = Field(
+        Path("/tmp/finetune-job"), description="Local scratch space for downloads and training output."
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="`json` lines, or a `console` with a progress bar; `auto` picks console on a TTY."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe level logged.")
+    termination_log: Path = Field(
+        Path("/dev/termination-log"), description="File that gets a one-line reason when the job ends in failure."
+    )
+
+    @field_validator("optim")
+    @classmethod
+    def _known_optimizer(cls, v: str) -> str:
+        if v not in OPTIMIZERS:
+            raise ValueError(f"must be one of {', '.join(OPTIMIZERS)}")
+        return v
+
+    @field_validator("lr_scheduler_type")
+    @classmethod
+    def _known_scheduler(cls, v: str) -> str:
+        if v not in SCHEDULERS:
+            raise ValueError(f"must be one of {', '.join(SCHEDULERS)}")
+        return v
+
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _target_modules(cls, v: str) -> str:
+        names = [m.strip() for m in v.split(",") if m.strip()]
+        if not names:
+            raise ValueError("must be `auto`, `all-linear` or a comma-separated list of module names")
+        return ",".join(names)
+
+    @property
+    def target_modules(self) -> list[str] | str | None:
+        """The value peft's LoraConfig takes: None for its per-architecture default."""
+        if self.lora_target_modules == "auto":
+            return None
+        if self.lora_target_modules == "all-linear":
+            return "all-linear"
+        return self.lora_target_modules.split(",")
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _YamlSource(settings_cls)
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Values from the YAML file named by FT_CONFIG_FILE; keys as `lora_r` or `FT_LORA_R`."""
+
+    def __init__(self, settings_cls: type[BaseSettings]):
+        super().__init__(settings_cls)
+        self.data = _read_yaml(os.environ.get(CONFIG_FILE_VAR))
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ does the work
+        return self.data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.data.items() if k in self.settings_cls.model_fields}
+
+
+def _read_yaml(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError([f"{CONFIG_FILE_VAR}={path}: file not found"]) from None
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError([f"{CONFIG_FILE_VAR}={path}: not readable YAML ({' '.join(str(e).split())})"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{CONFIG_FILE_VAR}={path}: must hold a mapping of settings, got {type(data).__name__}"])
+    return {_field_name(str(k)): v for k, v in data.items()}
+
+
+def _field_name(key: str) -> str:
+    key = key.strip()
+    return key[len(PREFIX):].lower() if key.upper().startswith(PREFIX) else key.lower()
+
+
+def env_name(field: str) -> str:
+    return PREFIX + field.upper()
+
+
+def _unknown(keys: list[str], where: str) -> list[str]:
+    known = [env_name(f) for f in Settings.model_fields] + [CONFIG_FILE_VAR]
+    problems = []
+    for key in keys:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else f"; `finetune-job env` lists the {len(known)} known ones"
+        problems.append(f"{key}: unknown setting{where}{hint}")
+    return problems
+
+
+def load_settings() -> Settings:
+    """Read and validate every setting from the environment (and FT_CONFIG_FILE); raise one ConfigError that lists
+    every problem found, before anything is downloaded."""
+    environ = os.environ
+    problems = _unknown(sorted(k for k in environ if k.startswith(PREFIX)), "")
+    yaml_file = environ.get(CONFIG_FILE_VAR)
+    yaml_keys = [env_name(k) for k in _read_yaml(yaml_file)]
+    problems += _unknown(yaml_keys, f" in {CONFIG_FILE_VAR}={yaml_file}")
+    settings = None
+    try:
+        settings = Settings()
+    except ValidationError as e:
+        problems += [_describe(err, environ) for err in e.errors() if err["type"] != "extra_forbidden"]
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _describe(err: dict[str, Any], environ: dict[str, str]) -> str:
+    field = str(err["loc"][0]) if err["loc"] else ""
+    message = err["msg"].removeprefix("Value error, ")
+    if not field:
+        return message
+    name = env_name(field)
+    value = environ.get(name, err.get("input"))
+    return f"{name}={value!s}: {message[0].lower() + message[1:]}"

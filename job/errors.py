@@ -1,0 +1,76 @@
+"""Every way the job can end, as an exception with its exit code.
+
+The table below is the job's contract with whatever runs it (Kubernetes' podFailurePolicy, a batch service's retry
+rule, a shell script). `finetune-job` prints it with `finetune-job env --exit-codes`, and the README's copy is
+checked against it by a test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ExitCode:
+    code: int
+    name: str
+    retriable: bool
+    meaning: str
+
+
+EXIT_CODES: tuple[ExitCode, ...] = (
+    ExitCode(0, "success", False, "the adapter, logs and manifest are at the destination"),
+    ExitCode(1, "unexpected", True, "a bug or an unforeseen failure; the log has the traceback"),
+    ExitCode(2, "config", False, "a setting is invalid or unknown; nothing was downloaded"),
+    ExitCode(3, "input", False, "a model or dataset is missing, unreadable or access was denied"),
+    ExitCode(4, "diverged", False, "the training loss became NaN or infinite"),
+    ExitCode(5, "out_of_memory", False, "the GPU (or host) ran out of memory; lower the batch or sequence length"),
+    ExitCode(6, "upload", True, "writing results to the destination failed; local artifacts are kept"),
+    ExitCode(7, "interrupted", True, "stopped by SIGTERM/SIGINT (eviction, preemption); a retry resumes"),
+)
+CODE_BY_NAME = {e.name: e.code for e in EXIT_CODES}
+
+
+class JobError(Exception):
+    """A failure we expected and can explain in one line; never printed with a traceback."""
+
+    exit_name = "unexpected"
+
+    @property
+    def exit_code(self) -> int:
+        return CODE_BY_NAME[self.exit_name]
+
+    @property
+    def reason(self) -> str:
+        """The one-line reason for the termination log."""
+        return " ".join(str(self).split())[:1000]
+
+
+class ConfigError(JobError):
+    """One or more settings are invalid; `problems` holds one line per setting."""
+
+    exit_name = "config"
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+class InputError(JobError):
+    exit_name = "input"
+
+
+class DivergedError(JobError):
+    exit_name = "diverged"
+
+
+class OutOfMemoryError(JobError):
+    exit_name = "out_of_memory"
+
+
+class UploadError(JobError):
+    exit_name = "upload"
+
+
+class InterruptedJob(JobError):
+    exit_name = "interrupted"
