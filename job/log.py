@@ -25,6 +25,7 @@ TOKEN_PATTERNS = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b|\b(?:AKIA|ASIA)[A-Z0-9]{16
 # Credentials written into a URL (https://user:secret@host).
 URL_CREDENTIALS = re.compile(r"(?<=://)[^/\s:@]+:[^/\s@]+@")
 REDACTED = "***"
+_configured = False
 
 
 def redact(text: str) -> str:
@@ -57,6 +58,8 @@ def use_console(log_format: str) -> bool:
 
 def setup(log_format: str = "auto", level: str = "info") -> None:
     """Configure structlog and route the standard library's logging through it."""
+    global _configured
+    _configured = True
     console = use_console(log_format)
     renderer = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty()) if console else structlog.processors.JSONRenderer()
     shared = [
@@ -92,6 +95,8 @@ def setup(log_format: str = "auto", level: str = "info") -> None:
         lib.setLevel(max(logging.WARNING, root.level))
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").setLevel(logging.ERROR)
+    # On the CPU, bitsandbytes warns at import that an optional kernel package is missing; its fallback is fine.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def route_library_logs(console: bool) -> None:
@@ -111,6 +116,10 @@ def route_library_logs(console: bool) -> None:
         datasets.disable_progress_bars()
         huggingface_hub.utils.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
+
+
+def is_configured() -> bool:
+    return _configured
 
 
 def get(name: str = "finetune-job") -> structlog.stdlib.BoundLogger:

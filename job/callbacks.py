@@ -1,0 +1,58 @@
+"""Trainer callbacks: one structured log event per logging step, with throughput, ETA and GPU memory."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from transformers import TrainerCallback
+
+from job import log
+
+
+class ProgressLog(TrainerCallback):
+    """Turn the Trainer's log dicts into `train step` / `eval` events.
+
+    tokens_per_s counts every input token (padding excluded) between two logging steps, from trl's cumulative
+    `num_tokens`; ETA extrapolates the mean step time so far.
+    """
+
+    def __init__(self):
+        self.log = log.get()
+        self.start = self.last_time = None
+        self.last_tokens = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = self.last_time = time.monotonic()
+        self.last_tokens = 0.0
+        self.log.info("training started", max_steps=state.max_steps, epochs=args.num_train_epochs)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        if any(k.startswith("eval_") for k in logs):
+            self.log.info("eval", step=state.global_step, **{k: _round(v) for k, v in logs.items()})
+            return
+        if "loss" not in logs:
+            return  # the end-of-training summary; the pipeline logs its own
+        now = time.monotonic()
+        tokens = float(logs.get("num_tokens", 0.0))
+        rate = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_tokens = now, tokens
+        elapsed = now - self.start
+        eta = elapsed / state.global_step * (state.max_steps - state.global_step) if state.global_step else None
+        event = {
+            "step": state.global_step, "max_steps": state.max_steps, "epoch": _round(state.epoch),
+            "loss": _round(logs.get("loss")), "learning_rate": logs.get("learning_rate"),
+            "grad_norm": _round(logs.get("grad_norm")), "tokens_per_s": round(rate, 1),
+            "eta_s": round(eta) if eta is not None else None,
+        }
+        if torch.cuda.is_available():
+            event["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        self.log.info("train step", **event)
+
+
+def _round(v, digits: int = 4):
+    if isinstance(v, float) and math.isfinite(v):
+        return round(v, digits)
+    return v

@@ -1,0 +1,176 @@
+"""`finetune-job [run|config|env|check]`: the container's entrypoint.
+
+Every failure ends with a one-line reason (also written to the termination log) and an exit code from
+job.errors.EXIT_CODES; only a bug prints a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import typing
+from pathlib import Path
+
+from job import log
+from job.config import Settings, env_name, load_settings
+from job.errors import EXIT_CODES, ConfigError, InterruptedJob, JobError
+
+DEFAULT_TERMINATION_LOG = Settings.model_fields["termination_log"].default
+
+
+def type_name(annotation) -> str:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return " \\| ".join(f"`{a}`" for a in typing.get_args(annotation))
+    if args and len(args) < len(typing.get_args(annotation)):  # Optional[X]
+        return type_name(args[0])
+    return {str: "string", int: "integer", float: "number", bool: "boolean", Path: "path"}.get(annotation, str(annotation))
+
+
+def env_rows() -> list[tuple[str, str, str, str]]:
+    rows = []
+    for name, field in Settings.model_fields.items():
+        default = "" if field.default is None else str(field.default)
+        rows.append((env_name(name), type_name(field.annotation), default, field.description or ""))
+    return rows
+
+
+def env_markdown() -> str:
+    lines = ["| variable | type | default | meaning |", "|---|---|---|---|"]
+    lines += [f"| `{n}` | {t} | {f'`{d}`' if d else ''} | {m} |" for n, t, d, m in env_rows()]
+    return "\n".join(lines) + "\n"
+
+
+def exit_codes_markdown() -> str:
+    lines = ["| code | name | retriable | meaning |", "|---|---|---|---|"]
+    lines += [f"| {e.code} | `{e.name}` | {'yes' if e.retriable else 'no'} | {e.meaning} |" for e in EXIT_CODES]
+    return "\n".join(lines) + "\n"
+
+
+def cmd_env(args) -> int:
+    if args.exit_codes:
+        print(exit_codes_markdown() if args.markdown else "\n".join(
+            f"{e.code:>3}  {e.name:<14} {'retriable' if e.retriable else 'final':<10} {e.meaning}" for e in EXIT_CODES))
+        return 0
+    if args.markdown:
+        print(env_markdown(), end="")
+        return 0
+    for name, typ, default, meaning in env_rows():
+        plain = typ.replace(" \\| ", "|").replace("`", "")
+        print(f"{name}  ({plain}, default: {default or 'unset'})\n    {meaning}")
+    print("\nAlso honoured: HF_TOKEN, HF_HOME, HF_ENDPOINT (huggingface_hub); FT_CONFIG_FILE names a YAML file of "
+          "settings that the environment overrides.")
+    return 0
+
+
+def cmd_config(args) -> int:
+    cfg = load_settings()
+    print(log.redact(json.dumps(cfg.model_dump(mode="json"), indent=2)))
+    return 0
+
+
+def cmd_check(args) -> int:
+    from job import model, publish
+    from job.storage import open_destination, open_source
+
+    cfg = load_settings()
+    model.resolve_placement(cfg)
+    dest = open_destination(cfg.output_uri)
+    if cfg.run_id:
+        publish.check_destination(dest, cfg.run_id, cfg.overwrite)
+    for uri, setting, kind, rev in ((cfg.base_model, "FT_BASE_MODEL", "model", cfg.model_revision),
+                                    (cfg.dataset, "FT_DATASET", "dataset", cfg.dataset_revision)):
+        source = open_source(uri, setting, kind, rev)
+        from job.storage import LocalStorage
+        if isinstance(source, LocalStorage) and not source.list():
+            raise ConfigError([f"{setting}={uri}: no such file or directory, or it is empty"])
+    log.get().info("configuration ok", output_uri=cfg.output_uri)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from job import pipeline
+
+    cfg = load_settings()
+    log.setup(cfg.log_format, cfg.log_level)
+    console = log.use_console(cfg.log_format)
+    log.route_library_logs(console)
+    summary = pipeline.run(cfg, console)
+    if console:
+        print(f"\nadapter:     {summary['adapter']}\ntensorboard: tensorboard --logdir {summary['tensorboard']}")
+    return 0
+
+
+def write_termination_log(reason: str) -> None:
+    # The settings may be the very thing that failed, so the path is read here, in the one place that must work
+    # without them. The Kubernetes default is only written where Kubernetes created it.
+    path = Path(os.environ.get("FT_TERMINATION_LOG") or DEFAULT_TERMINATION_LOG)
+    if path == DEFAULT_TERMINATION_LOG and not path.exists():
+        return
+    try:
+        path.write_text(reason[:4000] + "\n")
+    except OSError:
+        pass
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="finetune-job", description="QLoRA fine-tuning as a batch job, configured by FT_* "
+                                "environment variables (see `finetune-job env`).")
+    sub = p.add_subparsers(dest="command")
+    sub.add_parser("run", help="fine-tune and publish (the default)").set_defaults(func=cmd_run)
+    sub.add_parser("config", help="print the effective configuration, secrets redacted").set_defaults(func=cmd_config)
+    env = sub.add_parser("env", help="list every variable with its type, default and meaning")
+    env.add_argument("--markdown", action="store_true", help="as a Markdown table (the README's)")
+    env.add_argument("--exit-codes", action="store_true", help="list the exit codes instead")
+    env.set_defaults(func=cmd_env)
+    sub.add_parser("check", help="validate the configuration and the sources and destination").set_defaults(
+        func=cmd_check)
+    return p
+
+
+def _interrupt(signum, frame):
+    raise InterruptedJob(f"stopped by {signal.Signals(signum).name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    func = getattr(args, "func", cmd_run)
+    if func in (cmd_run, cmd_check):
+        log.setup()
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        return _fail(InterruptedJob("stopped by SIGINT"))
+    except BrokenPipeError:  # `finetune-job env | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except JobError as e:
+        return _fail(e)
+    except Exception as e:  # noqa: BLE001 - the one place that turns a bug into exit code 1
+        from job.errors import OutOfMemoryError
+
+        if type(e).__name__ == "OutOfMemoryError":  # torch's, raised outside training
+            return _fail(OutOfMemoryError(str(e).splitlines()[0]))
+        log.get().exception("unexpected error", error=log.redact(str(e)))
+        write_termination_log(log.redact(f"unexpected: {type(e).__name__}: {e}"))
+        return 1
+
+
+def _fail(e: JobError) -> int:
+    lines = getattr(e, "problems", None) or [e.reason]
+    if not log.is_configured():
+        for line in lines:
+            print(f"finetune-job: {log.redact(line)}", file=sys.stderr)
+    else:
+        for line in lines:
+            log.get().error(log.redact(line), exit_code=e.exit_code, reason=e.exit_name)
+    write_termination_log(log.redact(f"{e.exit_name}: {e.reason}"))
+    return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Bring the base model and the dataset to local disk, and say exactly which version was used."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from job import log
+from job.config import Settings
+from job.errors import ConfigError, InputError
+from job.storage import HubStorage, Storage, open_source
+
+MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja", "tokenizer*"]
+DATA_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+DATA_FILES = [f"*{ext}" for ext in DATA_BUILDERS] + [f"**/*{ext}" for ext in DATA_BUILDERS] + ["README.md"]
+
+
+@dataclass
+class Fetched:
+    """A source on local disk and its identity: a Hub commit, or a content hash for local files."""
+
+    uri: str
+    path: Path
+    revision: str
+
+
+def fetch_model(cfg: Settings) -> Fetched:
+    source = open_source(cfg.base_model, "FT_BASE_MODEL", "model", cfg.model_revision)
+    path = _fetch(source, "FT_BASE_MODEL", cfg.work_dir / "model", MODEL_FILES)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise InputError(f"FT_BASE_MODEL={cfg.base_model}: not a model directory (no config.json)")
+    if not any(path.glob("*.safetensors")):
+        raise InputError(
+            f"FT_BASE_MODEL={cfg.base_model}: no *.safetensors weights; weights load from safetensors only "
+            "(pickled .bin files can run code)"
+        )
+    return Fetched(cfg.base_model, path, _revision(source, path))
+
+
+def fetch_dataset(cfg: Settings) -> Fetched:
+    source = open_source(cfg.dataset, "FT_DATASET", "dataset", cfg.dataset_revision)
+    path = _fetch(source, "FT_DATASET", cfg.work_dir / "dataset", DATA_FILES)
+    if path.is_file() and path.suffix not in DATA_BUILDERS:
+        raise ConfigError([f"FT_DATASET={cfg.dataset}: unsupported file type {path.suffix or '(none)'}; "
+                           f"valid: {', '.join(DATA_BUILDERS)}"])
+    return Fetched(cfg.dataset, path, _revision(source, path))
+
+
+def _fetch(source: Storage, setting: str, cache: Path, patterns: list[str]) -> Path:
+    from huggingface_hub.errors import (
+        GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+    )
+
+    where = f"{setting}={source.uri}"
+    try:
+        path = source.fetch(cache, patterns)
+    except RevisionNotFoundError:
+        raise InputError(f"{where}: revision {getattr(source, 'revision', None)!r} not found") from None
+    except GatedRepoError:
+        raise InputError(f"{where}: gated repository; accept its terms on the Hub and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise InputError(f"{where}: repository not found, or private and HF_TOKEN lacks access") from None
+    except LocalEntryNotFoundError as e:
+        raise InputError(f"{where}: not in the local cache and the Hub is unreachable ({_first_line(e)})") from None
+    except HfHubHTTPError as e:
+        raise InputError(f"{where}: the Hub answered {_first_line(e)}") from None
+    except PermissionError:
+        raise InputError(f"{where}: permission denied") from None
+    if not path.exists():
+        raise InputError(f"{where}: no such file or directory")
+    log.get().info("source ready", setting=setting, uri=source.uri, path=str(path))
+    return path
+
+
+def _revision(source: Storage, path: Path) -> str:
+    if isinstance(source, HubStorage) and source.commit:
+        return source.commit
+    return "sha256:" + content_hash(path)
+
+
+def content_hash(path: Path) -> str:
+    """One sha256 over every file's relative path and content, in a stable order."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        digest.update(f.relative_to(path.parent if path.is_file() else path).as_posix().encode() + b"\0")
+        digest.update(file_sha256(f).encode())
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _first_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]

@@ -1,0 +1,125 @@
+"""Model card, manifest and upload. The manifest goes last: a run is complete when its manifest exists and every
+checksum in it matches."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from job import log
+from job.config import Settings
+from job.errors import ConfigError, UploadError
+from job.fetch import file_sha256
+from job.log import redact, redact_value
+from job.storage import Storage
+
+MANIFEST = "manifest.json"
+PACKAGES = ("finetune-job", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets",
+            "tokenizers", "huggingface_hub")
+
+
+def check_destination(dest: Storage, run_id: str, overwrite: bool) -> None:
+    """Refuse to replace a completed run unless asked, before any work is done."""
+    if dest.exists(f"{run_id}/{MANIFEST}") and not overwrite:
+        raise ConfigError([f"FT_RUN_ID={run_id}: a completed run already exists at {dest.describe(run_id)}; "
+                           "choose another run id or set FT_OVERWRITE=true"])
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def build_manifest(stage: Path, cfg: Settings, run_id: str, facts: dict[str, Any]) -> dict[str, Any]:
+    files = {
+        p.relative_to(stage).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+        for p in sorted(stage.rglob("*")) if p.is_file() and p.name != MANIFEST
+    }
+    return redact_value({
+        "run_id": run_id,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": cfg.model_dump(mode="json"),
+        "versions": {**versions(), "python": platform.python_version()},
+        **facts,
+        "files": files,
+    })
+
+
+def model_card(cfg: Settings, run_id: str, facts: dict[str, Any]) -> str:
+    from huggingface_hub import ModelCardData
+
+    data = ModelCardData(
+        base_model=cfg.base_model if "/" in cfg.base_model and not cfg.base_model.startswith("/") else None,
+        library_name="peft",
+        tags=["lora", "qlora" if cfg.quantization != "none" else "peft", "sft", "trl", "finetune-job"],
+        datasets=[cfg.dataset] if "/" in cfg.dataset and not cfg.dataset.startswith(("/", ".")) else None,
+    )
+    m = facts.get("metrics", {})
+    rows = [
+        ("Base model", f"`{cfg.base_model}` @ `{facts['model']['revision']}`"),
+        ("Dataset", f"`{cfg.dataset}` @ `{facts['dataset']['revision']}` ({facts['data']['format']} format)"),
+        ("Samples", f"{facts['data']['train_samples']} train / {facts['data']['eval_samples']} eval"),
+        ("Quantization", cfg.quantization + (" + double quant" if cfg.double_quant else "")),
+        ("LoRA", f"r={cfg.lora_r}, alpha={cfg.lora_alpha:g}, dropout={cfg.lora_dropout:g}, "
+                 f"targets={cfg.lora_target_modules}" + (", DoRA" if cfg.use_dora else "")
+                 + (", rsLoRA" if cfg.use_rslora else "")),
+        ("Optimisation", f"{facts['training']['optim']}, lr {cfg.learning_rate:g} ({cfg.lr_scheduler_type}), "
+                         f"batch {cfg.batch_size} x {cfg.gradient_accumulation_steps}, {facts['training']['steps']} steps"),
+        ("Compute", f"{facts['placement']['device']} ({facts['placement']['dtype']})"),
+        ("Eval loss", f"{_fmt(m.get('eval_loss_before'))} before, {_fmt(m.get('eval_loss_after'))} after"),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    body = f"""---
+{data.to_yaml()}
+---
+
+# {run_id}
+
+A LoRA adapter for `{cfg.base_model}`, trained by [finetune-job](https://github.com/) with trl's SFTTrainer.
+
+| | |
+|---|---|
+{table}
+
+## Use
+
+```python
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoTokenizer
+
+model = AutoPeftModelForCausalLM.from_pretrained("<this folder>/adapter")
+tokenizer = AutoTokenizer.from_pretrained("<this folder>/tokenizer")
+```
+
+`manifest.json` beside this card holds the full configuration, package versions and a sha256 of every file.
+"""
+    return redact(body)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else "n/a"
+
+
+def publish(stage: Path, dest: Storage, cfg: Settings, run_id: str, facts: dict[str, Any]) -> str:
+    """Write the card and manifest into `stage`, upload everything, the manifest last. Returns the run's URI."""
+    (stage / "README.md").write_text(model_card(cfg, run_id, facts))
+    manifest = build_manifest(stage, cfg, run_id, facts)
+    (stage / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    check_destination(dest, run_id, cfg.overwrite)
+    try:
+        dest.put_tree(stage, run_id, skip={MANIFEST})
+        dest.put(stage / MANIFEST, f"{run_id}/{MANIFEST}")
+    except OSError as e:
+        raise UploadError(f"writing to {dest.describe(run_id)} failed ({e}); the results are kept in {stage}") from None
+    uri = dest.describe(run_id)
+    log.get().info("published", uri=uri, files=len(manifest["files"]) + 1)
+    return uri

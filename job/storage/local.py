@@ -1,0 +1,51 @@
+"""A directory on a local or mounted filesystem."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from job.storage.base import Storage
+
+
+class LocalStorage(Storage):
+    def __init__(self, uri: str):
+        super().__init__(uri)
+        self.root = Path(uri.removeprefix("file://")).expanduser()
+
+    def _path(self, key: str) -> Path:
+        return self.root / key if key else self.root
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix)
+        if base.is_file():
+            return [prefix]
+        if not base.is_dir():
+            return []
+        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def get(self, key: str, dest: Path) -> Path:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self._path(key), dest)
+        return dest
+
+    def put(self, src: Path, key: str) -> None:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
+        os.close(fd)
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def fetch(self, cache: Path, patterns: list[str] | None = None) -> Path:
+        # Already local: read it in place rather than copying gigabytes of weights.
+        return self.root

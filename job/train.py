@@ -1,0 +1,117 @@
+"""trl's SFTTrainer, configured from Settings: evaluate, train, evaluate, save the adapter."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from job import log
+from job.callbacks import ProgressLog
+from job.config import Settings
+from job.errors import OutOfMemoryError
+from job.model import Placement, lora_config
+
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, float] = field(default_factory=dict)
+    global_step: int = 0
+    train_seconds: float = 0.0
+
+
+def effective_optim(cfg: Settings, placement: Placement) -> str:
+    """bitsandbytes' paged and 8-bit optimizers need CUDA; the CPU gets plain AdamW."""
+    if placement.device != "cuda" and (cfg.optim.startswith("paged_") or "8bit" in cfg.optim):
+        return "adamw_torch"
+    return cfg.optim
+
+
+def sft_config(cfg: Settings, placement: Placement, output_dir: Path, has_eval: bool, console: bool):
+    from trl import SFTConfig
+
+    on_gpu = placement.device == "cuda"
+    optim = effective_optim(cfg, placement)
+    if optim != cfg.optim:
+        log.get().info("optimizer needs CUDA; using adamw_torch on the CPU", requested=cfg.optim)
+    return SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps or -1,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a fraction below 1 is a ratio of the total steps
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        optim=optim,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=on_gpu and placement.dtype == torch.bfloat16,
+        fp16=on_gpu and placement.dtype == torch.float16,
+        use_cpu=not on_gpu,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg.eval_steps,
+        save_strategy="no",
+        report_to="none",  # TensorBoard is attached explicitly, with its directory
+        disable_tqdm=not console,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.packing else "random",
+        max_length=cfg.max_seq_length,
+        packing=cfg.packing,
+        dataloader_pin_memory=on_gpu,
+    )
+
+
+def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placement, stage: Path, console: bool):
+    """Train and write `adapter/`, `tokenizer/` and `tensorboard/` under `stage`."""
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+    from trl import SFTTrainer
+
+    has_eval = eval_ds is not None
+    writer = SummaryWriter(log_dir=str(stage / "tensorboard"))
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(cfg, placement, cfg.work_dir / "trainer", has_eval, console),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg),
+        callbacks=[TensorBoardCallback(writer), ProgressLog()],
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # prints raw dicts; ProgressLog logs them as events
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    log.get().info("model ready", trainable_params=trainable, total_params=total,
+                   trainable_pct=round(100 * trainable / total, 3))
+    result = TrainResult()
+    try:
+        if has_eval:
+            result.metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+        start = time.monotonic()
+        out = trainer.train()
+        result.train_seconds = time.monotonic() - start
+        result.global_step = out.global_step
+        result.metrics["train_loss"] = out.training_loss
+        if has_eval:
+            result.metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+    except torch.OutOfMemoryError as e:
+        raise OutOfMemoryError(
+            f"out of GPU memory ({str(e).splitlines()[0][:200]}); lower FT_BATCH_SIZE or FT_MAX_SEQ_LENGTH, "
+            "or keep FT_GRADIENT_CHECKPOINTING=true"
+        ) from None
+    finally:
+        writer.close()
+    trainer.model.save_pretrained(stage / "adapter", safe_serialization=True)
+    tokenizer.save_pretrained(stage / "tokenizer")
+    if torch.cuda.is_available():
+        result.metrics["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return result

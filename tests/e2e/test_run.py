@@ -1,0 +1,188 @@
+"""The real CLI as a subprocess, on the tiny model and the sample data, configured only by environment variables."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import DATA, ROOT
+from job.errors import CODE_BY_NAME
+
+HF_SECRET = "hf_SECRETsecretSECRETsecret1234567"
+AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYSECRETKEY"
+
+
+def run_job(env: dict[str, str], tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    base = {
+        "PATH": os.environ["PATH"], "HOME": str(tmp), "HF_HOME": str(tmp / "hf"), "HF_HUB_OFFLINE": "1",
+        "FT_WORK_DIR": str(tmp / "work"), "FT_OUTPUT_URI": str(tmp / "out"), "FT_LOG_FORMAT": "json",
+        "FT_TERMINATION_LOG": str(tmp / "termination-log"), "OMP_NUM_THREADS": "2",
+    }
+    return subprocess.run([sys.executable, "-m", "job", *args], env={**base, **env}, capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+
+
+def events(proc: subprocess.CompletedProcess) -> list[dict]:
+    out = []
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            out.append(json.loads(line))
+    return out
+
+
+def demo_env(model: Path, **extra: str) -> dict[str, str]:
+    env = dict(line.split("=", 1) for line in (ROOT / "examples" / "tiny.env").read_text().splitlines()
+               if line and not line.startswith("#"))
+    env.update(FT_BASE_MODEL=str(model), FT_DATASET=str(DATA / "sample-text.jsonl"), FT_RUN_ID="demo")
+    env.pop("FT_WORK_DIR"), env.pop("FT_OUTPUT_URI")
+    return {**env, **extra}
+
+
+@pytest.fixture(scope="module")
+def demo(tiny_model, tmp_path_factory):
+    """One full run of the embedded default, with credentials in the environment that must not leak."""
+    tmp = tmp_path_factory.mktemp("demo")
+    proc = run_job(demo_env(tiny_model, HF_TOKEN=HF_SECRET, AWS_SECRET_ACCESS_KEY=AWS_SECRET), tmp)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tmp, tmp / "out" / "demo", proc
+
+
+def test_learning_happened(demo):
+    _, run_dir, proc = demo
+    metrics = json.loads((run_dir / "manifest.json").read_text())["metrics"]
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"] - 0.5, metrics
+    finished = [e for e in events(proc) if e["event"] == "run finished"][0]
+    assert finished["eval_loss_after"] == pytest.approx(metrics["eval_loss_after"], abs=1e-3)
+
+
+def test_log_is_json_lines_with_progress_events(demo):
+    _, _, proc = demo
+    steps = [e for e in events(proc) if e["event"] == "train step"]
+    assert len(steps) >= 5
+    for e in steps:
+        assert {"step", "epoch", "loss", "learning_rate", "tokens_per_s", "eta_s"} <= e.keys()
+        assert e["tokens_per_s"] > 0
+    assert all(line.startswith("{") for line in proc.stdout.splitlines() if line.strip())
+
+
+def test_peft_loads_the_adapter_onto_the_base_model_and_it_generates(demo, tiny_model):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, run_dir, _ = demo
+    tok = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    prompt = tok("[INST] Write 12 in words. [/INST]", return_tensors="pt")
+    with torch.no_grad():
+        before = base(**prompt).logits
+    model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    with torch.no_grad():
+        after = model(**prompt).logits
+        generated = model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert not torch.allclose(before, after, atol=1e-3)  # the adapter changes the model
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (64, 16, 0.1)
+
+
+def test_tensorboard_reader_parses_the_logs(demo):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run_dir, _ = demo
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/loss", "train/learning_rate", "eval/loss"} <= set(tags), tags
+    losses = [s.value for s in acc.Scalars("train/loss")]
+    assert len(losses) >= 5 and losses[-1] < losses[0]
+
+
+def test_manifest_is_complete_and_checksums_match(demo):
+    from job.fetch import file_sha256
+
+    _, run_dir, _ = demo
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    on_disk = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
+    assert on_disk == set(manifest["files"]) | {"manifest.json"}
+    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "tokenizer/tokenizer.json",
+            "README.md"} <= on_disk
+    for rel, entry in manifest["files"].items():
+        assert file_sha256(run_dir / rel) == entry["sha256"], rel
+    assert manifest["dataset"]["revision"].startswith("sha256:")
+    assert manifest["config"]["lora_r"] == 64
+    assert {"torch", "transformers", "peft", "trl", "bitsandbytes"} <= manifest["versions"].keys()
+    assert manifest["placement"] == {"device": "cpu", "dtype": "fp32", "gpu": None}
+
+
+def test_model_card_describes_the_run(demo):
+    _, run_dir, _ = demo
+    card = (run_dir / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: peft" in card
+    assert "nf4" in card and "r=64, alpha=16" in card
+
+
+def test_secrets_reach_no_output(demo):
+    tmp, run_dir, proc = demo
+    texts = [proc.stdout, proc.stderr] + [p.read_bytes().decode("latin-1") for p in run_dir.rglob("*") if p.is_file()]
+    for text in texts:
+        assert HF_SECRET not in text and AWS_SECRET not in text
+
+
+def test_success_writes_no_termination_log(demo):
+    tmp, _, _ = demo
+    assert not (tmp / "termination-log").exists()
+
+
+def test_a_completed_run_is_not_overwritten(demo, tiny_model):
+    tmp, run_dir, _ = demo
+    before = (run_dir / "manifest.json").stat().st_mtime_ns
+    proc = run_job(demo_env(tiny_model), tmp)
+    assert proc.returncode == CODE_BY_NAME["config"]
+    assert "FT_RUN_ID=demo: a completed run already exists" in proc.stdout
+    assert (run_dir / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_chat_format_runs_end_to_end(tiny_model, tmp_path):
+    proc = run_job(demo_env(tiny_model, FT_DATASET=str(DATA / "sample-chat.jsonl"), FT_MAX_STEPS="6",
+                            FT_EVAL_STEPS="3", FT_LOGGING_STEPS="3"), tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    manifest = json.loads((tmp_path / "out" / "demo" / "manifest.json").read_text())
+    assert manifest["data"]["format"] == "chat"
+    assert manifest["data"]["trained_tokens"] < manifest["data"]["train_tokens"]  # prompts masked
+    assert manifest["training"]["steps"] == 6
+
+
+@pytest.mark.parametrize("env, code, message", [
+    ({"FT_BASE_MODEL": "/nonexistent/model"}, "input", "FT_BASE_MODEL=/nonexistent/model: no such file or directory"),
+    ({"FT_DATASET": "/nonexistent/data.jsonl"}, "input", "FT_DATASET=/nonexistent/data.jsonl: no such file"),
+    ({"FT_DATASET": "pyproject.toml"}, "config", "FT_DATASET=pyproject.toml: unsupported file type .toml"),
+    ({"FT_BASE_MODEL": "some-org/some-model"}, "input", "FT_BASE_MODEL=some-org/some-model: not in the local cache"),
+    ({"FT_OUTPUT_URI": "s3://bucket/prefix"}, "config", "FT_OUTPUT_URI=s3://bucket/prefix: only local"),
+    ({"FT_DATASET_FORMAT": "chat"}, "config", "FT_DATASET_FORMAT: the chat format needs column(s) ['messages']"),
+    ({"FT_COMPUTE_DTYPE": "bf16"}, "config", "FT_COMPUTE_DTYPE=bf16: quantized layers compute in fp32 on the CPU"),
+])
+def test_bad_input_exit_code_and_one_line_reason(tiny_model, tmp_path, env, code, message):
+    proc = run_job(demo_env(tiny_model, **env), tmp_path)
+    assert proc.returncode == CODE_BY_NAME[code], proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    errors = [e for e in events(proc) if e["level"] == "error"]
+    assert len(errors) == 1 and message in errors[0]["event"], errors
+    assert (tmp_path / "termination-log").read_text().startswith(f"{code}: ")
+    assert not (tmp_path / "out" / "demo").exists()
+
+
+def test_model_without_safetensors_is_refused(tiny_model, tmp_path):
+    import shutil
+
+    model = tmp_path / "pickled"
+    shutil.copytree(tiny_model, model)
+    (model / "model.safetensors").rename(model / "pytorch_model.bin")
+    proc = run_job(demo_env(model), tmp_path)
+    assert proc.returncode == CODE_BY_NAME["input"]
+    assert "no *.safetensors weights" in proc.stdout

@@ -1,0 +1,110 @@
+"""Settings: the guide's defaults, precedence, and every bad input reported at once with its variable named."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from job.config import Settings, load_settings
+from job.errors import CODE_BY_NAME, ConfigError
+
+
+def problems(monkeypatch, **env) -> list[str]:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    return info.value.problems
+
+
+def test_defaults_are_the_guides():
+    cfg = load_settings()
+    assert (cfg.base_model, cfg.dataset) == ("NousResearch/Llama-2-7b-chat-hf", "mlabonne/guanaco-llama2-1k")
+    assert (cfg.quantization, cfg.double_quant, cfg.eval_fraction) == ("nf4", False, 0.1)
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (64, 16, 0.1)
+    assert (cfg.num_train_epochs, cfg.batch_size, cfg.gradient_accumulation_steps) == (1, 4, 1)
+    assert (cfg.optim, cfg.learning_rate, cfg.weight_decay, cfg.max_grad_norm) == ("paged_adamw_32bit", 2e-4, 0.001, 0.3)
+    assert (cfg.warmup_ratio, cfg.lr_scheduler_type, cfg.logging_steps, cfg.eval_steps) == (0.03, "cosine", 25, 25)
+    assert cfg.trust_remote_code is False
+    assert cfg.target_modules is None  # peft's per-architecture default: q_proj, v_proj on Llama, as in the guide
+
+
+def test_environment_overrides_yaml_file_which_overrides_defaults(monkeypatch, tmp_path):
+    f = tmp_path / "settings.yaml"
+    f.write_text("lora_r: 16\nFT_LEARNING_RATE: 0.001\nlora_target_modules: all-linear\n")
+    monkeypatch.setenv("FT_CONFIG_FILE", str(f))
+    monkeypatch.setenv("FT_LORA_R", "8")
+    cfg = load_settings()
+    assert cfg.lora_r == 8
+    assert cfg.learning_rate == 0.001
+    assert cfg.target_modules == "all-linear"
+
+
+def test_target_module_list(monkeypatch):
+    monkeypatch.setenv("FT_LORA_TARGET_MODULES", " q_proj, k_proj ,v_proj")
+    assert load_settings().target_modules == ["q_proj", "k_proj", "v_proj"]
+
+
+def test_every_problem_is_reported_together_one_line_each(monkeypatch):
+    found = problems(monkeypatch, FT_LORA_R="abc", FT_QUANTIZATION="nf3", FT_EVAL_FRACTION="1.5",
+                     FT_OPTIM="adam", FT_LORA_RANK="4")
+    assert len(found) == 5
+    by_var = {line.split("=")[0].split(":")[0]: line for line in found}
+    assert "integer" in by_var["FT_LORA_R"]
+    assert "'nf4', 'fp4', 'int8' or 'none'" in by_var["FT_QUANTIZATION"]
+    assert "less than 1" in by_var["FT_EVAL_FRACTION"]
+    assert "paged_adamw_32bit" in by_var["FT_OPTIM"]
+    assert "did you mean FT_LORA_R?" in by_var["FT_LORA_RANK"]
+    assert all("\n" not in line for line in found)
+
+
+def test_unknown_key_in_yaml_file_is_named_with_the_file(monkeypatch, tmp_path):
+    f = tmp_path / "settings.yaml"
+    f.write_text("learning_rat: 0.1\n")
+    (line,) = problems(monkeypatch, FT_CONFIG_FILE=str(f))
+    assert line.startswith("FT_LEARNING_RAT: unknown setting in FT_CONFIG_FILE=")
+    assert "did you mean FT_LEARNING_RATE?" in line
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("- a\n- b\n", "must hold a mapping"),
+    ("a: [b\n", "not readable YAML"),
+])
+def test_bad_yaml_file(monkeypatch, tmp_path, content, expected):
+    f = tmp_path / "settings.yaml"
+    f.write_text(content)
+    (line,) = problems(monkeypatch, FT_CONFIG_FILE=str(f))
+    assert expected in line
+
+
+def test_missing_yaml_file(monkeypatch, tmp_path):
+    (line,) = problems(monkeypatch, FT_CONFIG_FILE=str(tmp_path / "nope.yaml"))
+    assert line.endswith("file not found")
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "FT_LORA_R": "-1", "FT_BATCHSIZE": "2",
+           "FT_TERMINATION_LOG": str(tmp_path / "term")}
+    proc = subprocess.run([sys.executable, "-m", "job", "run"], env=env, capture_output=True, text=True)
+    assert proc.returncode == CODE_BY_NAME["config"] == 2
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out
+    assert "FT_LORA_R=-1: input should be greater than 0" in out
+    assert "FT_BATCHSIZE: unknown setting; did you mean FT_BATCH_SIZE?" in out
+    assert (tmp_path / "term").read_text().startswith("config: ")
+
+
+def test_config_command_prints_effective_settings_with_secrets_redacted(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "FT_LORA_R": "8", "HF_TOKEN": "hf_abcdefghijklmnopqrstuvwxyz0123",
+           "FT_BASE_MODEL": "https://user:hunter22@example.com/model hf_abcdefghijklmnopqrstuvwxyz0123"}
+    proc = subprocess.run([sys.executable, "-m", "job", "config"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert '"lora_r": 8' in proc.stdout
+    assert "hunter22" not in proc.stdout and "hf_abcdefghijklmnopqrstuvwxyz0123" not in proc.stdout
+
+
+def test_every_setting_is_documented():
+    for name, field in Settings.model_fields.items():
+        assert field.description and field.description.endswith((".", ")")), name

@@ -1,0 +1,167 @@
+"""Records to tokens: every format, EOS in the labels, prompt masking, truncation counted, loaders per file type."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from job.config import Settings
+from job.data import IGNORE, Tokenize, choose_pad_token, detect_format, load_splits, tokenize_splits
+from job.errors import ConfigError, InputError
+
+from conftest import DATA
+
+
+def settings(**kw) -> Settings:
+    return Settings.model_construct(**{**Settings().model_dump(), **kw})
+
+
+def trained(tokenizer, row) -> str:
+    return tokenizer.decode([t for t in row["labels"] if t != IGNORE])
+
+
+def test_pad_token_is_not_eos(tokenizer):
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_pad_falls_back_to_unk_when_pad_is_eos(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.pad_token = tok.eos_token  # what the guide does
+    choose_pad_token(tok)
+    assert tok.pad_token == tok.unk_token != tok.eos_token
+
+
+def test_text_keeps_one_bos_and_trains_on_every_token_including_eos(tokenizer):
+    row = Tokenize(tokenizer, "text", settings())({"text": "<s>[INST] Write 7 in words. [/INST] Seven. </s>"})
+    ids = row["input_ids"]
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+    assert ids[-1] == tokenizer.eos_token_id and ids.count(tokenizer.eos_token_id) == 1
+    assert row["labels"] == ids
+
+
+def test_text_without_eos_gets_one(tokenizer):
+    row = Tokenize(tokenizer, "text", settings())({"text": "hello there"})
+    assert row["input_ids"][-1] == row["labels"][-1] == tokenizer.eos_token_id
+
+
+def test_prompt_completion_masks_the_prompt(tokenizer):
+    row = Tokenize(tokenizer, "prompt_completion", settings())({"prompt": "Q: opposite of hot?", "completion": " cold"})
+    n_prompt = len(tokenizer("Q: opposite of hot?").input_ids)
+    assert row["labels"][:n_prompt] == [IGNORE] * n_prompt
+    assert trained(tokenizer, row) == " cold</s>"
+    assert row["labels"][-1] == tokenizer.eos_token_id
+
+
+def test_completion_only_can_be_turned_off(tokenizer):
+    row = Tokenize(tokenizer, "prompt_completion", settings(completion_only_loss=False))(
+        {"prompt": "Q: opposite of hot?", "completion": " cold"})
+    assert row["labels"] == row["input_ids"]
+
+
+def test_chat_trains_on_every_assistant_turn_only(tokenizer):
+    messages = [{"role": "user", "content": "Write 2 in words."}, {"role": "assistant", "content": "Two."},
+                {"role": "user", "content": "And 3?"}, {"role": "assistant", "content": "Three."}]
+    row = Tokenize(tokenizer, "chat", settings())({"messages": messages})
+    full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+    assert row["input_ids"] == list(full)
+    assert trained(tokenizer, row) == " Two. </s> Three. </s>"
+
+
+def test_conversational_prompt_completion(tokenizer):
+    record = {"prompt": [{"role": "user", "content": "Plural of mouse?"}],
+              "completion": [{"role": "assistant", "content": "Mice."}]}
+    row = Tokenize(tokenizer, "prompt_completion", settings())(record)
+    assert trained(tokenizer, row) == " Mice. </s>"
+
+
+def test_alpaca_uses_the_chat_template_when_there_is_one(tokenizer):
+    row = Tokenize(tokenizer, "alpaca", settings())({"instruction": "Mix red and blue.", "input": "", "output": "Purple."})
+    assert tokenizer.decode(row["input_ids"]) == "<s>[INST] Mix red and blue. [/INST] Purple. </s>"
+    assert trained(tokenizer, row) == " Purple. </s>"
+
+
+def test_alpaca_without_chat_template_uses_the_alpaca_prompt(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.chat_template = None
+    row = Tokenize(tok, "alpaca", settings())({"instruction": "Add.", "input": "2 and 3", "output": "5"})
+    text = tok.decode(row["input_ids"])
+    assert "### Instruction:\nAdd.\n\n### Input:\n2 and 3\n\n### Response:\n5</s>" in text
+    assert tok.decode([t for t in row["labels"] if t != IGNORE]) == "5</s>"
+
+
+def test_truncation_is_applied_and_counted(tokenizer):
+    from datasets import Dataset
+
+    long = {"text": "one two three four five six seven eight nine ten " * 5}
+    ds = Dataset.from_list([long, {"text": "short"}])
+    train, _, stats = tokenize_splits(ds, None, tokenizer, settings(max_seq_length=16))
+    assert max(len(ids) for ids in train["input_ids"]) == 16
+    assert stats.truncated == 1 and stats.train_samples == 2
+
+
+def test_samples_left_without_labels_by_truncation_are_dropped(tokenizer):
+    from datasets import Dataset
+
+    ds = Dataset.from_list([{"prompt": "a long prompt " * 20, "completion": "x"}, {"prompt": "p", "completion": "c"}])
+    train, _, stats = tokenize_splits(ds, None, tokenizer, settings(max_seq_length=8))
+    assert (stats.dropped, stats.train_samples, len(train)) == (1, 1, 1)
+
+
+@pytest.mark.parametrize("columns, fmt", [
+    (["messages"], "chat"), (["instruction", "input", "output"], "alpaca"), (["prompt", "completion"], "prompt_completion"),
+    (["text", "source"], "text"),
+])
+def test_format_detection(columns, fmt):
+    assert detect_format(columns, settings()) == fmt
+
+
+def test_undetectable_format_names_the_columns():
+    with pytest.raises(ConfigError, match=r"FT_DATASET_FORMAT=auto: cannot tell the format from the columns \['body'\]"):
+        detect_format(["body"], settings())
+
+
+def test_forced_format_missing_column():
+    with pytest.raises(ConfigError, match=r"FT_DATASET_FORMAT: the chat format needs column\(s\) \['messages'\]"):
+        detect_format(["text"], settings(dataset_format="chat"))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_every_file_type_loads_and_splits_90_10(tmp_path, suffix):
+    import pandas as pd
+
+    frame = pd.read_json(DATA / "sample-text.jsonl", lines=True)
+    path = tmp_path / f"data{suffix}"
+    {".jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+     ".json": lambda: path.write_text(json.dumps(frame.to_dict(orient="records"))),
+     ".csv": lambda: frame.to_csv(path, index=False),
+     ".parquet": lambda: frame.to_parquet(path)}[suffix]()
+    train, evaluation = load_splits(settings(dataset=str(path)), path)
+    assert len(train) + len(evaluation) == len(frame)
+    assert len(evaluation) == math.ceil(0.1 * len(frame))  # datasets rounds the test share up
+    assert set(train["text"]).isdisjoint(evaluation["text"])
+
+
+def test_directory_with_named_splits_uses_them(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
+    (tmp_path / "test.jsonl").write_text('{"text": "c"}\n')
+    train, evaluation = load_splits(settings(eval_split="test", dataset=str(tmp_path)), tmp_path)
+    assert (train["text"], evaluation["text"]) == (["a", "b"], ["c"])
+
+
+def test_unknown_split_lists_the_real_ones(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"text": "a"}\n')
+    with pytest.raises(ConfigError, match="FT_DATASET_SPLIT=validation: no such split; the dataset has train"):
+        load_splits(settings(dataset_split="validation"), tmp_path)
+
+
+def test_malformed_file_is_an_input_error(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"text": "a"}\n{not json\n')
+    with pytest.raises(InputError, match="FT_DATASET=.*could not be read"):
+        load_splits(settings(dataset=str(path)), path)
