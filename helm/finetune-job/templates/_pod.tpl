@@ -1,0 +1,122 @@
+{{/* The pod of a run: the same for the Job and for every Job of the CronJob. */}}
+{{- define "finetune-job.podTemplate" -}}
+{{- $secret := include "finetune-job.credentialsSecretName" . -}}
+{{- $claim := include "finetune-job.modelCacheClaimName" . -}}
+metadata:
+  labels:
+    {{- include "finetune-job.workloadLabels" . | nindent 4 }}
+  annotations:
+    # A change of settings changes the pod template: an upgrade of a running Job is refused (its template is
+    # immutable) instead of a retry silently running with other settings.
+    checksum/config: {{ include (print $.Template.BasePath "/configmap.yaml") . | sha256sum }}
+    {{- if and .Values.credentials.create (not .Values.credentials.existingSecret) }}
+    checksum/credentials: {{ include (print $.Template.BasePath "/secret.yaml") . | sha256sum }}
+    {{- end }}
+    {{- with .Values.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  # Never: a failed pod is replaced by the Job (podFailurePolicy requires it), so each attempt has its own logs.
+  restartPolicy: Never
+  serviceAccountName: {{ include "finetune-job.serviceAccountName" . }}
+  automountServiceAccountToken: {{ .Values.serviceAccount.automountServiceAccountToken }}
+  enableServiceLinks: false
+  terminationGracePeriodSeconds: {{ int .Values.terminationGracePeriodSeconds }}
+  securityContext:
+    {{- toYaml .Values.podSecurityContext | nindent 4 }}
+  {{- with .Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.runtimeClassName }}
+  runtimeClassName: {{ . }}
+  {{- end }}
+  {{- with .Values.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  {{- with .Values.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: finetune-job
+      image: {{ include "finetune-job.image" . }}
+      imagePullPolicy: {{ .Values.image.pullPolicy }}
+      envFrom:
+        - configMapRef:
+            name: {{ include "finetune-job.configMapName" . }}
+      env:
+        {{- if not (include "finetune-job.isSet" .Values.config.run_id) }}
+        # The run id is the Job's name: a retry resumes the same run, each scheduled run gets its own.
+        - name: FT_RUN_ID
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.labels['batch.kubernetes.io/job-name']
+        {{- end }}
+        - name: HF_HOME
+          value: {{ .Values.modelCache.mountPath | quote }}
+        {{- if $secret }}
+        {{- range .Values.credentials.variables }}
+        {{- if or $.Values.credentials.existingSecret (get $.Values.credentials.values .) }}
+        - name: {{ . }}
+          valueFrom:
+            secretKeyRef:
+              name: {{ $secret }}
+              key: {{ . }}
+              optional: true
+        {{- end }}
+        {{- end }}
+        {{- end }}
+        {{- with .Values.extraEnv }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      resources:
+        {{- include "finetune-job.resources" . | nindent 8 }}
+      securityContext:
+        {{- toYaml .Values.securityContext | nindent 8 }}
+      # The job writes its one-line failure reason here; without it, the end of the log stands in.
+      terminationMessagePath: {{ .Values.config.termination_log | default "/dev/termination-log" }}
+      terminationMessagePolicy: FallbackToLogsOnError
+      volumeMounts:
+        - name: tmp
+          mountPath: /tmp
+        - name: cache
+          mountPath: /cache
+        - name: model-cache
+          mountPath: {{ .Values.modelCache.mountPath }}
+        - name: dshm
+          mountPath: /dev/shm
+        {{- with .Values.extraVolumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+  volumes:
+    - name: tmp
+      emptyDir:
+        sizeLimit: {{ .Values.scratch.tmpSizeLimit }}
+    - name: cache
+      emptyDir:
+        sizeLimit: {{ .Values.scratch.cacheSizeLimit }}
+    - name: model-cache
+      {{- if $claim }}
+      persistentVolumeClaim:
+        claimName: {{ $claim }}
+      {{- else }}
+      emptyDir:
+        sizeLimit: {{ .Values.modelCache.emptyDirSizeLimit }}
+      {{- end }}
+    - name: dshm
+      emptyDir:
+        medium: Memory
+        sizeLimit: {{ .Values.scratch.shmSizeLimit }}
+    {{- with .Values.extraVolumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end }}
