@@ -16,7 +16,7 @@ from pathlib import Path
 
 from job import log
 from job.config import Settings, env_name, load_settings
-from job.errors import EXIT_CODES, ConfigError, InterruptedJob, JobError
+from job.errors import EXIT_CODES, InputError, InterruptedJob, JobError
 
 DEFAULT_TERMINATION_LOG = Settings.model_fields["termination_log"].default
 
@@ -74,7 +74,7 @@ def cmd_config(args) -> int:
 
 def cmd_check(args) -> int:
     from job import model, publish
-    from job.storage import open_destination, open_source
+    from job.storage import LocalStorage, open_destination, open_source
 
     cfg = load_settings()
     model.resolve_placement(cfg)
@@ -84,9 +84,8 @@ def cmd_check(args) -> int:
     for uri, setting, kind, rev in ((cfg.base_model, "FT_BASE_MODEL", "model", cfg.model_revision),
                                     (cfg.dataset, "FT_DATASET", "dataset", cfg.dataset_revision)):
         source = open_source(uri, setting, kind, rev)
-        from job.storage import LocalStorage
         if isinstance(source, LocalStorage) and not source.list():
-            raise ConfigError([f"{setting}={uri}: no such file or directory, or it is empty"])
+            raise InputError(f"{setting}={uri}: no such file or directory, or it is empty")
     log.get().info("configuration ok", output_uri=cfg.output_uri)
     return 0
 

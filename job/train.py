@@ -86,6 +86,12 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
         peft_config=lora_config(cfg),
         callbacks=[TensorBoardCallback(writer), ProgressLog()],
     )
+    if placement.dtype != torch.bfloat16:
+        # trl keeps a quantized model's LoRA weights in bf16 (as the QLoRA paper does with bf16 compute). Computing
+        # in fp32 (CPU) or fp16 (pre-Ampere GPUs), that only rounds the updates away: keep them in fp32.
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # prints raw dicts; ProgressLog logs them as events

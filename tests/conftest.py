@@ -28,7 +28,9 @@ def clean_env(monkeypatch, tmp_path):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-llama")
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "build_tiny_model.py"), str(out), "--force"],
+    # Smaller than the demo's model (scripts/build_tiny_model.py defaults), so the suite stays quick on two cores.
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "build_tiny_model.py"), str(out), "--force",
+                    "--hidden", "128", "--layers", "2"],
                    check=True, capture_output=True)
     return out
 

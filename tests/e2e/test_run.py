@@ -148,14 +148,42 @@ def test_a_completed_run_is_not_overwritten(demo, tiny_model):
     assert (run_dir / "manifest.json").stat().st_mtime_ns == before
 
 
-def test_chat_format_runs_end_to_end(tiny_model, tmp_path):
-    proc = run_job(demo_env(tiny_model, FT_DATASET=str(DATA / "sample-chat.jsonl"), FT_MAX_STEPS="6",
-                            FT_EVAL_STEPS="3", FT_LOGGING_STEPS="3"), tmp_path)
+def hub_cache(hf_home: Path, repo_type: str, repo_id: str, files: list[Path]) -> str:
+    """Lay `files` out as huggingface_hub's cache holds a downloaded repo at `main`; return the commit."""
+    import hashlib
+    import shutil
+
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    repo = hf_home / "hub" / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for f in files:
+        shutil.copy(f, snapshot)
+    return commit
+
+
+def test_hub_sources_and_chat_format_run_end_to_end(tiny_model, tmp_path):
+    """Model and dataset by Hub id, served from HF_HOME's cache (offline, as on a node with a warm cache volume):
+    the real snapshot_download path, and the commits recorded in the manifest."""
+    model_commit = hub_cache(tmp_path / "hf", "model", "acme/tiny-llama", list(tiny_model.iterdir()))
+    data_commit = hub_cache(tmp_path / "hf", "dataset", "acme/chat-sample", [DATA / "sample-chat.jsonl"])
+    proc = run_job(demo_env(tiny_model, FT_BASE_MODEL="acme/tiny-llama", FT_DATASET="hf://datasets/acme/chat-sample",
+                            FT_MAX_STEPS="6", FT_EVAL_STEPS="3", FT_LOGGING_STEPS="3"), tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:]
     manifest = json.loads((tmp_path / "out" / "demo" / "manifest.json").read_text())
+    assert (manifest["model"]["revision"], manifest["dataset"]["revision"]) == (model_commit, data_commit)
     assert manifest["data"]["format"] == "chat"
     assert manifest["data"]["trained_tokens"] < manifest["data"]["train_tokens"]  # prompts masked
     assert manifest["training"]["steps"] == 6
+
+
+def test_hub_revision_not_available_is_an_input_error(tiny_model, tmp_path):
+    hub_cache(tmp_path / "hf", "model", "acme/tiny-llama", list(tiny_model.iterdir()))
+    proc = run_job(demo_env(tiny_model, FT_BASE_MODEL="acme/tiny-llama", FT_MODEL_REVISION="v2"), tmp_path)
+    assert proc.returncode == CODE_BY_NAME["input"]
+    assert "FT_BASE_MODEL=acme/tiny-llama: not in the local cache" in proc.stdout
 
 
 @pytest.mark.parametrize("env, code, message", [
@@ -186,3 +214,29 @@ def test_model_without_safetensors_is_refused(tiny_model, tmp_path):
     proc = run_job(demo_env(model), tmp_path)
     assert proc.returncode == CODE_BY_NAME["input"]
     assert "no *.safetensors weights" in proc.stdout
+
+
+def test_check_command_validates_without_training(tiny_model, tmp_path):
+    ok = run_job(demo_env(tiny_model), tmp_path, "check")
+    assert ok.returncode == 0, ok.stdout
+    missing = run_job(demo_env(tiny_model, FT_DATASET="/nonexistent.jsonl"), tmp_path, "check")
+    assert missing.returncode == CODE_BY_NAME["input"]
+    assert "FT_DATASET=/nonexistent.jsonl: no such file" in missing.stdout
+    assert not (tmp_path / "work").exists()
+
+
+def test_sigterm_stops_the_run_with_the_interrupted_code(tiny_model, tmp_path):
+    import signal
+
+    env = {**os.environ, "FT_WORK_DIR": str(tmp_path / "work"), "FT_OUTPUT_URI": str(tmp_path / "out"),
+           "FT_LOG_FORMAT": "json", "FT_TERMINATION_LOG": str(tmp_path / "termination-log"), "HF_HUB_OFFLINE": "1",
+           **demo_env(tiny_model, FT_LOGGING_STEPS="1")}
+    proc = subprocess.Popen([sys.executable, "-m", "job"], env=env, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    for line in proc.stdout:
+        if '"train step"' in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.stdout.read()
+    assert proc.wait(timeout=60) == CODE_BY_NAME["interrupted"]
+    assert (tmp_path / "termination-log").read_text().startswith("interrupted: stopped by SIGTERM")
+    assert not (tmp_path / "out" / "demo" / "manifest.json").exists()

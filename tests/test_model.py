@@ -1,0 +1,64 @@
+"""Quantization and LoRA settings reach the loaded model; impossible device/dtype combinations fail early."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from job.config import Settings
+from job.errors import ConfigError
+from job.model import Placement, load_model, lora_config, resolve_placement
+
+
+def settings(**kw) -> Settings:
+    return Settings.model_construct(**{**Settings().model_dump(), **kw})
+
+
+CPU = Placement("cpu", torch.float32)
+
+
+@pytest.mark.parametrize("quantization, layer, quant_type", [
+    ("nf4", "Linear4bit", "nf4"), ("fp4", "Linear4bit", "fp4"), ("int8", "Linear8bitLt", None), ("none", "Linear", None),
+])
+def test_quantization_modes_load_on_the_cpu(tiny_model, quantization, layer, quant_type):
+    model = load_model(tiny_model, settings(quantization=quantization), CPU)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert type(q_proj).__name__ == layer
+    if quant_type:
+        assert q_proj.weight.quant_type == quant_type
+    assert model.config.use_cache is False
+
+
+def test_double_quant_reaches_the_weights(tiny_model):
+    model = load_model(tiny_model, settings(double_quant=True), CPU)
+    assert model.model.layers[0].mlp.up_proj.weight.quant_state.nested
+
+
+def test_lora_settings():
+    cfg = lora_config(settings(lora_r=8, lora_alpha=32, lora_dropout=0.05, use_dora=True, use_rslora=True,
+                               lora_target_modules="q_proj,o_proj"))
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_dora, cfg.use_rslora) == (8, 32, 0.05, True, True)
+    assert set(cfg.target_modules) == {"q_proj", "o_proj"}
+
+
+def test_default_targets_are_peft_defaults_q_and_v_on_llama(tiny_model):
+    from peft import get_peft_model
+
+    model = get_peft_model(load_model(tiny_model, settings(), CPU), lora_config(settings()))
+    adapted = {name.split(".lora_A")[0].split(".")[-1] for name, _ in model.named_parameters() if "lora_A" in name}
+    assert adapted == {"q_proj", "v_proj"}
+
+
+def test_cpu_placement_uses_fp32():
+    assert resolve_placement(settings(device="cpu")) == Placement("cpu", torch.float32)
+
+
+def test_bf16_with_4bit_on_the_cpu_is_refused():
+    with pytest.raises(ConfigError, match="FT_COMPUTE_DTYPE=bf16"):
+        resolve_placement(settings(device="cpu", compute_dtype="bf16"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_a_gpu_is_refused():
+    with pytest.raises(ConfigError, match="FT_DEVICE=cuda: no CUDA GPU is visible"):
+        resolve_placement(settings(device="cuda"))
