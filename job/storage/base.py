@@ -28,6 +28,24 @@ class Storage(abc.ABC):
     def put(self, src: Path, key: str) -> None:
         """Write the local file `src` as `key`, atomically: readers see the old file or the whole new one."""
 
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the file `key`; a missing file is not an error."""
+
+    def delete_tree(self, prefix: str) -> None:
+        for key in self.list(prefix):
+            self.delete(key)
+
+    def probe_write(self, key: str) -> None:
+        """Prove write access with a real write (and removal) of a small file at `key`."""
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".probe") as f:
+            f.write("finetune-job write probe\n")
+            f.flush()
+            self.put(Path(f.name), key)
+        self.delete(key)
+
     def fetch(self, cache: Path, patterns: list[str] | None = None) -> Path:
         """Make the whole tree (or the files matching `patterns`) available locally and return its directory."""
         from fnmatch import fnmatch

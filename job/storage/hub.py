@@ -39,6 +39,9 @@ class HubStorage(Storage):
     def put(self, src: Path, key: str) -> None:
         raise NotImplementedError("the Hub as a destination is not available yet")
 
+    def delete(self, key: str) -> None:
+        raise NotImplementedError("the Hub as a destination is not available yet")
+
     def fetch(self, cache: Path, patterns: list[str] | None = None) -> Path:
         """Download into HF_HOME's cache (shared between runs and pods) and return the snapshot directory."""
         from huggingface_hub import snapshot_download

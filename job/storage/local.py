@@ -46,6 +46,14 @@ class LocalStorage(Storage):
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+        # Leave no empty folders behind, up to the root.
+        parent = self._path(key).parent
+        while parent != self.root and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+
     def fetch(self, cache: Path, patterns: list[str] | None = None) -> Path:
         # Already local: read it in place rather than copying gigabytes of weights.
         return self.root
