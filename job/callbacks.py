@@ -56,3 +56,59 @@ def _round(v, digits: int = 4):
     if isinstance(v, float) and math.isfinite(v):
         return round(v, digits)
     return v
+
+
+class SaveTimer(TrainerCallback):
+    """Ask for a checkpoint when FT_SAVE_MINUTES have passed since the last one."""
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60
+        self.last = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.seconds and time.monotonic() - self.last >= self.seconds:
+            control.should_save = True
+
+    def on_save(self, args, state, control, **kwargs):
+        self.last = time.monotonic()
+
+
+class CheckpointMirror(TrainerCallback):
+    """Mirror each checkpoint the Trainer saves to the checkpoint store (job.checkpoints)."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def on_save(self, args, state, control, **kwargs):
+        from pathlib import Path
+
+        if args.should_save:  # the main process only
+            self.store.mirror(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
+
+
+class GracefulStop(TrainerCallback):
+    """After SIGTERM (job.signals.Stopper): end this step with a checkpoint and stop."""
+
+    def __init__(self, stopper):
+        self.stopper = stopper
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stopper.requested:
+            control.should_save = True
+            control.should_evaluate = False
+            control.should_training_stop = True
+
+
+class DivergenceGuard(TrainerCallback):
+    """Stop at the first logging step whose loss is NaN or infinite, without saving that state."""
+
+    def __init__(self):
+        self.diverged: tuple[int, float] | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if isinstance(loss, float) and not math.isfinite(loss):
+            self.diverged = (state.global_step, loss)
+            control.should_training_stop = True
+            control.should_save = False
+            control.should_evaluate = False

@@ -9,14 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import typing
 from pathlib import Path
 
 from job import log
 from job.config import Settings, env_name, load_settings
-from job.errors import EXIT_CODES, InputError, InterruptedJob, JobError
+from job.errors import EXIT_CODES, InterruptedJob, JobError
+from job.signals import Stopper
 
 DEFAULT_TERMINATION_LOG = Settings.model_fields["termination_log"].default
 
@@ -73,20 +73,15 @@ def cmd_config(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from job import model, publish
-    from job.storage import LocalStorage, open_destination, open_source
+    from job import preflight, publish
+    from job.config import resolve_run_id
+    from job.storage import open_destination
 
     cfg = load_settings()
-    model.resolve_placement(cfg)
-    dest = open_destination(cfg.output_uri)
-    if cfg.run_id:
-        publish.check_destination(dest, cfg.run_id, cfg.overwrite)
-    for uri, setting, kind, rev in ((cfg.base_model, "FT_BASE_MODEL", "model", cfg.model_revision),
-                                    (cfg.dataset, "FT_DATASET", "dataset", cfg.dataset_revision)):
-        source = open_source(uri, setting, kind, rev)
-        if isinstance(source, LocalStorage) and not source.list():
-            raise InputError(f"{setting}={uri}: no such file or directory, or it is empty")
-    log.get().info("configuration ok", output_uri=cfg.output_uri)
+    log.setup(cfg.log_format, cfg.log_level)
+    run_id = resolve_run_id(cfg)
+    publish.check_destination(open_destination(cfg.output_uri), run_id, cfg.overwrite)
+    preflight.run(cfg, run_id)
     return 0
 
 
@@ -97,7 +92,9 @@ def cmd_run(args) -> int:
     log.setup(cfg.log_format, cfg.log_level)
     console = log.use_console(cfg.log_format)
     log.route_library_logs(console)
-    summary = pipeline.run(cfg, console)
+    stopper = Stopper(cfg.termination_grace_seconds, write_termination_log)
+    stopper.install()
+    summary = pipeline.run(cfg, console, stopper)
     if console:
         print(f"\nadapter:     {summary['adapter']}\ntensorboard: tensorboard --logdir {summary['tensorboard']}")
     return 0
@@ -130,16 +127,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _interrupt(signum, frame):
-    raise InterruptedJob(f"stopped by {signal.Signals(signum).name}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     func = getattr(args, "func", cmd_run)
     if func in (cmd_run, cmd_check):
         log.setup()
-    signal.signal(signal.SIGTERM, _interrupt)
+    # Until the settings give the grace budget, a signal stops the job where it is.
+    Stopper(Settings.model_fields["termination_grace_seconds"].default, write_termination_log).install()
     try:
         return func(args)
     except KeyboardInterrupt:

@@ -11,7 +11,10 @@ are generated from or tested against this file.
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -132,7 +135,9 @@ class Settings(BaseSettings):
     )
     run_id: str | None = Field(
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
-        description="Name of this run's folder at the destination; default: `run-<UTC timestamp>`.",
+        description="Name of this run at the destination and of its checkpoints. Default: the batch service's job id "
+        "(AWS_BATCH_JOB_ID, CLOUD_RUN_EXECUTION, BATCH_JOB_UID), so that a retried job resumes, else a fingerprint of "
+        "the settings (`run-<12 hex>`). The Helm chart sets it to the Kubernetes Job's name.",
     )
     overwrite: bool = Field(False, description="Replace a completed run with the same run id at the destination.")
     work_dir: Path = Field(
@@ -145,6 +150,23 @@ class Settings(BaseSettings):
     termination_log: Path = Field(
         Path("/dev/termination-log"), description="File that gets a one-line reason when the job ends in failure."
     )
+
+    # --- resilience: checkpoints, resume, signals, preflight ----------------------------------------------------
+    save_steps: int = Field(0, ge=0, description="Checkpoint every N optimizer steps (0: only by time and on SIGTERM).")
+    save_minutes: float = Field(
+        10.0, ge=0, description="Checkpoint when this many minutes have passed since the last one (0 disables)."
+    )
+    checkpoint_uri: str | None = Field(
+        None, description="Where checkpoints are mirrored; default `<FT_OUTPUT_URI>/<run id>/checkpoints`. A run "
+        "finds its latest complete checkpoint there on start and resumes from it."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept at the checkpoint URI; older ones are pruned.")
+    termination_grace_seconds: float = Field(
+        25.0, gt=0,
+        description="Budget after SIGTERM to finish the step and save a checkpoint; keep it below the pod's "
+        "terminationGracePeriodSeconds (Kubernetes' default is 30).",
+    )
+    require_gpu: bool = Field(False, description="Fail in preflight when no CUDA GPU (or, for bf16, no bf16 support) is visible.")
 
     @field_validator("optim")
     @classmethod
@@ -217,6 +239,25 @@ def _read_yaml(path: str | None) -> dict[str, Any]:
 def _field_name(key: str) -> str:
     key = key.strip()
     return key[len(PREFIX):].lower() if key.upper().startswith(PREFIX) else key.lower()
+
+
+# Job ids that batch services keep across the retries of one job: AWS Batch, Cloud Run jobs, Google Cloud Batch.
+PLATFORM_JOB_IDS = ("AWS_BATCH_JOB_ID", "CLOUD_RUN_EXECUTION", "BATCH_JOB_UID")
+# Settings that do not change what is trained, left out of the run-id fingerprint.
+NOT_FINGERPRINTED = {"run_id", "overwrite", "log_format", "log_level", "work_dir", "termination_log",
+                     "termination_grace_seconds", "require_gpu", "save_steps", "save_minutes", "keep_checkpoints"}
+
+
+def resolve_run_id(cfg: Settings) -> str:
+    """FT_RUN_ID, else the batch service's job id, else a fingerprint of what is trained: a retried job (or the
+    same command run again) finds its checkpoints and resumes."""
+    if cfg.run_id:
+        return cfg.run_id
+    for var in PLATFORM_JOB_IDS:
+        if value := os.environ.get(var):
+            return re.sub(r"[^A-Za-z0-9._-]", "-", value)[:128]
+    settings = json.dumps(cfg.model_dump(mode="json", exclude=NOT_FINGERPRINTED), sort_keys=True)
+    return "run-" + hashlib.sha256(settings.encode()).hexdigest()[:12]
 
 
 def env_name(field: str) -> str:

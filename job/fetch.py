@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,14 +48,16 @@ def fetch_dataset(cfg: Settings) -> Fetched:
     return Fetched(cfg.dataset, path, _revision(source, path))
 
 
-def _fetch(source: Storage, setting: str, cache: Path, patterns: list[str]) -> Path:
+@contextmanager
+def source_errors(source: Storage, setting: str):
+    """Turn the ways a source can be unreachable into InputError (exit code 3) naming the setting."""
     from huggingface_hub.errors import (
         GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
     )
 
     where = f"{setting}={source.uri}"
     try:
-        path = source.fetch(cache, patterns)
+        yield
     except RevisionNotFoundError:
         raise InputError(f"{where}: revision {getattr(source, 'revision', None)!r} not found") from None
     except GatedRepoError:
@@ -67,8 +70,13 @@ def _fetch(source: Storage, setting: str, cache: Path, patterns: list[str]) -> P
         raise InputError(f"{where}: the Hub answered {_first_line(e)}") from None
     except PermissionError:
         raise InputError(f"{where}: permission denied") from None
+
+
+def _fetch(source: Storage, setting: str, cache: Path, patterns: list[str]) -> Path:
+    with source_errors(source, setting):
+        path = source.fetch(cache, patterns)
     if not path.exists():
-        raise InputError(f"{where}: no such file or directory")
+        raise InputError(f"{setting}={source.uri}: no such file or directory")
     log.get().info("source ready", setting=setting, uri=source.uri, path=str(path))
     return path
 

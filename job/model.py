@@ -83,6 +83,14 @@ def load_model(path: Path, cfg: Settings, placement: Placement):
                              "FT_TRUST_REMOTE_CODE=true only if you trust its author") from None
         raise
     model.config.use_cache = False  # the KV cache is useless in training and wastes memory
+    if placement.device == "cpu":
+        # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights in place for bf16 inference at the first
+        # no-grad forward (an evaluation) and unpacks them whenever a state dict is taken (a checkpoint). Training
+        # numerics would then depend on when evaluations and checkpoints happened, and a resumed run would not
+        # reproduce an uninterrupted one. Keep the one fp32 path.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     return model
 
 

@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 import shutil
-import time
 
-from job import data, fetch, log, model, publish, train
-from job.config import Settings
+from job import data, fetch, log, model, preflight, publish, train
+from job.checkpoints import CheckpointStore
+from job.config import Settings, resolve_run_id
+from job.signals import Stopper
 from job.storage import open_destination
 
 
-def default_run_id() -> str:
-    return time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
-
-
-def run(cfg: Settings, console: bool) -> dict:
-    run_id = cfg.run_id or default_run_id()
+def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
+    run_id = resolve_run_id(cfg)
     log.get().info("run starting", run_id=run_id, base_model=cfg.base_model, dataset=cfg.dataset,
                    output_uri=cfg.output_uri)
     dest = open_destination(cfg.output_uri)
     publish.check_destination(dest, run_id, cfg.overwrite)
-    placement = model.resolve_placement(cfg)
+    placement = preflight.run(cfg, run_id)
+    checkpoints = CheckpointStore(open_destination(preflight.checkpoint_uri(cfg, run_id), "FT_CHECKPOINT_URI"),
+                                  cfg.keep_checkpoints)
 
     model_src = fetch.fetch_model(cfg)
     data_src = fetch.fetch_dataset(cfg)
@@ -29,11 +28,11 @@ def run(cfg: Settings, console: bool) -> dict:
     train_ds, eval_ds, stats = data.tokenize_splits(train_raw, eval_raw, tokenizer, cfg)
 
     base = model.load_model(model_src.path, cfg, placement)
-    stage = cfg.work_dir / run_id
-    shutil.rmtree(stage, ignore_errors=True)
-    log.get().info("tensorboard logs", path=str(stage / "tensorboard"),
-                   hint=f"tensorboard --logdir {stage / 'tensorboard'}")
-    result = train.train(cfg, base, tokenizer, train_ds, eval_ds, placement, stage, console)
+    scratch = cfg.work_dir / run_id
+    shutil.rmtree(scratch, ignore_errors=True)
+    log.get().info("tensorboard logs", path=str(scratch / "output" / "tensorboard"),
+                   hint=f"tensorboard --logdir {scratch / 'output' / 'tensorboard'}")
+    result = train.train(cfg, base, tokenizer, train_ds, eval_ds, placement, scratch, console, checkpoints, stopper)
 
     facts = {
         "model": {"uri": model_src.uri, "revision": model_src.revision},
@@ -44,7 +43,8 @@ def run(cfg: Settings, console: bool) -> dict:
                      "optim": train.effective_optim(cfg, placement)},
         "metrics": result.metrics,
     }
-    uri = publish.publish(stage, dest, cfg, run_id, facts)
+    uri = publish.publish(scratch / "output", dest, cfg, run_id, facts)
+    checkpoints.clear()  # the run is complete: nothing to resume
     summary = {"run_id": run_id, "output": uri, "adapter": f"{uri}/adapter", "tensorboard": f"{uri}/tensorboard",
                **{k: round(v, 4) for k, v in result.metrics.items()}}
     log.get().info("run finished", **summary)

@@ -29,6 +29,18 @@ def check_destination(dest: Storage, run_id: str, overwrite: bool) -> None:
                            "choose another run id or set FT_OVERWRITE=true"])
 
 
+def replace_completed_run(dest: Storage, run_id: str) -> None:
+    """With FT_OVERWRITE, remove an earlier completed run's files (its manifest first), so that none of them is
+    mistaken for this run's. This run's own checkpoints stay until it completes."""
+    if not dest.exists(f"{run_id}/{MANIFEST}"):
+        return
+    log.get().warning("replacing a completed run (FT_OVERWRITE=true)", uri=dest.describe(run_id))
+    dest.delete(f"{run_id}/{MANIFEST}")
+    for key in dest.list(run_id):
+        if not key.startswith(f"{run_id}/checkpoints/"):
+            dest.delete(key)
+
+
 def versions() -> dict[str, str]:
     found = {}
     for name in PACKAGES:
@@ -116,6 +128,7 @@ def publish(stage: Path, dest: Storage, cfg: Settings, run_id: str, facts: dict[
     (stage / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     check_destination(dest, run_id, cfg.overwrite)
     try:
+        replace_completed_run(dest, run_id)
         dest.put_tree(stage, run_id, skip={MANIFEST})
         dest.put(stage / MANIFEST, f"{run_id}/{MANIFEST}")
     except OSError as e:

@@ -9,10 +9,12 @@ from pathlib import Path
 import torch
 
 from job import log
-from job.callbacks import ProgressLog
+from job.callbacks import CheckpointMirror, DivergenceGuard, GracefulStop, ProgressLog, SaveTimer
+from job.checkpoints import CheckpointStore
 from job.config import Settings
-from job.errors import OutOfMemoryError
+from job.errors import DivergedError, InterruptedJob, OutOfMemoryError
 from job.model import Placement, lora_config
+from job.signals import Stopper
 
 
 @dataclass
@@ -59,7 +61,10 @@ def sft_config(cfg: Settings, placement: Placement, output_dir: Path, has_eval: 
         logging_first_step=True,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=cfg.eval_steps,
-        save_strategy="no",
+        save_strategy="steps" if cfg.save_steps else "no",  # time and SIGTERM saves come from callbacks
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=cfg.keep_checkpoints,
+        logging_nan_inf_filter=False,  # a NaN must reach DivergenceGuard, not be averaged away
         report_to="none",  # TensorBoard is attached explicitly, with its directory
         disable_tqdm=not console,
         train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.packing else "random",
@@ -69,45 +74,62 @@ def sft_config(cfg: Settings, placement: Placement, output_dir: Path, has_eval: 
     )
 
 
-def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placement, stage: Path, console: bool):
-    """Train and write `adapter/`, `tokenizer/` and `tensorboard/` under `stage`."""
-    from torch.utils.tensorboard import SummaryWriter
+def build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, checkpoint_dir: Path, writer, callbacks, console):
     from transformers.integrations import TensorBoardCallback
+    from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
 
-    has_eval = eval_ds is not None
-    writer = SummaryWriter(log_dir=str(stage / "tensorboard"))
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(cfg, placement, cfg.work_dir / "trainer", has_eval, console),
+        args=sft_config(cfg, placement, checkpoint_dir, eval_ds is not None, console),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=lora_config(cfg),
-        callbacks=[TensorBoardCallback(writer), ProgressLog()],
+        callbacks=[TensorBoardCallback(writer), ProgressLog(), *callbacks],
     )
+    trainer.remove_callback(PrinterCallback)  # prints raw dicts; ProgressLog logs them as events
     if placement.dtype != torch.bfloat16:
         # trl keeps a quantized model's LoRA weights in bf16 (as the QLoRA paper does with bf16 compute). Computing
         # in fp32 (CPU) or fp16 (pre-Ampere GPUs), that only rounds the updates away: keep them in fp32.
         for param in trainer.model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # prints raw dicts; ProgressLog logs them as events
     trainable, total = trainer.model.get_nb_trainable_parameters()
     log.get().info("model ready", trainable_params=trainable, total_params=total,
                    trainable_pct=round(100 * trainable / total, 3))
+    return trainer
+
+
+def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placement, scratch: Path, console: bool,
+          checkpoints: CheckpointStore, stopper: Stopper) -> TrainResult:
+    """Train (resuming from the latest complete checkpoint, if any) and write `adapter/`, `tokenizer/` and
+    `tensorboard/` under `scratch/output`."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    stage = scratch / "output"
+    guard = DivergenceGuard()
+    writer = SummaryWriter(log_dir=str(stage / "tensorboard"))
+    callbacks = [SaveTimer(cfg.save_minutes), CheckpointMirror(checkpoints), GracefulStop(stopper), guard]
+    trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, scratch / "checkpoints", writer,
+                            callbacks, console)
     result = TrainResult()
     try:
-        if has_eval:
+        resume = checkpoints.restore(scratch / "resume")
+        if eval_ds is not None:
             result.metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+        if resume:
+            log.get().info(f"resumed from step {resume[1]}", step=resume[1], checkpoint=str(resume[0]))
         start = time.monotonic()
-        out = trainer.train()
-        result.train_seconds = time.monotonic() - start
-        result.global_step = out.global_step
+        stopper.training = True
+        try:
+            out = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
+        finally:
+            stopper.training = False
+        result.train_seconds, result.global_step = time.monotonic() - start, out.global_step
         result.metrics["train_loss"] = out.training_loss
-        if has_eval:
+        stopped_early(trainer, guard, stopper, checkpoints)
+        if eval_ds is not None:
             result.metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
     except torch.OutOfMemoryError as e:
         raise OutOfMemoryError(
@@ -121,3 +143,17 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
     if torch.cuda.is_available():
         result.metrics["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     return result
+
+
+def stopped_early(trainer, guard: DivergenceGuard, stopper: Stopper, checkpoints: CheckpointStore) -> None:
+    """Raise when training ended because of a non-finite loss or a stop signal."""
+    if guard.diverged:
+        step, loss = guard.diverged
+        raise DivergedError(
+            f"training diverged: loss {loss} at step {step}; try FT_COMPUTE_DTYPE=bf16 (or fp32), a lower "
+            f"FT_LEARNING_RATE (now {trainer.args.learning_rate:g}) or a smaller FT_MAX_GRAD_NORM"
+        )
+    if stopper.requested:
+        step = trainer.state.global_step
+        raise InterruptedJob(f"stopped by {stopper.requested} at step {step}; checkpoint-{step} is at "
+                             f"{checkpoints.store.describe()} and a restart resumes from it")

@@ -48,9 +48,9 @@ class LocalStorage(Storage):
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
-        # Leave no empty folders behind, up to the root.
+        # Like an object store, leave no empty folders behind, the root's included.
         parent = self._path(key).parent
-        while parent != self.root and parent.is_dir() and not any(parent.iterdir()):
+        while parent.is_relative_to(self.root) and parent.is_dir() and not any(parent.iterdir()):
             parent.rmdir()
             parent = parent.parent
 

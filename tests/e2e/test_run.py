@@ -142,10 +142,23 @@ def test_success_writes_no_termination_log(demo):
 def test_a_completed_run_is_not_overwritten(demo, tiny_model):
     tmp, run_dir, _ = demo
     before = (run_dir / "manifest.json").stat().st_mtime_ns
-    proc = run_job(demo_env(tiny_model), tmp)
+    proc = run_job(demo_env(tiny_model, FT_OVERWRITE="false"), tmp)
     assert proc.returncode == CODE_BY_NAME["config"]
     assert "FT_RUN_ID=demo: a completed run already exists" in proc.stdout
     assert (run_dir / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_overwrite_replaces_a_completed_run_and_leaves_none_of_its_files(demo, tiny_model):
+    tmp, run_dir, _ = demo
+    stale = run_dir / "tensorboard" / "events.out.tfevents.stale"
+    stale.write_text("from an earlier run")
+    proc = run_job(demo_env(tiny_model, FT_OVERWRITE="true", FT_MAX_STEPS="2"), tmp)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["training"]["steps"] == 2
+    assert not stale.exists()
+    on_disk = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
+    assert on_disk == set(manifest["files"]) | {"manifest.json"}
 
 
 def hub_cache(hf_home: Path, repo_type: str, repo_id: str, files: list[Path]) -> str:

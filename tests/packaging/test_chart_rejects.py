@@ -112,7 +112,7 @@ def test_a_bad_value_is_refused_by_the_schema_at_its_location(values, location, 
 def test_the_grace_period_must_outlast_the_jobs_sigterm_budget():
     with pytest.raises(helm.HelmRenderError, match="raise terminationGracePeriodSeconds"):
         render_with_budget(45, 45)
-    objs, _ = render_with_budget(60, 45)
+    objs, _ = render_with_budget(30, 45)
     assert objs
 
 

@@ -1,0 +1,107 @@
+"""Checkpoints mirrored to storage, and the choice of the one to resume from.
+
+Layout under the checkpoint URI (one per run id):
+
+    checkpoint-120/...              the Trainer's checkpoint: adapter, optimizer, scheduler, RNG and trainer state
+    checkpoint-120/checkpoint.json  written after every other file of it: step and sha256 of each file
+    latest                          written after checkpoint.json: {"checkpoint": "checkpoint-120", "step": 120},
+                                    for people and tools that look; resume takes the newest complete checkpoint
+
+A checkpoint without its checkpoint.json, or whose files do not match it, is incomplete: resume skips it for the
+previous complete one. Pruning removes checkpoint.json first, so a half-deleted checkpoint never looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from job import log
+from job.fetch import file_sha256
+from job.storage import Storage
+
+MARKER = "checkpoint.json"
+LATEST = "latest"
+NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def read_json(store: Storage, key: str) -> dict | None:
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            store.get(key, Path(tmp) / "f.json")
+            return json.loads((Path(tmp) / "f.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            return None
+
+
+def write_json(store: Storage, key: str, data: dict) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "f.json"
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        store.put(path, key)
+
+
+class CheckpointStore:
+    def __init__(self, store: Storage, keep: int):
+        self.store, self.keep = store, keep
+        self.log = log.get()
+
+    def steps(self) -> list[int]:
+        """Steps of every checkpoint that has files here, complete or not, newest first."""
+        names = {key.split("/", 1)[0] for key in self.store.list() if "/" in key}
+        return sorted((int(m.group(1)) for n in names if (m := NAME.match(n))), reverse=True)
+
+    def mirror(self, local: Path, step: int) -> None:
+        """Upload a saved checkpoint, then its marker, then the `latest` pointer; prune old ones."""
+        name = f"checkpoint-{step}"
+        files = {p.relative_to(local).as_posix(): file_sha256(p) for p in sorted(local.rglob("*")) if p.is_file()}
+        (local / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
+        self.log.info("mirroring checkpoint", step=step, uri=self.store.describe(name), files=len(files))
+        self.store.put_tree(local, name, skip={MARKER})
+        self.store.put(local / MARKER, f"{name}/{MARKER}")
+        write_json(self.store, LATEST, {"checkpoint": name, "step": step})
+        self.log.info("checkpoint mirrored", step=step, uri=self.store.describe(name))
+        self.prune()
+
+    def prune(self) -> None:
+        complete = [s for s in self.steps() if self.store.exists(f"checkpoint-{s}/{MARKER}")]
+        for step in complete[self.keep:]:
+            name = f"checkpoint-{step}"
+            self.store.delete(f"{name}/{MARKER}")
+            self.store.delete_tree(name)
+
+    def restore(self, dest: Path) -> tuple[Path, int] | None:
+        """Download the newest complete checkpoint into `dest`; None when there is none. The newest, rather than
+        the one `latest` names: a run killed between a checkpoint's marker and the pointer loses nothing."""
+        for step in self.steps():
+            local = dest / f"checkpoint-{step}"
+            problem = self._download_verified(f"checkpoint-{step}", local)
+            if problem is None:
+                return local, step
+            self.log.warning("skipping incomplete checkpoint", step=step, problem=problem,
+                             uri=self.store.describe(f"checkpoint-{step}"))
+            shutil.rmtree(local, ignore_errors=True)
+        return None
+
+    def _download_verified(self, name: str, local: Path) -> str | None:
+        marker = read_json(self.store, f"{name}/{MARKER}")
+        if not marker or not isinstance(marker.get("files"), dict):
+            return f"no {MARKER} (the upload did not finish)"
+        for rel, digest in marker["files"].items():
+            try:
+                self.store.get(f"{name}/{rel}", local / rel)
+            except FileNotFoundError:
+                return f"{rel} is missing"
+            if file_sha256(local / rel) != digest:
+                return f"{rel} does not match its checksum"
+        return None
+
+    def clear(self) -> None:
+        """After a successful run: the pointer first, so it never names a deleted checkpoint."""
+        self.store.delete(LATEST)
+        for step in self.steps():
+            self.store.delete(f"checkpoint-{step}/{MARKER}")
+            self.store.delete_tree(f"checkpoint-{step}")

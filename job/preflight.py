@@ -1,0 +1,107 @@
+"""Checks that fail in seconds what would otherwise fail after a long download: run as `finetune-job check` and at
+the start of every run, before the model is fetched or loaded."""
+
+from __future__ import annotations
+
+import shutil
+from fnmatch import fnmatch
+from pathlib import Path
+
+from job import log
+from job.config import Settings
+from job.errors import ConfigError, InputError
+from job.fetch import MODEL_FILES, source_errors
+from job.model import Placement, resolve_placement
+from job.storage import HubStorage, Storage, open_destination, open_source
+
+PROBE = ".finetune-job-write-probe"
+
+
+def run(cfg: Settings, run_id: str) -> Placement:
+    """Every check in order; the first failure raises with its exit code."""
+    placement = resolve_placement(cfg)
+    if cfg.require_gpu and placement.device != "cuda":
+        raise ConfigError(["FT_REQUIRE_GPU=true: no CUDA GPU is visible to this process"])
+    for uri, setting in destinations(cfg, run_id):
+        probe_write(open_destination(uri, setting), setting, f"{PROBE}-{run_id}")
+    model = open_source(cfg.base_model, "FT_BASE_MODEL", "model", cfg.model_revision)
+    dataset = open_source(cfg.dataset, "FT_DATASET", "dataset", cfg.dataset_revision)
+    for source, setting in ((model, "FT_BASE_MODEL"), (dataset, "FT_DATASET")):
+        probe_read(source, setting)
+    if isinstance(model, HubStorage) and not _hub_offline():
+        check_disk_for(model, Path(_hub_cache()))
+    if cfg.quantization != "none":
+        check_bitsandbytes(placement)
+    log.get().info("preflight passed", run_id=run_id, device=placement.device, dtype=placement.dtype_name)
+    return placement
+
+
+def destinations(cfg: Settings, run_id: str) -> list[tuple[str, str]]:
+    found = [(cfg.output_uri, "FT_OUTPUT_URI")]
+    if cfg.checkpoint_uri:
+        found.append((cfg.checkpoint_uri, "FT_CHECKPOINT_URI"))
+    return found
+
+
+def checkpoint_uri(cfg: Settings, run_id: str) -> str:
+    if cfg.checkpoint_uri:
+        return f"{cfg.checkpoint_uri.rstrip('/')}/{run_id}"
+    return f"{cfg.output_uri.rstrip('/')}/{run_id}/checkpoints"
+
+
+def probe_write(dest: Storage, setting: str, key: str) -> None:
+    try:
+        dest.probe_write(key)
+    except (OSError, NotImplementedError) as e:
+        raise InputError(f"{setting}={dest.uri}: not writable ({' '.join(str(e).split())[:200]})") from None
+
+
+def probe_read(source: Storage, setting: str) -> None:
+    if isinstance(source, HubStorage) and _hub_offline():
+        return  # HF_HUB_OFFLINE: only the local cache can answer, and fetching checks it
+    with source_errors(source, setting):
+        if not source.list():
+            raise InputError(f"{setting}={source.uri}: no such file or directory, or it is empty")
+
+
+def check_disk_for(model: HubStorage, cache: Path) -> None:
+    """Free space where huggingface_hub caches downloads, against the size of the files to download."""
+    from huggingface_hub import HfApi
+
+    with source_errors(model, "FT_BASE_MODEL"):
+        info = HfApi().model_info(model.repo_id, revision=model.revision, files_metadata=True)
+    need = sum(s.size or 0 for s in info.siblings or [] if any(fnmatch(s.rfilename, p) for p in MODEL_FILES))
+    cache.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(cache).free
+    if need * 1.05 > free:
+        raise InputError(f"FT_BASE_MODEL={model.uri}: needs {need / 2**30:.1f} GiB in {cache}, only "
+                         f"{free / 2**30:.1f} GiB free (mount a larger volume at HF_HOME)")
+
+
+def check_bitsandbytes(placement: Placement) -> None:
+    """Quantize and dequantize a small tensor where training will run."""
+    import torch
+
+    try:
+        import bitsandbytes.functional as bnbf
+
+        x = torch.randn(64, 64, device=placement.device, dtype=placement.dtype)
+        q, state = bnbf.quantize_4bit(x, quant_type="nf4")
+        error = (bnbf.dequantize_4bit(q, state) - x).abs().mean().item()
+    except Exception as e:  # noqa: BLE001 - whatever breaks inside it, the answer is the same
+        raise ConfigError([f"FT_QUANTIZATION: bitsandbytes does not work here ({type(e).__name__}: "
+                           f"{' '.join(str(e).split())[:200]}); FT_QUANTIZATION=none trains plain LoRA"]) from None
+    if not error < 0.2:
+        raise ConfigError([f"FT_QUANTIZATION: bitsandbytes 4-bit round trip is wrong here (mean error {error:.3f})"])
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE

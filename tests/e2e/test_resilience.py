@@ -1,0 +1,148 @@
+"""Preemption: SIGTERM saves and resumes exactly, kill -9 mid-mirror falls back, divergence and preflight codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_run import demo_env, events, run_job
+
+from conftest import ROOT
+from job.errors import CODE_BY_NAME
+
+STEPS = "12"
+
+
+def resumable_env(model: Path, tmp: Path, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ, "HOME": str(tmp), "HF_HOME": str(tmp / "hf"), "HF_HUB_OFFLINE": "1",
+        "FT_WORK_DIR": str(tmp / "work"), "FT_OUTPUT_URI": str(tmp / "out"), "FT_LOG_FORMAT": "json",
+        "FT_TERMINATION_LOG": str(tmp / "termination-log"), "OMP_NUM_THREADS": "2",
+        **demo_env(model, FT_MAX_STEPS=STEPS, FT_LOGGING_STEPS="1", FT_EVAL_STEPS="100", FT_SAVE_MINUTES="0"),
+        **extra,
+    }
+
+
+def start(env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "job"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+
+
+def losses(lines: list[str]) -> dict[int, float]:
+    found = {}
+    for line in lines:
+        if line.startswith("{"):
+            e = json.loads(line)
+            if e["event"] == "train step":
+                found[e["step"]] = e["loss"]
+    return found
+
+
+def adapter(run_dir: Path):
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    proc = subprocess.run([sys.executable, "-m", "job"], env=resumable_env(tiny_model, tmp), capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    return losses(proc.stdout.splitlines()), adapter(tmp / "out" / "demo")
+
+
+def test_sigterm_saves_and_a_restart_resumes_exactly(tiny_model, tmp_path, uninterrupted):
+    import torch
+
+    expected_losses, expected_adapter = uninterrupted
+    env = resumable_env(tiny_model, tmp_path)
+    stop_after = random.Random().randint(2, 8)
+    proc, first = start(env), []
+    for line in proc.stdout:
+        first.append(line)
+        if '"train step"' in line and json.loads(line)["step"] >= stop_after:
+            proc.send_signal(signal.SIGTERM)
+            break
+    first += proc.stdout.readlines()
+    assert proc.wait(timeout=120) == CODE_BY_NAME["interrupted"], "".join(first[-20:])
+    saved = [json.loads(x)["step"] for x in first if '"checkpoint mirrored"' in x]
+    assert len(saved) == 1 and saved[0] >= stop_after
+    assert (tmp_path / "termination-log").read_text().startswith("interrupted: stopped by SIGTERM")
+
+    second = subprocess.run([sys.executable, "-m", "job"], env=env, capture_output=True, text=True, cwd=ROOT,
+                            timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:]
+    resumed = [e for e in events(second) if e["event"].startswith("resumed from step")]
+    assert resumed and resumed[0]["step"] == saved[0]
+    after = losses(second.stdout.splitlines())
+    assert min(after) == saved[0] + 1 and max(after) == int(STEPS)
+    for step, loss in after.items():
+        assert loss == pytest.approx(expected_losses[step], rel=1e-4, abs=1e-4), step
+    got = adapter(tmp_path / "out" / "demo")
+    assert got.keys() == expected_adapter.keys()
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor, expected_adapter[name], rtol=1e-4, atol=1e-5)
+    # A run that ends normally leaves no checkpoint and no `latest` behind.
+    assert not (tmp_path / "out" / "demo" / "checkpoints").exists()
+
+
+def test_kill_9_while_mirroring_resumes_from_the_previous_complete_checkpoint(tiny_model, tmp_path):
+    env = resumable_env(tiny_model, tmp_path, FT_SAVE_STEPS="3", SLOW_CHECKPOINT_PUT="0.4",
+                        PYTHONPATH=f"{ROOT / 'tests' / 'e2e' / 'slow_checkpoints'}:{ROOT}")
+    proc, mirroring = start(env), 0
+    for line in proc.stdout:
+        if '"mirroring checkpoint"' in line:
+            mirroring += 1
+            if mirroring == 2:  # checkpoint-3 is complete, checkpoint-6 is being uploaded
+                time.sleep(1.0)
+                proc.kill()
+                break
+    proc.wait(timeout=60)
+    remote = tmp_path / "out" / "demo" / "checkpoints"
+    assert json.loads((remote / "latest").read_text())["step"] == 3
+    assert (remote / "checkpoint-6").is_dir() and not (remote / "checkpoint-6" / "checkpoint.json").exists()
+
+    env.pop("SLOW_CHECKPOINT_PUT")
+    second = subprocess.run([sys.executable, "-m", "job"], env=env, capture_output=True, text=True, cwd=ROOT,
+                            timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:]
+    found = events(second)
+    assert any(e["event"] == "skipping incomplete checkpoint" and e["step"] == 6 for e in found)
+    assert [e["step"] for e in found if e["event"].startswith("resumed from step")] == [3]
+
+
+def test_non_finite_loss_ends_with_the_diverged_code(tiny_model, tmp_path):
+    proc = run_job(demo_env(tiny_model, FT_LEARNING_RATE="1e30", FT_LOGGING_STEPS="1", FT_MAX_STEPS="20",
+                            FT_SAVE_STEPS="1"), tmp_path)
+    assert proc.returncode == CODE_BY_NAME["diverged"], proc.stdout[-2000:]
+    error = [e for e in events(proc) if e["level"] == "error"][0]["event"]
+    assert "training diverged" in error and "FT_LEARNING_RATE" in error and "FT_MAX_GRAD_NORM" in error
+    steps = [e["step"] for e in events(proc) if e["event"] == "train step"]
+    assert max(steps) < 20
+    mirrored = [e["step"] for e in events(proc) if e["event"] == "checkpoint mirrored"]
+    assert max(mirrored, default=0) < max(steps)  # the diverged state is not saved
+
+
+@pytest.mark.parametrize("env, code, message", [
+    ({"FT_OUTPUT_URI": "/etc/hostname/out"}, "input", "FT_OUTPUT_URI=/etc/hostname/out: not writable"),
+    ({"FT_CHECKPOINT_URI": "/etc/hostname/ckpt"}, "input", "FT_CHECKPOINT_URI=/etc/hostname/ckpt: not writable"),
+    ({"FT_REQUIRE_GPU": "true"}, "config", "FT_REQUIRE_GPU=true: no CUDA GPU is visible"),
+    ({"FT_DATASET": "/nonexistent/data"}, "input", "FT_DATASET=/nonexistent/data: no such file or directory"),
+])
+def test_preflight_failures_are_fast_and_coded(tiny_model, tmp_path, env, code, message):
+    for command in ("check", "run"):
+        started = time.monotonic()
+        proc = run_job(demo_env(tiny_model, **env), tmp_path, command)
+        assert time.monotonic() - started < 10
+        assert proc.returncode == CODE_BY_NAME[code], proc.stdout[-2000:]
+        assert message in proc.stdout
+        assert "loading model" not in proc.stdout

@@ -1,0 +1,72 @@
+"""Checkpoint mirroring and the choice of the checkpoint to resume from, on a local store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from job.checkpoints import LATEST, MARKER, CheckpointStore
+from job.storage import LocalStorage
+
+
+def fake_checkpoint(root: Path, step: int) -> Path:
+    local = root / "local" / f"checkpoint-{step}"
+    local.mkdir(parents=True)
+    (local / "adapter_model.safetensors").write_bytes(bytes([step % 256]) * 1000)
+    (local / "optimizer.pt").write_bytes(b"opt" * step)
+    (local / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return local
+
+
+def store(tmp_path: Path, keep: int = 2) -> CheckpointStore:
+    return CheckpointStore(LocalStorage(str(tmp_path / "remote")), keep)
+
+
+def test_mirror_writes_files_then_marker_then_latest_and_prunes(tmp_path):
+    ckpts = store(tmp_path, keep=2)
+    for step in (10, 20, 30):
+        ckpts.mirror(fake_checkpoint(tmp_path, step), step)
+    remote = tmp_path / "remote"
+    assert json.loads((remote / LATEST).read_text()) == {"checkpoint": "checkpoint-30", "step": 30}
+    assert sorted(p.name for p in remote.iterdir() if p.is_dir()) == ["checkpoint-20", "checkpoint-30"]
+    marker = json.loads((remote / "checkpoint-30" / MARKER).read_text())
+    assert set(marker["files"]) == {"adapter_model.safetensors", "optimizer.pt", "trainer_state.json"}
+
+
+def test_restore_takes_the_latest_complete_checkpoint(tmp_path):
+    ckpts = store(tmp_path)
+    for step in (10, 20):
+        ckpts.mirror(fake_checkpoint(tmp_path, step), step)
+    local, step = ckpts.restore(tmp_path / "resume")
+    assert step == 20
+    assert (local / "optimizer.pt").read_bytes() == b"opt" * 20
+
+
+def test_restore_skips_a_corrupt_checkpoint_for_the_previous_one(tmp_path):
+    ckpts = store(tmp_path)
+    for step in (10, 20):
+        ckpts.mirror(fake_checkpoint(tmp_path, step), step)
+    (tmp_path / "remote" / "checkpoint-20" / "optimizer.pt").write_bytes(b"garbage")
+    assert ckpts.restore(tmp_path / "resume")[1] == 10
+    assert not (tmp_path / "resume" / "checkpoint-20").exists()
+
+
+def test_restore_skips_a_checkpoint_whose_upload_did_not_finish(tmp_path):
+    ckpts = store(tmp_path, keep=3)
+    ckpts.mirror(fake_checkpoint(tmp_path, 10), 10)
+    # An upload killed half-way: some files, no marker, `latest` not yet moved.
+    partial = tmp_path / "remote" / "checkpoint-20"
+    partial.mkdir()
+    (partial / "adapter_model.safetensors").write_bytes(b"half")
+    assert ckpts.restore(tmp_path / "resume")[1] == 10
+
+
+def test_no_checkpoint_means_a_fresh_start(tmp_path):
+    assert store(tmp_path).restore(tmp_path / "resume") is None
+
+
+def test_clear_leaves_nothing_and_no_dangling_latest(tmp_path):
+    ckpts = store(tmp_path)
+    ckpts.mirror(fake_checkpoint(tmp_path, 10), 10)
+    ckpts.clear()
+    assert not (tmp_path / "remote").exists()
