@@ -1,24 +1,42 @@
 """Sources and destinations behind one interface, chosen by URI.
 
     /data/model, ./model, file:///data/model   a local or mounted directory (or file)
+    s3://bucket/prefix, s3://bucket/key        an S3 (or S3-compatible) prefix, or one object
     org/name, hf://org/name                    a Hugging Face Hub repository
     hf://datasets/org/name                     a Hub dataset repository (a dataset source may omit `datasets/`)
+
+How remote stores are reached (retries, timeouts, the Hub repository's visibility) is a StorageOptions, set once
+per process from the settings with `configure`, or passed to `open_source` / `open_destination`.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 from job.errors import ConfigError
-from job.storage.base import Storage
-from job.storage.hub import HubStorage
+from job.storage.base import Storage, StorageError, StorageOptions
+from job.storage.hub import HubDestination, HubStorage
 from job.storage.local import LocalStorage
+from job.storage.s3 import S3Storage
 
-__all__ = ["Storage", "LocalStorage", "HubStorage", "open_source", "open_destination", "is_local"]
+__all__ = ["Storage", "StorageError", "StorageOptions", "LocalStorage", "HubStorage", "HubDestination", "S3Storage",
+           "configure", "open_source", "open_destination", "is_local"]
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 REMOTE_SCHEMES = ("s3://", "gs://", "az://", "http://", "https://")
+_options = StorageOptions()
+
+# The stores' HTTP clients log every request, credential and endpoint lookup at INFO: keep their warnings only.
+for _name in ("botocore", "boto3", "s3transfer", "httpx2", "httpx"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+def configure(options: StorageOptions) -> None:
+    """The options every store opened later in this process gets, unless given its own."""
+    global _options
+    _options = options
 
 
 def is_local(uri: str) -> bool:
@@ -30,10 +48,13 @@ def is_local(uri: str) -> bool:
     return not HUB_ID.match(uri) or Path(uri).expanduser().exists()
 
 
-def open_source(uri: str, setting: str, repo_type: str, revision: str | None = None) -> Storage:
+def open_source(uri: str, setting: str, repo_type: str, revision: str | None = None,
+                options: StorageOptions | None = None) -> Storage:
     """The storage a model (`repo_type="model"`) or dataset (`"dataset"`) is read from."""
     if is_local(uri):
         return LocalStorage(uri)
+    if uri.startswith("s3://"):
+        return _s3(uri, setting, options)
     if uri.startswith("hf://"):
         repo_id = uri.removeprefix("hf://").strip("/")
         for kind in ("datasets", "models"):
@@ -42,11 +63,28 @@ def open_source(uri: str, setting: str, repo_type: str, revision: str | None = N
         return HubStorage(uri, repo_id, repo_type, revision)
     if HUB_ID.match(uri):
         return HubStorage(uri, uri, repo_type, revision)
-    raise ConfigError([f"{setting}={uri}: {uri.split('://')[0]}:// sources are not supported yet; use a local path "
-                       "or a Hugging Face Hub id (org/name or hf://org/name)"])
+    raise ConfigError([f"{setting}={uri}: {uri.split('://')[0]}:// is not supported; use a local path, "
+                       "s3://bucket/prefix or a Hugging Face Hub id (org/name or hf://org/name)"])
 
 
-def open_destination(uri: str, setting: str = "FT_OUTPUT_URI") -> Storage:
-    if is_local(uri) or not uri.startswith(("hf://", *REMOTE_SCHEMES)):
+def open_destination(uri: str, setting: str = "FT_OUTPUT_URI", options: StorageOptions | None = None) -> Storage:
+    options = options or _options
+    if uri.startswith("s3://"):
+        return _s3(uri, setting, options)
+    if uri.startswith("hf://"):
+        repo_id = uri.removeprefix("hf://").strip("/").removeprefix("models/")
+        if not HUB_ID.match(repo_id):
+            raise ConfigError([f"{setting}={uri}: a Hub destination is a model repository, hf://org/name (the Hub "
+                               "keeps results, one commit per run; checkpoints need a local path or s3://)"])
+        return HubDestination(uri, repo_id, options)
+    if is_local(uri) or not uri.startswith(REMOTE_SCHEMES):
         return LocalStorage(uri)
-    raise ConfigError([f"{setting}={uri}: only local directories are supported as a destination in this version"])
+    raise ConfigError([f"{setting}={uri}: {uri.split('://')[0]}:// is not supported as a destination; use a local "
+                       "path, s3://bucket/prefix or hf://org/name"])
+
+
+def _s3(uri: str, setting: str, options: StorageOptions | None) -> S3Storage:
+    try:
+        return S3Storage(uri, options or _options)
+    except ValueError as e:
+        raise ConfigError([f"{setting}={uri}: {e}"]) from None

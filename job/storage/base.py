@@ -3,11 +3,46 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
+import hashlib
+import json
 from pathlib import Path
+from typing import Any
+
+
+class StorageError(OSError):
+    """A transfer that failed, in one line without the store's own URI (the caller names it). `retriable` is False
+    for what a retry cannot fix: access denied, bad credentials, a missing bucket, repository or key."""
+
+    def __init__(self, message: str, retriable: bool = True):
+        super().__init__(message)
+        self.retriable = retriable
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageOptions:
+    """How remote stores are reached; each field is the setting of the same name (`FT_HUB_PRIVATE`, ...)."""
+
+    hub_private: bool = True
+    hub_revision: str | None = None
+    storage_attempts: int = 8
+    storage_timeout_seconds: float = 60.0
+    storage_deadline_seconds: float = 3600.0
+    multipart_bytes: int = 64 * 2**20  # not a setting: S3 part size, and the size from which uploads are multipart
+
+    @classmethod
+    def of(cls, settings: Any) -> StorageOptions:
+        defaults = cls()
+        return cls(**{f.name: getattr(settings, f.name, getattr(defaults, f.name)) for f in dataclasses.fields(cls)})
 
 
 class Storage(abc.ABC):
     """A tree of files under one URI. Keys are `/`-separated paths relative to that root."""
+
+    # Every write makes a new version of the whole tree (the Hub: a commit), so nothing is replaced in place.
+    versioned = False
+    # Cheap enough to mirror TensorBoard logs to every minute while training.
+    live_sync = True
 
     def __init__(self, uri: str):
         self.uri = uri
@@ -67,6 +102,42 @@ class Storage(abc.ABC):
             written.append(key)
         return written
 
+    def bounded(self, seconds: float) -> Storage:
+        """This store, with every transfer bounded by `seconds` (for background copies that must not hang)."""
+        return self
+
+    def put_run(self, stage: Path, prefix: str, marker: str) -> None:
+        """Publish a finished run from `stage` under `prefix`: every file, checked against `marker` (a JSON manifest
+        whose `files` maps each relative path to its `sha256` and `bytes`), then the marker itself, last."""
+        self.put_tree(stage, prefix, skip={marker})
+        self.verify(prefix, manifest_files(stage / marker))
+        self.put(stage / marker, f"{prefix}/{marker}")
+
+    def verify(self, prefix: str, files: dict[str, dict]) -> None:
+        """Raise StorageError unless every file of `files` is at `prefix/<path>` with its size, and its sha256 where
+        the store can tell it."""
+        for rel, expected in files.items():
+            key = f"{prefix}/{rel}"
+            size, sha256 = self.stat(key)
+            if size != expected["bytes"] or (sha256 is not None and sha256 != expected["sha256"]):
+                raise StorageError(f"{self.describe(key)} does not match the manifest after upload: {size} bytes, "
+                                   f"sha256 {sha256 or 'unknown'}; expected {expected['bytes']} bytes, sha256 "
+                                   f"{expected['sha256']}")
+
+    def stat(self, key: str) -> tuple[int | None, str | None]:
+        """Size and sha256 (None where unknown) of the file `key`; (None, None) when there is none."""
+        raise NotImplementedError(f"{type(self).__name__} cannot check what it stored")
+
     def describe(self, key: str = "") -> str:
         """The URI of `key`, for messages."""
         return f"{self.uri.rstrip('/')}/{key}" if key else self.uri
+
+
+def manifest_files(path: Path) -> dict[str, dict]:
+    """The `files` of a run's manifest: relative path -> {"sha256": ..., "bytes": ...}."""
+    return json.loads(path.read_text())["files"]
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

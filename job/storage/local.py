@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from job.storage.base import Storage
+from job.storage.base import Storage, file_sha256
 
 
 class LocalStorage(Storage):
@@ -53,6 +53,12 @@ class LocalStorage(Storage):
         while parent.is_relative_to(self.root) and parent.is_dir() and not any(parent.iterdir()):
             parent.rmdir()
             parent = parent.parent
+
+    def stat(self, key: str) -> tuple[int | None, str | None]:
+        path = self._path(key)
+        if not path.is_file():
+            return None, None
+        return path.stat().st_size, file_sha256(path)
 
     def fetch(self, cache: Path, patterns: list[str] | None = None) -> Path:
         # Already local: read it in place rather than copying gigabytes of weights.

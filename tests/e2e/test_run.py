@@ -204,7 +204,7 @@ def test_hub_revision_not_available_is_an_input_error(tiny_model, tmp_path):
     ({"FT_DATASET": "/nonexistent/data.jsonl"}, "input", "FT_DATASET=/nonexistent/data.jsonl: no such file"),
     ({"FT_DATASET": "pyproject.toml"}, "config", "FT_DATASET=pyproject.toml: unsupported file type .toml"),
     ({"FT_BASE_MODEL": "some-org/some-model"}, "input", "FT_BASE_MODEL=some-org/some-model: not in the local cache"),
-    ({"FT_OUTPUT_URI": "s3://bucket/prefix"}, "config", "FT_OUTPUT_URI=s3://bucket/prefix: only local"),
+    ({"FT_OUTPUT_URI": "gs://bucket/prefix"}, "config", "FT_OUTPUT_URI=gs://bucket/prefix: gs:// is not supported"),
     ({"FT_DATASET_FORMAT": "chat"}, "config", "FT_DATASET_FORMAT: the chat format needs column(s) ['messages']"),
     ({"FT_COMPUTE_DTYPE": "bf16"}, "config", "FT_COMPUTE_DTYPE=bf16: quantized layers compute in fp32 on the CPU"),
 ])
