@@ -46,14 +46,17 @@ class Settings(BaseSettings):
     # --- sources -----------------------------------------------------------------------------------------------
     base_model: str = Field(
         "NousResearch/Llama-2-7b-chat-hf",
-        description="Base model: a Hugging Face Hub id (`org/name`, or `hf://org/name`) or a local directory.",
+        description="Base model: a Hugging Face Hub id (`org/name`, or `hf://org/name`), an S3 prefix holding its "
+        "files (`s3://bucket/models/llama-2-7b/`), or a local directory.",
     )
     model_revision: str | None = Field(
         None, description="Hub branch, tag or commit of the base model; pin a commit for reproducible runs."
     )
     dataset: str = Field(
         "mlabonne/guanaco-llama2-1k",
-        description="Dataset: a Hub dataset id, or a local file or directory of .jsonl, .json, .csv or .parquet files.",
+        description="Dataset: a Hub dataset id (`org/name`, or `hf://datasets/org/name`), an S3 object or prefix "
+        "(`s3://bucket/data/train.jsonl`, `s3://bucket/data/`), or a local file or directory of .jsonl, .json, .csv or "
+        ".parquet files.",
     )
     dataset_revision: str | None = Field(None, description="Hub branch, tag or commit of the dataset.")
     dataset_split: str = Field("train", description="Split of the dataset to train on.")
@@ -131,7 +134,10 @@ class Settings(BaseSettings):
 
     # --- outputs -----------------------------------------------------------------------------------------------
     output_uri: str = Field(
-        "./results", description="Destination: a local directory. Results land in `<output>/<run id>/`."
+        "./results",
+        description="Destination: a local directory or `s3://bucket/prefix` (results in `<output>/<run id>/`, the "
+        "manifest last), or `hf://org/name`, a Hub model repository that receives each run as one commit (adapter and "
+        "tokenizer at its root).",
     )
     run_id: str | None = Field(
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
@@ -149,6 +155,33 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe level logged.")
     termination_log: Path = Field(
         Path("/dev/termination-log"), description="File that gets a one-line reason when the job ends in failure."
+    )
+
+    # --- remote storage ---------------------------------------------------------------------------------------------
+    hub_private: bool = Field(
+        True, description="Create the Hub repository of `FT_OUTPUT_URI=hf://org/name` as private when it does not "
+        "exist yet (an existing one keeps its visibility)."
+    )
+    hub_revision: str | None = Field(
+        None, description="Branch of the Hub repository to commit results to, created when missing; default: `main`."
+    )
+    tb_sync_seconds: float = Field(
+        60, ge=0, description="Copy TensorBoard event files to `<output>/<run id>/tensorboard/` every N seconds while "
+        "training and once at the end, so TensorBoard can follow the run there; 0 copies them with the results only. "
+        "Not on the Hub, where every copy would be a commit."
+    )
+    storage_attempts: int = Field(
+        8, ge=1, le=100, description="Attempts of each S3 request, the first included, on throttling, 5xx answers, "
+        "timeouts and dropped connections, with exponential backoff (botocore's standard retry mode); also of a Hub "
+        "commit."
+    )
+    storage_timeout_seconds: float = Field(
+        60, gt=0, description="Connect and read timeout of one S3 request: a transfer that stalls this long is "
+        "retried, and fails when its attempts are spent."
+    )
+    storage_deadline_seconds: float = Field(
+        3600, gt=0, description="Upper bound on one whole S3 transfer (a model download, the results upload) and on "
+        "retrying a Hub commit, retries included: past it no request is sent and the transfer fails."
     )
 
     # --- resilience: checkpoints, resume, signals, preflight ----------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 from job import log
 from job.config import Settings
 from job.errors import ConfigError, InputError
-from job.storage import HubStorage, Storage, open_source
+from job.storage import HubStorage, Storage, StorageError, open_source
 
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja", "tokenizer*"]
 DATA_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -70,6 +70,8 @@ def source_errors(source: Storage, setting: str):
         raise InputError(f"{where}: the Hub answered {_first_line(e)}") from None
     except PermissionError:
         raise InputError(f"{where}: permission denied") from None
+    except (StorageError, FileNotFoundError) as e:  # S3: access denied, no such bucket or key, unreachable
+        raise InputError(f"{where}: {e}") from None
 
 
 def _fetch(source: Storage, setting: str, cache: Path, patterns: list[str]) -> Path:

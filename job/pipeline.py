@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import shutil
 
-from job import data, fetch, log, model, preflight, publish, train
+from job import data, fetch, log, model, preflight, publish, tbsync, train
 from job.checkpoints import CheckpointStore
 from job.config import Settings, resolve_run_id
 from job.signals import Stopper
-from job.storage import open_destination
+from job.storage import StorageOptions, configure, open_destination
 
 
 def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
     run_id = resolve_run_id(cfg)
+    configure(StorageOptions.of(cfg))  # retries, timeouts and the Hub repository's visibility, for every store
     log.get().info("run starting", run_id=run_id, base_model=cfg.base_model, dataset=cfg.dataset,
                    output_uri=cfg.output_uri)
     dest = open_destination(cfg.output_uri)
@@ -32,7 +33,8 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
     shutil.rmtree(scratch, ignore_errors=True)
     log.get().info("tensorboard logs", path=str(scratch / "output" / "tensorboard"),
                    hint=f"tensorboard --logdir {scratch / 'output' / 'tensorboard'}")
-    result = train.train(cfg, base, tokenizer, train_ds, eval_ds, placement, scratch, console, checkpoints, stopper)
+    with tbsync.TensorBoardSync(dest, scratch / "output" / "tensorboard", f"{run_id}/tensorboard", cfg.tb_sync_seconds):
+        result = train.train(cfg, base, tokenizer, train_ds, eval_ds, placement, scratch, console, checkpoints, stopper)
 
     facts = {
         "model": {"uri": model_src.uri, "revision": model_src.revision},
@@ -45,7 +47,8 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
     }
     uri = publish.publish(scratch / "output", dest, cfg, run_id, facts)
     checkpoints.clear()  # the run is complete: nothing to resume
-    summary = {"run_id": run_id, "output": uri, "adapter": f"{uri}/adapter", "tensorboard": f"{uri}/tensorboard",
+    summary = {"run_id": run_id, "output": uri, "adapter": dest.describe(f"{run_id}/adapter"),
+               "tensorboard": dest.describe(f"{run_id}/tensorboard"),
                **{k: round(v, 4) for k, v in result.metrics.items()}}
     log.get().info("run finished", **summary)
     return summary

@@ -12,7 +12,7 @@ from typing import Any
 
 from job import log
 from job.config import Settings
-from job.errors import ConfigError, UploadError
+from job.errors import ConfigError, InputError, UploadError
 from job.fetch import file_sha256
 from job.log import redact, redact_value
 from job.storage import Storage
@@ -24,7 +24,11 @@ PACKAGES = ("finetune-job", "torch", "transformers", "peft", "trl", "bitsandbyte
 
 def check_destination(dest: Storage, run_id: str, overwrite: bool) -> None:
     """Refuse to replace a completed run unless asked, before any work is done."""
-    if dest.exists(f"{run_id}/{MANIFEST}") and not overwrite:
+    try:
+        completed = dest.exists(f"{run_id}/{MANIFEST}")
+    except OSError as e:  # S3 or the Hub: access denied, no such bucket, bad token, unreachable
+        raise InputError(f"FT_OUTPUT_URI={dest.uri}: cannot be read ({e})") from None
+    if completed and not overwrite:
         raise ConfigError([f"FT_RUN_ID={run_id}: a completed run already exists at {dest.describe(run_id)}; "
                            "choose another run id or set FT_OVERWRITE=true"])
 
@@ -126,12 +130,12 @@ def publish(stage: Path, dest: Storage, cfg: Settings, run_id: str, facts: dict[
     (stage / "README.md").write_text(model_card(cfg, run_id, facts))
     manifest = build_manifest(stage, cfg, run_id, facts)
     (stage / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-    check_destination(dest, run_id, cfg.overwrite)
     try:
-        replace_completed_run(dest, run_id)
-        dest.put_tree(stage, run_id, skip={MANIFEST})
-        dest.put(stage / MANIFEST, f"{run_id}/{MANIFEST}")
-    except OSError as e:
+        check_destination(dest, run_id, cfg.overwrite)
+        if not dest.versioned:  # the Hub replaces a run in the same commit that adds the new one
+            replace_completed_run(dest, run_id)
+        dest.put_run(stage, run_id, MANIFEST)
+    except (OSError, InputError) as e:
         raise UploadError(f"writing to {dest.describe(run_id)} failed ({e}); the results are kept in {stage}") from None
     uri = dest.describe(run_id)
     log.get().info("published", uri=uri, files=len(manifest["files"]) + 1)
