@@ -75,10 +75,11 @@ def cmd_config(args) -> int:
 def cmd_check(args) -> int:
     from job import preflight, publish
     from job.config import resolve_run_id
-    from job.storage import open_destination
+    from job.storage import StorageOptions, configure, open_destination
 
     cfg = load_settings()
     log.setup(cfg.log_format, cfg.log_level)
+    configure(StorageOptions.of(cfg))
     run_id = resolve_run_id(cfg)
     publish.check_destination(open_destination(cfg.output_uri), run_id, cfg.overwrite)
     preflight.run(cfg, run_id)

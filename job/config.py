@@ -67,10 +67,10 @@ class Settings(BaseSettings):
     eval_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Fraction of the training split held out for evaluation (0 disables eval)."
     )
-    dataset_format: Literal["auto", "text", "chat", "alpaca", "prompt_completion"] = Field(
+    dataset_format: Literal["auto", "text", "chat", "alpaca", "prompt_completion", "tokens"] = Field(
         "auto",
-        description="Record layout; `auto` detects it from the columns: `messages` (chat), `instruction`/`output` "
-        "(alpaca), `prompt`/`completion`, else the text field.",
+        description="Record layout; `auto` detects it from the columns: `input_ids` (pre-tokenized, with optional "
+        "`labels`), `messages` (chat), `instruction`/`output` (alpaca), `prompt`/`completion`, else the text field.",
     )
     text_field: str = Field("text", description="Column holding the raw text for the `text` format.")
     max_seq_length: int = Field(
@@ -82,7 +82,6 @@ class Settings(BaseSettings):
         description="Train on response tokens only where the format marks them (prompt/completion, alpaca, chat "
         "assistant turns); the text format always trains on every token.",
     )
-    packing: bool = Field(False, description="Pack several samples into each sequence (they cannot attend to each other).")
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model repository. Off unless you trust its author."
     )
@@ -116,7 +115,6 @@ class Settings(BaseSettings):
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
     batch_size: int = Field(4, gt=0, description="Samples per device per micro-batch (training and evaluation).")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
-    gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.001, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping norm.")
@@ -131,6 +129,34 @@ class Settings(BaseSettings):
     logging_steps: int = Field(25, gt=0, description="Log (and write TensorBoard scalars) every N optimizer steps.")
     eval_steps: int = Field(25, gt=0, description="Evaluate every N optimizer steps.")
     group_by_length: bool = Field(True, description="Batch samples of similar length together (less padding).")
+
+    # --- speed: the profile sets these unless they are given -----------------------------------------------------
+    profile: Literal["fast", "lean", "guide"] = Field(
+        "fast",
+        description="`fast`: padding-free packing, Liger kernels on a GPU, micro-batches and gradient checkpointing "
+        "sized from free GPU memory. `lean`: the same with gradient checkpointing and small micro-batches, for 16-24 GB "
+        "GPUs. `guide`: the guide's recipe (no packing, padded batches of FT_BATCH_SIZE, checkpointing on).",
+    )
+    packing: bool | None = Field(
+        None, description="Pack samples into micro-batches of FT_MICRO_BATCH_TOKENS tokens without padding; samples "
+        "never attend to each other. Default: on, except in the `guide` profile."
+    )
+    micro_batch_tokens: int | None = Field(
+        None, gt=0, description="Tokens per packed micro-batch (at least FT_MAX_SEQ_LENGTH). Default: 4096, or the "
+        "largest that fits in free GPU memory below it (`fast`); 4096 (`lean`); FT_BATCH_SIZE x FT_MAX_SEQ_LENGTH on "
+        "the CPU."
+    )
+    gradient_checkpointing: bool | None = Field(
+        None, description="Recompute activations in the backward pass to save memory. Default: on in `lean` and "
+        "`guide`, and in `fast` only when the micro-batch would not fit without it."
+    )
+    use_liger: bool | None = Field(
+        None, description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy). Default: "
+        "on with a CUDA GPU when liger-kernel is installed, except in the `guide` profile."
+    )
+    attention: Literal["sdpa", "flex_attention", "eager"] = Field(
+        "sdpa", description="Attention implementation; packed samples are kept apart by a block mask in each."
+    )
 
     # --- outputs -----------------------------------------------------------------------------------------------
     output_uri: str = Field(
@@ -278,7 +304,9 @@ def _field_name(key: str) -> str:
 PLATFORM_JOB_IDS = ("AWS_BATCH_JOB_ID", "CLOUD_RUN_EXECUTION", "BATCH_JOB_UID")
 # Settings that do not change what is trained, left out of the run-id fingerprint.
 NOT_FINGERPRINTED = {"run_id", "overwrite", "log_format", "log_level", "work_dir", "termination_log",
-                     "termination_grace_seconds", "require_gpu", "save_steps", "save_minutes", "keep_checkpoints"}
+                     "termination_grace_seconds", "require_gpu", "save_steps", "save_minutes", "keep_checkpoints",
+                     "checkpoint_uri", "hub_private", "hub_revision", "tb_sync_seconds", "storage_attempts",
+                     "storage_timeout_seconds", "storage_deadline_seconds", "attention"}
 
 
 def resolve_run_id(cfg: Settings) -> str:

@@ -19,6 +19,7 @@ from job.fetch import DATA_BUILDERS
 
 IGNORE = -100
 REQUIRED_COLUMNS = {
+    "tokens": ["input_ids"],
     "chat": ["messages"],
     "alpaca": ["instruction", "output"],
     "prompt_completion": ["prompt", "completion"],
@@ -116,7 +117,10 @@ class Tokenize:
         return {"input_ids": ids, "labels": labels, "truncated": truncated}
 
     def pieces(self, record: dict[str, Any]) -> list[tuple[list[int], bool]]:
-        """The sample as (token ids, trained on) pieces, EOS last."""
+        """The sample as (token ids, trained on) pieces, EOS last (pre-tokenized samples are taken as they are)."""
+        if self.fmt == "tokens":
+            labels = record.get("labels") or record["input_ids"]
+            return [([t], label != IGNORE) for t, label in zip(record["input_ids"], labels)]
         if self.fmt == "text":
             text = record[self.cfg.text_field]
             if self.strip_bos and text.startswith(self.strip_bos):

@@ -27,6 +27,7 @@ EXIT_CODES: tuple[ExitCode, ...] = (
     ExitCode(5, "out_of_memory", False, "the GPU (or host) ran out of memory; lower the batch or sequence length"),
     ExitCode(6, "upload", True, "writing results to the destination failed; local artifacts are kept"),
     ExitCode(7, "interrupted", True, "stopped by SIGTERM/SIGINT (eviction, preemption); a retry resumes"),
+    ExitCode(8, "unavailable", True, "a source could not be reached after retries (network, throttling, 5xx)"),
 )
 CODE_BY_NAME = {e.name: e.code for e in EXIT_CODES}
 
@@ -74,3 +75,7 @@ class UploadError(JobError):
 
 class InterruptedJob(JobError):
     exit_name = "interrupted"
+
+
+class UnavailableError(JobError):
+    exit_name = "unavailable"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from job import log
 from job.config import Settings
-from job.errors import ConfigError, InputError
+from job.errors import ConfigError, InputError, UnavailableError
 from job.storage import HubStorage, Storage, StorageError, open_source
 
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja", "tokenizer*"]
@@ -50,7 +50,8 @@ def fetch_dataset(cfg: Settings) -> Fetched:
 
 @contextmanager
 def source_errors(source: Storage, setting: str):
-    """Turn the ways a source can be unreachable into InputError (exit code 3) naming the setting."""
+    """Turn the ways a source can fail into InputError (exit 3: missing, denied) or UnavailableError (exit 8:
+    unreachable after retries, worth retrying later), naming the setting."""
     from huggingface_hub.errors import (
         GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
     )
@@ -65,12 +66,19 @@ def source_errors(source: Storage, setting: str):
     except RepositoryNotFoundError:
         raise InputError(f"{where}: repository not found, or private and HF_TOKEN lacks access") from None
     except LocalEntryNotFoundError as e:
-        raise InputError(f"{where}: not in the local cache and the Hub is unreachable ({_first_line(e)})") from None
+        from huggingface_hub import constants
+
+        error = InputError if constants.HF_HUB_OFFLINE else UnavailableError
+        raise error(f"{where}: not in the local cache and the Hub is unreachable ({_first_line(e)})") from None
     except HfHubHTTPError as e:
-        raise InputError(f"{where}: the Hub answered {_first_line(e)}") from None
+        status = getattr(e.response, "status_code", None) if getattr(e, "response", None) is not None else None
+        error = UnavailableError if status is not None and (status >= 500 or status == 429) else InputError
+        raise error(f"{where}: the Hub answered {_first_line(e)}") from None
     except PermissionError:
         raise InputError(f"{where}: permission denied") from None
-    except (StorageError, FileNotFoundError) as e:  # S3: access denied, no such bucket or key, unreachable
+    except StorageError as e:  # S3: access denied, no such bucket or key (final), or unreachable (retriable)
+        raise (UnavailableError if e.retriable else InputError)(f"{where}: {e}") from None
+    except FileNotFoundError as e:
         raise InputError(f"{where}: {e}") from None
 
 

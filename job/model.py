@@ -76,6 +76,7 @@ def load_model(path: Path, cfg: Settings, placement: Placement):
             device_map={"": 0 if placement.device == "cuda" else "cpu"},
             trust_remote_code=cfg.trust_remote_code,
             use_safetensors=True,
+            attn_implementation=cfg.attention,
         )
     except ValueError as e:
         if "trust_remote_code" in str(e):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import time
 
-from job import data, fetch, log, model, preflight, publish, tbsync, train
+from job import data, fetch, log, model, preflight, publish, speed, tbsync, train
 from job.checkpoints import CheckpointStore
 from job.config import Settings, resolve_run_id
 from job.signals import Stopper
@@ -28,13 +29,18 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
     train_raw, eval_raw = data.load_splits(cfg, data_src.path)
     train_ds, eval_ds, stats = data.tokenize_splits(train_raw, eval_raw, tokenizer, cfg)
 
+    load_start = time.monotonic()
     base = model.load_model(model_src.path, cfg, placement)
+    load_seconds = time.monotonic() - load_start
+    plan = speed.plan(cfg, placement, base.config)
+    log.get().info("speed plan", **vars(plan), load_s=round(load_seconds, 2))
     scratch = cfg.work_dir / run_id
     shutil.rmtree(scratch, ignore_errors=True)
     log.get().info("tensorboard logs", path=str(scratch / "output" / "tensorboard"),
                    hint=f"tensorboard --logdir {scratch / 'output' / 'tensorboard'}")
     with tbsync.TensorBoardSync(dest, scratch / "output" / "tensorboard", f"{run_id}/tensorboard", cfg.tb_sync_seconds):
-        result = train.train(cfg, base, tokenizer, train_ds, eval_ds, placement, scratch, console, checkpoints, stopper)
+        result = train.train(cfg, base, tokenizer, train_ds, eval_ds, placement, scratch, console, checkpoints,
+                             stopper, plan)
 
     facts = {
         "model": {"uri": model_src.uri, "revision": model_src.revision},
@@ -42,7 +48,8 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
         "data": vars(stats),
         "placement": {"device": placement.device, "dtype": placement.dtype_name, "gpu": placement.gpu_name},
         "training": {"steps": result.global_step, "seconds": round(result.train_seconds, 2),
-                     "optim": train.effective_optim(cfg, placement)},
+                     "load_seconds": round(load_seconds, 2), "optim": train.effective_optim(cfg, placement),
+                     **vars(plan)},
         "metrics": result.metrics,
     }
     uri = publish.publish(scratch / "output", dest, cfg, run_id, facts)

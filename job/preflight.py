@@ -46,6 +46,12 @@ def destinations(cfg: Settings, run_id: str) -> list[tuple[str, str]]:
 def checkpoint_uri(cfg: Settings, run_id: str) -> str:
     if cfg.checkpoint_uri:
         return f"{cfg.checkpoint_uri.rstrip('/')}/{run_id}"
+    if cfg.output_uri.startswith("hf://"):
+        # Every checkpoint would be a commit on the Hub: keep them under the work directory instead, which survives
+        # a retry only when FT_WORK_DIR is a persistent volume.
+        log.get().warning("checkpoints stay in FT_WORK_DIR with a Hub destination; set FT_CHECKPOINT_URI (s3:// or a "
+                          "mounted path) for them to survive the node", work_dir=str(cfg.work_dir))
+        return str(cfg.work_dir / "checkpoints" / run_id)
     return f"{cfg.output_uri.rstrip('/')}/{run_id}/checkpoints"
 
 

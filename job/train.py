@@ -15,6 +15,7 @@ from job.config import Settings
 from job.errors import DivergedError, InterruptedJob, OutOfMemoryError
 from job.model import Placement, lora_config
 from job.signals import Stopper
+from job.speed import SpeedPlan
 
 
 @dataclass
@@ -31,7 +32,7 @@ def effective_optim(cfg: Settings, placement: Placement) -> str:
     return cfg.optim
 
 
-def sft_config(cfg: Settings, placement: Placement, output_dir: Path, has_eval: bool, console: bool):
+def sft_config(cfg: Settings, placement: Placement, output_dir: Path, has_eval: bool, console: bool, speed: SpeedPlan):
     from trl import SFTConfig
 
     on_gpu = placement.device == "cuda"
@@ -42,10 +43,12 @@ def sft_config(cfg: Settings, placement: Placement, output_dir: Path, has_eval: 
         output_dir=str(output_dir),
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps or -1,
-        per_device_train_batch_size=cfg.batch_size,
+        # Packed: one micro-batch is one bin of `micro_batch_tokens` tokens; else FT_BATCH_SIZE padded samples.
+        per_device_train_batch_size=1 if speed.packing else cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing=speed.gradient_checkpointing,
+        use_liger_kernel=speed.liger,
         learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
@@ -67,21 +70,23 @@ def sft_config(cfg: Settings, placement: Placement, output_dir: Path, has_eval: 
         logging_nan_inf_filter=False,  # a NaN must reach DivergenceGuard, not be averaged away
         report_to="none",  # TensorBoard is attached explicitly, with its directory
         disable_tqdm=not console,
-        train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.packing else "random",
-        max_length=cfg.max_seq_length,
-        packing=cfg.packing,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length and not speed.packing else "random",
+        max_length=speed.micro_batch_tokens if speed.packing else cfg.max_seq_length,
+        packing=speed.packing,
+        eval_packing=False,  # evaluation stays per sample, so eval loss compares across profiles
         dataloader_pin_memory=on_gpu,
     )
 
 
-def build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, checkpoint_dir: Path, writer, callbacks, console):
+def build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, checkpoint_dir: Path, writer, callbacks, console,
+                  speed: SpeedPlan):
     from transformers.integrations import TensorBoardCallback
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
 
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(cfg, placement, checkpoint_dir, eval_ds is not None, console),
+        args=sft_config(cfg, placement, checkpoint_dir, eval_ds is not None, console, speed),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
@@ -102,17 +107,18 @@ def build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, checkpoin
 
 
 def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placement, scratch: Path, console: bool,
-          checkpoints: CheckpointStore, stopper: Stopper) -> TrainResult:
+          checkpoints: CheckpointStore, stopper: Stopper, speed: SpeedPlan) -> TrainResult:
     """Train (resuming from the latest complete checkpoint, if any) and write `adapter/`, `tokenizer/` and
     `tensorboard/` under `scratch/output`."""
     from torch.utils.tensorboard import SummaryWriter
 
     stage = scratch / "output"
     guard = DivergenceGuard()
-    writer = SummaryWriter(log_dir=str(stage / "tensorboard"))
+    # Flushed as often as the live sync copies the files, so that what it copies is current.
+    writer = SummaryWriter(log_dir=str(stage / "tensorboard"), flush_secs=max(5, int(cfg.tb_sync_seconds)))
     callbacks = [SaveTimer(cfg.save_minutes), CheckpointMirror(checkpoints), GracefulStop(stopper), guard]
     trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, scratch / "checkpoints", writer,
-                            callbacks, console)
+                            callbacks, console, speed)
     result = TrainResult()
     try:
         resume = checkpoints.restore(scratch / "resume")
@@ -133,8 +139,8 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
             result.metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
     except torch.OutOfMemoryError as e:
         raise OutOfMemoryError(
-            f"out of GPU memory ({str(e).splitlines()[0][:200]}); lower FT_BATCH_SIZE or FT_MAX_SEQ_LENGTH, "
-            "or keep FT_GRADIENT_CHECKPOINTING=true"
+            f"out of GPU memory ({str(e).splitlines()[0][:200]}); lower FT_BATCH_SIZE, FT_MAX_SEQ_LENGTH or "
+            "FT_MICRO_BATCH_TOKENS, or set FT_GRADIENT_CHECKPOINTING=true"
         ) from None
     finally:
         writer.close()
@@ -142,6 +148,7 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
     tokenizer.save_pretrained(stage / "tokenizer")
     if torch.cuda.is_available():
         result.metrics["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        result.metrics["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
     return result
 
 

@@ -165,3 +165,10 @@ def test_malformed_file_is_an_input_error(tmp_path):
     path.write_text('{"text": "a"}\n{not json\n')
     with pytest.raises(InputError, match="FT_DATASET=.*could not be read"):
         load_splits(settings(dataset=str(path)), path)
+
+
+def test_pretokenized_samples_are_taken_as_they_are(tokenizer):
+    row = Tokenize(tokenizer, "tokens", settings(max_seq_length=4))({"input_ids": [5, 6, 7, 8, 9], "labels": None})
+    assert row == {"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8], "truncated": True}
+    masked = Tokenize(tokenizer, "tokens", settings())({"input_ids": [5, 6, 7], "labels": [-100, 6, 7]})
+    assert masked["labels"] == [IGNORE, 6, 7]

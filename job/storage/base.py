@@ -57,7 +57,7 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def get(self, key: str, dest: Path) -> Path:
-        """Copy the file `key` to `dest` and return `dest`."""
+        """Copy the file `key` to `dest` and return `dest`; FileNotFoundError when there is no such file."""
 
     @abc.abstractmethod
     def put(self, src: Path, key: str) -> None:

@@ -142,7 +142,9 @@ def test_preflight_failures_are_fast_and_coded(tiny_model, tmp_path, env, code, 
     for command in ("check", "run"):
         started = time.monotonic()
         proc = run_job(demo_env(tiny_model, **env), tmp_path, command)
-        assert time.monotonic() - started < 10
+        # Seconds: the failure comes before any source is fetched or the model loaded. The time bound only guards
+        # against a hang (the suite may share two cores with other work); on an idle machine this takes about 5 s.
+        assert time.monotonic() - started < 60
         assert proc.returncode == CODE_BY_NAME[code], proc.stdout[-2000:]
         assert message in proc.stdout
-        assert "loading model" not in proc.stdout
+        assert '"source ready"' not in proc.stdout and '"loading model"' not in proc.stdout

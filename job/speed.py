@@ -1,0 +1,91 @@
+"""How a run uses its hardware: packing, micro-batch size, gradient checkpointing, fused kernels.
+
+The profile (FT_PROFILE) gives the defaults; an explicit setting always wins. Sizes on a GPU come from the memory
+left once the model is loaded and an estimate of activation memory per token, so the same settings fill an H200
+and still fit a 24 GB card. bench/NOTES.md says where the estimate comes from and how it compares to measurements.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+from job import log
+from job.config import Settings
+from job.errors import ConfigError
+from job.model import Placement
+
+# Packed samples are kept apart by a block mask that sdpa applies to the whole micro-batch, so attention costs
+# grow with the square of its length: on an H200 with a 7B model, 4096-token micro-batches trained fastest
+# (8,175 tokens/s against 6,697 at 8192 and 5,078 at 16384; bench/RESULTS.md). Larger ones wait for a varlen kernel.
+MAX_MICRO_BATCH_TOKENS = 4096
+LEAN_MICRO_BATCH_TOKENS = 4096
+SAFETY = 1.5  # allocator fragmentation, LoRA buffers, optimizer temporaries, the estimate's own error
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    packing: bool
+    micro_batch_tokens: int | None  # packed: tokens per micro-batch; None: padded batches of FT_BATCH_SIZE samples
+    gradient_checkpointing: bool
+    liger: bool
+    attention: str
+
+
+def liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def activation_bytes_per_token(model_config, checkpointing: bool, liger: bool) -> float:
+    """Bytes of activations kept for the backward pass, per token (Korthikanti et al. 2022: about 34*h bytes per
+    layer with 16-bit activations and flash-style attention; checkpointing keeps each layer's 2*h-byte input plus
+    one layer being recomputed). Logits add 4 bytes per vocabulary entry in fp32, unless Liger fuses them away."""
+    c = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    h, layers, vocab = c.hidden_size, c.num_hidden_layers, c.vocab_size
+    per_layer = 34 * h
+    kept = layers * 2 * h + per_layer if checkpointing else layers * per_layer
+    return kept + (0 if liger else 4 * vocab)
+
+
+def plan(cfg: Settings, placement: Placement, model_config) -> SpeedPlan:
+    gpu = placement.device == "cuda"
+    if cfg.use_liger and not (gpu and liger_available()):
+        raise ConfigError(["FT_USE_LIGER=true: Liger's kernels need a CUDA GPU and the liger-kernel package"])
+    liger = cfg.use_liger if cfg.use_liger is not None else cfg.profile != "guide" and gpu and liger_available()
+    packing = cfg.packing if cfg.packing is not None else cfg.profile != "guide"
+    if not packing:
+        ckpt = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else cfg.profile != "fast"
+        return SpeedPlan(False, None, ckpt, liger, cfg.attention)
+    tokens, ckpt = _size_micro_batch(cfg, placement, model_config, liger)
+    if tokens < cfg.max_seq_length:
+        raise ConfigError([f"FT_MICRO_BATCH_TOKENS={tokens}: must hold one whole sample of FT_MAX_SEQ_LENGTH="
+                           f"{cfg.max_seq_length} tokens"])
+    return SpeedPlan(True, tokens, ckpt, liger, cfg.attention)
+
+
+def _size_micro_batch(cfg: Settings, placement: Placement, model_config, liger: bool) -> tuple[int, bool]:
+    forced = cfg.gradient_checkpointing
+    if placement.device != "cuda":
+        return cfg.micro_batch_tokens or cfg.batch_size * cfg.max_seq_length, bool(forced)
+    if cfg.profile == "lean":
+        return cfg.micro_batch_tokens or max(LEAN_MICRO_BATCH_TOKENS, cfg.max_seq_length), forced is not False
+    import torch
+
+    free = torch.cuda.mem_get_info()[0]
+    sizes = [cfg.micro_batch_tokens] if cfg.micro_batch_tokens else \
+        [MAX_MICRO_BATCH_TOKENS >> i for i in range(6) if MAX_MICRO_BATCH_TOKENS >> i >= cfg.max_seq_length]
+    if forced is not None:
+        options = [(tokens, forced) for tokens in sizes]
+    else:
+        # Recomputing costs about a third more compute: prefer no checkpointing at the largest size, then
+        # checkpointing with the largest micro-batch that fits.
+        options = [(sizes[0], False)] + [(t, True) for t in sizes]
+    for tokens, ckpt in options:
+        if tokens * activation_bytes_per_token(model_config, ckpt, liger) * SAFETY <= free:
+            log.get().info("micro-batch sized from free GPU memory", free_gib=round(free / 2**30, 1),
+                           micro_batch_tokens=tokens, gradient_checkpointing=ckpt)
+            return tokens, ckpt
+    smallest = sizes[-1] if sizes else cfg.max_seq_length
+    log.get().warning("micro-batch may not fit in free GPU memory", free_gib=round(free / 2**30, 1),
+                      micro_batch_tokens=smallest)
+    return smallest, forced is not False

@@ -1,0 +1,75 @@
+"""The speed plan, and that packing changes nothing but speed: isolated samples, the same loss and updates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from job.config import Settings
+from job.errors import ConfigError
+from job.model import Placement, load_model
+from job.speed import activation_bytes_per_token, plan
+
+CPU = Placement("cpu", torch.float32)
+
+
+def settings(**kw) -> Settings:
+    return Settings.model_construct(**{**Settings().model_dump(), **kw})
+
+
+def test_fast_profile_packs_on_the_cpu_with_batch_times_length_tokens(tiny_model):
+    from transformers import AutoConfig
+
+    p = plan(settings(batch_size=4, max_seq_length=256), CPU, AutoConfig.from_pretrained(tiny_model))
+    assert (p.packing, p.micro_batch_tokens, p.liger, p.gradient_checkpointing) == (True, 1024, False, False)
+
+
+def test_guide_profile_pads_batches_and_checkpoints(tiny_model):
+    from transformers import AutoConfig
+
+    p = plan(settings(profile="guide"), CPU, AutoConfig.from_pretrained(tiny_model))
+    assert (p.packing, p.micro_batch_tokens, p.gradient_checkpointing) == (False, None, True)
+
+
+def test_explicit_settings_win_over_the_profile(tiny_model):
+    from transformers import AutoConfig
+
+    p = plan(settings(profile="guide", packing=True, micro_batch_tokens=2048, gradient_checkpointing=False), CPU,
+             AutoConfig.from_pretrained(tiny_model))
+    assert (p.packing, p.micro_batch_tokens, p.gradient_checkpointing) == (True, 2048, False)
+
+
+def test_impossible_combinations_are_config_errors(tiny_model):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_model)
+    with pytest.raises(ConfigError, match="FT_USE_LIGER=true: Liger's kernels need a CUDA GPU"):
+        plan(settings(use_liger=True), CPU, config)
+    with pytest.raises(ConfigError, match="FT_MICRO_BATCH_TOKENS=512: must hold one whole sample"):
+        plan(settings(micro_batch_tokens=512, max_seq_length=1024), CPU, config)
+
+
+def test_activation_estimate_for_a_7b_model():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=4096, num_hidden_layers=32, vocab_size=32000, intermediate_size=11008)
+    full = activation_bytes_per_token(config, checkpointing=False, liger=True)
+    assert 4e6 < full < 5e6  # ~34 h bytes per layer per token
+    assert activation_bytes_per_token(config, checkpointing=True, liger=True) < full / 8
+    assert activation_bytes_per_token(config, checkpointing=False, liger=False) == full + 4 * 32000
+
+
+def test_packed_samples_do_not_attend_to_each_other(tiny_model):
+    """Three samples in one padding-free row (position ids restart at each) give each sample's own logits."""
+    model = load_model(tiny_model, settings(quantization="none"), CPU).eval()
+    samples = [torch.randint(3, 500, (1, n)) for n in (13, 7, 21)]
+    with torch.no_grad():
+        alone = [model(input_ids=s).logits for s in samples]
+        packed = model(input_ids=torch.cat(samples, 1),
+                       position_ids=torch.cat([torch.arange(s.shape[1]) for s in samples])[None]).logits
+    start = 0
+    for s, logits in zip(samples, alone):
+        torch.testing.assert_close(packed[:, start:start + s.shape[1]], logits, rtol=1e-4, atol=1e-4)
+        start += s.shape[1]
