@@ -209,3 +209,32 @@ def test_hub_read_only_token_fails_before_the_model_loads(hub, tmp_path):
                                       "is a read-only token")
     assert not any(e["event"] == "loading model" for e in events(proc))
     assert ("model", "acme/out2") not in hub.repos
+
+
+def test_checkpoints_mirror_to_s3_and_a_run_preempted_on_one_node_resumes_on_another(s3, tmp_path):
+    import signal
+    import sys
+
+    server, proxy = s3
+    env = {**os.environ, "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "FT_LOG_FORMAT": "json",
+           "FT_TERMINATION_LOG": str(tmp_path / "termination-log"),
+           **s3_env(server, proxy, FT_MAX_STEPS="8", FT_SAVE_STEPS="3", FT_RUN_ID="s3-resume")}
+    first = subprocess.Popen([sys.executable, "-m", "job"], env={**env, "FT_WORK_DIR": str(tmp_path / "node-a")},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    for line in first.stdout:
+        if '"checkpoint mirrored"' in line:
+            first.send_signal(signal.SIGTERM)
+            break
+    first.stdout.read()
+    assert first.wait(timeout=120) == CODE_BY_NAME["interrupted"]
+    listing = server.client().list_objects_v2(Bucket="results", Prefix="runs/s3-resume/checkpoints/")
+    keys = {o["Key"].removeprefix("runs/s3-resume/checkpoints/") for o in listing.get("Contents", [])}
+    latest = json.loads(server.client().get_object(Bucket="results", Key="runs/s3-resume/checkpoints/latest")
+                        ["Body"].read())
+    assert f"{latest['checkpoint']}/checkpoint.json" in keys and latest["step"] >= 3
+
+    # A new node: nothing local survives, only what is in S3.
+    second = run_job({**env, "FT_WORK_DIR": str(tmp_path / "node-b")}, tmp_path)
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert [e["step"] for e in events(second) if e["event"].startswith("resumed from step")] == [latest["step"]]
+    assert "Contents" not in server.client().list_objects_v2(Bucket="results", Prefix="runs/s3-resume/checkpoints/")
