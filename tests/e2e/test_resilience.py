@@ -148,3 +148,28 @@ def test_preflight_failures_are_fast_and_coded(tiny_model, tmp_path, env, code, 
         assert proc.returncode == CODE_BY_NAME[code], proc.stdout[-2000:]
         assert message in proc.stdout
         assert '"source ready"' not in proc.stdout and '"loading model"' not in proc.stdout
+
+
+@pytest.mark.parametrize("second_signal, grace, reason", [
+    (True, "25", "stopped by a second signal (SIGTERM) before the checkpoint was saved"),
+    (False, "1", "the checkpoint could not be saved within FT_TERMINATION_GRACE_SECONDS=1"),
+])
+def test_a_save_that_cannot_finish_exits_at_once_and_says_so(tiny_model, tmp_path, second_signal, grace, reason):
+    env = resumable_env(tiny_model, tmp_path, FT_TERMINATION_GRACE_SECONDS=grace, SLOW_CHECKPOINT_PUT="1",
+                        PYTHONPATH=f"{ROOT / 'tests' / 'e2e' / 'slow_checkpoints'}:{ROOT}")
+    proc = start(env)
+    for line in proc.stdout:
+        if '"train step"' in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    for line in proc.stdout:
+        if '"mirroring checkpoint"' in line:  # the save has begun and will take ~11 s
+            if second_signal:
+                proc.send_signal(signal.SIGTERM)
+            break
+    started = time.monotonic()
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=60) == CODE_BY_NAME["interrupted"]
+    assert time.monotonic() - started < 8  # well before the slow save would have finished
+    assert reason in (tmp_path / "termination-log").read_text()
+    assert reason in rest
