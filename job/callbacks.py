@@ -21,12 +21,17 @@ class ProgressLog(TrainerCallback):
     def __init__(self):
         self.log = log.get()
         self.start = self.last_time = None
-        self.last_tokens = 0.0
+        self.start_step, self.last_tokens = 0, None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        # On a resume, state is restored after this call: the first log sets the baselines.
         self.start = self.last_time = time.monotonic()
-        self.last_tokens = 0.0
+        self.start_step, self.last_tokens = None, None
         self.log.info("training started", max_steps=state.max_steps, epochs=args.num_train_epochs)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.start_step is None:
+            self.start_step = state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
@@ -37,14 +42,17 @@ class ProgressLog(TrainerCallback):
             return  # the end-of-training summary; the pipeline logs its own
         now = time.monotonic()
         tokens = float(logs.get("num_tokens", 0.0))
-        rate = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
+        # The first log of a resumed run would count every token seen before the interruption.
+        rate = None if self.last_tokens is None and self.start_step else \
+            (tokens - (self.last_tokens or 0.0)) / max(now - self.last_time, 1e-9)
         self.last_time, self.last_tokens = now, tokens
-        elapsed = now - self.start
-        eta = elapsed / state.global_step * (state.max_steps - state.global_step) if state.global_step else None
+        done = state.global_step - (self.start_step or 0)
+        eta = (now - self.start) / done * (state.max_steps - state.global_step) if done > 0 else None
         event = {
             "step": state.global_step, "max_steps": state.max_steps, "epoch": _round(state.epoch),
             "loss": _round(logs.get("loss")), "learning_rate": logs.get("learning_rate"),
-            "grad_norm": _round(logs.get("grad_norm")), "tokens_per_s": round(rate, 1),
+            "grad_norm": _round(logs.get("grad_norm")),
+            "tokens_per_s": round(rate, 1) if rate is not None else None,
             "eta_s": round(eta) if eta is not None else None,
         }
         if torch.cuda.is_available():

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from job import log
-from job.fetch import file_sha256
+from job.storage.base import file_sha256
 from job.storage import Storage
 
 MARKER = "checkpoint.json"

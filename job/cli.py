@@ -15,7 +15,7 @@ from pathlib import Path
 
 from job import log
 from job.config import Settings, env_name, load_settings
-from job.errors import EXIT_CODES, InterruptedJob, JobError
+from job.errors import EXIT_CODES, InterruptedJob, JobError, StopSignal
 from job.signals import Stopper
 
 DEFAULT_TERMINATION_LOG = Settings.model_fields["termination_log"].default
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     Stopper(Settings.model_fields["termination_grace_seconds"].default, write_termination_log).install()
     try:
         return func(args)
-    except KeyboardInterrupt:
-        return _fail(InterruptedJob("stopped by SIGINT"))
+    except StopSignal as e:
+        return _fail(InterruptedJob(str(e)))
     except BrokenPipeError:  # `finetune-job env | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

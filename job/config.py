@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from job.errors import ConfigError
+from job.errors import ConfigError, first_line
 
 PREFIX = "FT_"
 CONFIG_FILE_VAR = "FT_CONFIG_FILE"
@@ -241,6 +241,13 @@ class Settings(BaseSettings):
             raise ValueError(f"must be one of {', '.join(SCHEDULERS)}")
         return v
 
+    @model_validator(mode="after")
+    def _micro_batch_holds_a_sample(self) -> Settings:
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < self.max_seq_length:
+            raise ValueError(f"FT_MICRO_BATCH_TOKENS={self.micro_batch_tokens}: must hold one whole sample of "
+                             f"FT_MAX_SEQ_LENGTH={self.max_seq_length} tokens")
+        return self
+
     @field_validator("lora_target_modules")
     @classmethod
     def _target_modules(cls, v: str) -> str:
@@ -287,7 +294,7 @@ def _read_yaml(path: str | None) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError([f"{CONFIG_FILE_VAR}={path}: file not found"]) from None
     except (OSError, yaml.YAMLError) as e:
-        raise ConfigError([f"{CONFIG_FILE_VAR}={path}: not readable YAML ({' '.join(str(e).split())})"]) from None
+        raise ConfigError([f"{CONFIG_FILE_VAR}={path}: not readable YAML ({first_line(e)})"]) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

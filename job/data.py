@@ -59,19 +59,22 @@ def load_splits(cfg: Settings, path: Path):
     splits = list(ds)
     if cfg.dataset_split not in ds:
         raise ConfigError([f"FT_DATASET_SPLIT={cfg.dataset_split}: no such split; the dataset has {', '.join(splits)}"])
-    train, evaluation = ds[cfg.dataset_split], None
+    # FT_MAX_SAMPLES first, so that a smoke run also evaluates on a few samples.
+    train, evaluation = _first(ds[cfg.dataset_split], cfg.max_samples), None
     if cfg.eval_split:
         if cfg.eval_split not in ds:
             raise ConfigError([f"FT_EVAL_SPLIT={cfg.eval_split}: no such split; the dataset has {', '.join(splits)}"])
-        evaluation = ds[cfg.eval_split]
-    elif cfg.eval_fraction > 0:
+        evaluation = _first(ds[cfg.eval_split], cfg.max_samples)
+    elif cfg.eval_fraction > 0 and len(train) > 1:
         parts = train.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
         train, evaluation = parts["train"], parts["test"]
-    if cfg.max_samples:
-        train = train.select(range(min(cfg.max_samples, len(train))))
     if len(train) == 0:
         raise InputError(f"FT_DATASET={cfg.dataset}: the training split is empty")
     return train, evaluation
+
+
+def _first(ds, n: int | None):
+    return ds.select(range(min(n, len(ds)))) if n else ds
 
 
 # --- format detection ------------------------------------------------------------------------------------------
@@ -201,6 +204,7 @@ def tokenize_splits(train, evaluation, tokenizer, cfg: Settings):
     if evaluation is not None and len(evaluation):
         eval_tok, eval_truncated, eval_dropped = run(evaluation, "eval")
         truncated, dropped = truncated + eval_truncated, dropped + eval_dropped
+        eval_tok = eval_tok if len(eval_tok) else None  # every eval sample dropped: no evaluation
     if len(train_tok) == 0:
         raise InputError(f"FT_DATASET={cfg.dataset}: no training sample has a token to learn from after truncation")
     lengths = [len(ids) for ids in train_tok["input_ids"]]

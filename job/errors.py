@@ -77,5 +77,20 @@ class InterruptedJob(JobError):
     exit_name = "interrupted"
 
 
+class StopSignal(BaseException):
+    """Raised by the signal handler outside training. A BaseException, so that no library's `except Exception`
+    (a retry loop, a dataset builder) swallows it or turns it into another error; cli turns it into InterruptedJob."""
+
+
 class UnavailableError(JobError):
     exit_name = "unavailable"
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, for a one-line reason."""
+    return " ".join(str(e).split())[:limit]
+
+
+def storage_failure(message: str, error: OSError) -> JobError:
+    """InputError (final) or UnavailableError (retriable), as the storage error says a retry can help or not."""
+    return (UnavailableError if getattr(error, "retriable", False) else InputError)(message)

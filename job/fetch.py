@@ -9,8 +9,9 @@ from pathlib import Path
 
 from job import log
 from job.config import Settings
-from job.errors import ConfigError, InputError, UnavailableError
+from job.errors import ConfigError, InputError, UnavailableError, first_line
 from job.storage import HubStorage, Storage, StorageError, open_source
+from job.storage.base import file_sha256
 
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja", "tokenizer*"]
 DATA_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -28,7 +29,8 @@ class Fetched:
 
 def fetch_model(cfg: Settings) -> Fetched:
     source = open_source(cfg.base_model, "FT_BASE_MODEL", "model", cfg.model_revision)
-    path = _fetch(source, "FT_BASE_MODEL", cfg.work_dir / "model", MODEL_FILES)
+    patterns = MODEL_FILES + (["*.py"] if cfg.trust_remote_code else [])  # the model's own code, when trusted
+    path = _fetch(source, "FT_BASE_MODEL", cfg.work_dir / "model", patterns)
     if not path.is_dir() or not (path / "config.json").is_file():
         raise InputError(f"FT_BASE_MODEL={cfg.base_model}: not a model directory (no config.json)")
     if not any(path.glob("*.safetensors")):
@@ -69,11 +71,11 @@ def source_errors(source: Storage, setting: str):
         from huggingface_hub import constants
 
         error = InputError if constants.HF_HUB_OFFLINE else UnavailableError
-        raise error(f"{where}: not in the local cache and the Hub is unreachable ({_first_line(e)})") from None
+        raise error(f"{where}: not in the local cache and the Hub is unreachable ({first_line(e)})") from None
     except HfHubHTTPError as e:
         status = getattr(e.response, "status_code", None) if getattr(e, "response", None) is not None else None
         error = UnavailableError if status is not None and (status >= 500 or status == 429) else InputError
-        raise error(f"{where}: the Hub answered {_first_line(e)}") from None
+        raise error(f"{where}: the Hub answered {first_line(e)}") from None
     except PermissionError:
         raise InputError(f"{where}: permission denied") from None
     except StorageError as e:  # S3: access denied, no such bucket or key (final), or unreachable (retriable)
@@ -105,15 +107,3 @@ def content_hash(path: Path) -> str:
         digest.update(f.relative_to(path.parent if path.is_file() else path).as_posix().encode() + b"\0")
         digest.update(file_sha256(f).encode())
     return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _first_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300]

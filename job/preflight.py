@@ -9,7 +9,7 @@ from pathlib import Path
 
 from job import log
 from job.config import Settings
-from job.errors import ConfigError, InputError
+from job.errors import ConfigError, InputError, first_line, storage_failure
 from job.fetch import MODEL_FILES, source_errors
 from job.model import Placement, resolve_placement
 from job.storage import HubStorage, Storage, open_destination, open_source
@@ -22,6 +22,8 @@ def run(cfg: Settings, run_id: str) -> Placement:
     placement = resolve_placement(cfg)
     if cfg.require_gpu and placement.device != "cuda":
         raise ConfigError(["FT_REQUIRE_GPU=true: no CUDA GPU is visible to this process"])
+    if cfg.use_liger and placement.device != "cuda":
+        raise ConfigError(["FT_USE_LIGER=true: Liger's kernels need a CUDA GPU"])
     for uri, setting in destinations(cfg, run_id):
         probe_write(open_destination(uri, setting), setting, f"{PROBE}-{run_id}")
     model = open_source(cfg.base_model, "FT_BASE_MODEL", "model", cfg.model_revision)
@@ -59,7 +61,7 @@ def probe_write(dest: Storage, setting: str, key: str) -> None:
     try:
         dest.probe_write(key)
     except (OSError, NotImplementedError) as e:
-        raise InputError(f"{setting}={dest.uri}: not writable ({' '.join(str(e).split())[:200]})") from None
+        raise storage_failure(f"{setting}={dest.uri}: not writable ({first_line(e)})", e) from None
 
 
 def probe_read(source: Storage, setting: str) -> None:
@@ -96,7 +98,7 @@ def check_bitsandbytes(placement: Placement) -> None:
         error = (bnbf.dequantize_4bit(q, state) - x).abs().mean().item()
     except Exception as e:  # noqa: BLE001 - whatever breaks inside it, the answer is the same
         raise ConfigError([f"FT_QUANTIZATION: bitsandbytes does not work here ({type(e).__name__}: "
-                           f"{' '.join(str(e).split())[:200]}); FT_QUANTIZATION=none trains plain LoRA"]) from None
+                           f"{first_line(e, 200)}); FT_QUANTIZATION=none trains plain LoRA"]) from None
     if not error < 0.2:
         raise ConfigError([f"FT_QUANTIZATION: bitsandbytes 4-bit round trip is wrong here (mean error {error:.3f})"])
 

@@ -12,10 +12,10 @@ from typing import Any
 
 from job import log
 from job.config import Settings
-from job.errors import ConfigError, InputError, UploadError
-from job.fetch import file_sha256
+from job.errors import ConfigError, InputError, UnavailableError, UploadError, storage_failure
+from job.storage.base import file_sha256
 from job.log import redact, redact_value
-from job.storage import Storage
+from job.storage import Storage, is_local
 
 MANIFEST = "manifest.json"
 PACKAGES = ("finetune-job", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets",
@@ -27,7 +27,7 @@ def check_destination(dest: Storage, run_id: str, overwrite: bool) -> None:
     try:
         completed = dest.exists(f"{run_id}/{MANIFEST}")
     except OSError as e:  # S3 or the Hub: access denied, no such bucket, bad token, unreachable
-        raise InputError(f"FT_OUTPUT_URI={dest.uri}: cannot be read ({e})") from None
+        raise storage_failure(f"FT_OUTPUT_URI={dest.uri}: cannot be read ({e})", e) from None
     if completed and not overwrite:
         raise ConfigError([f"FT_RUN_ID={run_id}: a completed run already exists at {dest.describe(run_id)}; "
                            "choose another run id or set FT_OVERWRITE=true"])
@@ -74,10 +74,10 @@ def model_card(cfg: Settings, run_id: str, facts: dict[str, Any]) -> str:
     from huggingface_hub import ModelCardData
 
     data = ModelCardData(
-        base_model=cfg.base_model if "/" in cfg.base_model and not cfg.base_model.startswith("/") else None,
+        base_model=hub_id(cfg.base_model, "models"),
         library_name="peft",
         tags=["lora", "qlora" if cfg.quantization != "none" else "peft", "sft", "trl", "finetune-job"],
-        datasets=[cfg.dataset] if "/" in cfg.dataset and not cfg.dataset.startswith(("/", ".")) else None,
+        datasets=[hub_id(cfg.dataset, "datasets")] if hub_id(cfg.dataset, "datasets") else None,
     )
     m = facts.get("metrics", {})
     rows = [
@@ -89,7 +89,7 @@ def model_card(cfg: Settings, run_id: str, facts: dict[str, Any]) -> str:
                  f"targets={cfg.lora_target_modules}" + (", DoRA" if cfg.use_dora else "")
                  + (", rsLoRA" if cfg.use_rslora else "")),
         ("Optimisation", f"{facts['training']['optim']}, lr {cfg.learning_rate:g} ({cfg.lr_scheduler_type}), "
-                         f"batch {cfg.batch_size} x {cfg.gradient_accumulation_steps}, {facts['training']['steps']} steps"),
+                         f"{_batches(cfg, facts['training'])}, {facts['training']['steps']} steps"),
         ("Compute", f"{facts['placement']['device']} ({facts['placement']['dtype']})"),
         ("Eval loss", f"{_fmt(m.get('eval_loss_before'))} before, {_fmt(m.get('eval_loss_after'))} after"),
     ]
@@ -112,13 +112,26 @@ A LoRA adapter for `{cfg.base_model}`, trained by [finetune-job](https://github.
 from peft import AutoPeftModelForCausalLM
 from transformers import AutoTokenizer
 
-model = AutoPeftModelForCausalLM.from_pretrained("<this folder>/adapter")
-tokenizer = AutoTokenizer.from_pretrained("<this folder>/tokenizer")
+model = AutoPeftModelForCausalLM.from_pretrained("<the run>/adapter")  # on the Hub: "<org>/<name>"
+tokenizer = AutoTokenizer.from_pretrained("<the run>/tokenizer")
 ```
 
 `manifest.json` beside this card holds the full configuration, package versions and a sha256 of every file.
 """
     return redact(body)
+
+
+def hub_id(uri: str, kind: str) -> str | None:
+    """The Hub repository id of a source, for the card's metadata (the Hub rejects anything else there)."""
+    if uri.startswith("hf://"):
+        return uri.removeprefix("hf://").removeprefix(f"{kind}/").strip("/")
+    return None if is_local(uri) or "://" in uri else uri
+
+
+def _batches(cfg: Settings, training: dict[str, Any]) -> str:
+    if training.get("packing"):
+        return f"packed micro-batches of {training['micro_batch_tokens']} tokens x {cfg.gradient_accumulation_steps}"
+    return f"batch {cfg.batch_size} x {cfg.gradient_accumulation_steps}"
 
 
 def _fmt(v: Any) -> str:
@@ -135,7 +148,7 @@ def publish(stage: Path, dest: Storage, cfg: Settings, run_id: str, facts: dict[
         if not dest.versioned:  # the Hub replaces a run in the same commit that adds the new one
             replace_completed_run(dest, run_id)
         dest.put_run(stage, run_id, MANIFEST)
-    except (OSError, InputError) as e:
+    except (OSError, InputError, UnavailableError) as e:
         raise UploadError(f"writing to {dest.describe(run_id)} failed ({e}); the results are kept in {stage}") from None
     uri = dest.describe(run_id)
     log.get().info("published", uri=uri, files=len(manifest["files"]) + 1)

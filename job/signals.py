@@ -14,7 +14,7 @@ import threading
 import time
 
 from job import log
-from job.errors import CODE_BY_NAME, InterruptedJob
+from job.errors import CODE_BY_NAME, StopSignal
 
 
 class Stopper:
@@ -23,7 +23,6 @@ class Stopper:
         self.on_exit = on_exit or (lambda reason: None)  # writes the termination log
         self.training = False
         self.requested: str | None = None  # the signal's name, once one came during training
-        self.since: float | None = None
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._handle)
@@ -32,10 +31,10 @@ class Stopper:
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if not self.training:
-            raise InterruptedJob(f"stopped by {name}")
+            raise StopSignal(f"stopped by {name}")
         if self.requested:
             self._exit_now(f"stopped by a second signal ({name}) before the checkpoint was saved")
-        self.requested, self.since = name, time.monotonic()
+        self.requested = name
         log.get().warning("stop requested: finishing this step and saving a checkpoint", signal=name,
                           budget_s=self.grace)
         threading.Thread(target=self._watchdog, daemon=True, name="sigterm-watchdog").start()

@@ -19,7 +19,7 @@ from job.model import Placement
 # grow with the square of its length: on an H200 with a 7B model, 4096-token micro-batches trained fastest
 # (8,175 tokens/s against 6,697 at 8192 and 5,078 at 16384; bench/RESULTS.md). Larger ones wait for a varlen kernel.
 MAX_MICRO_BATCH_TOKENS = 4096
-LEAN_MICRO_BATCH_TOKENS = 4096
+LEAN_MICRO_BATCH_TOKENS = 4096  # the same as MAX today; lean keeps it when a varlen kernel lifts MAX
 SAFETY = 1.5  # allocator fragmentation, LoRA buffers, optimizer temporaries, the estimate's own error
 
 
@@ -57,9 +57,6 @@ def plan(cfg: Settings, placement: Placement, model_config) -> SpeedPlan:
         ckpt = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else cfg.profile != "fast"
         return SpeedPlan(False, None, ckpt, liger, cfg.attention)
     tokens, ckpt = _size_micro_batch(cfg, placement, model_config, liger)
-    if tokens < cfg.max_seq_length:
-        raise ConfigError([f"FT_MICRO_BATCH_TOKENS={tokens}: must hold one whole sample of FT_MAX_SEQ_LENGTH="
-                           f"{cfg.max_seq_length} tokens"])
     return SpeedPlan(True, tokens, ckpt, liger, cfg.attention)
 
 
@@ -73,7 +70,8 @@ def _size_micro_batch(cfg: Settings, placement: Placement, model_config, liger: 
 
     free = torch.cuda.mem_get_info()[0]
     sizes = [cfg.micro_batch_tokens] if cfg.micro_batch_tokens else \
-        [MAX_MICRO_BATCH_TOKENS >> i for i in range(6) if MAX_MICRO_BATCH_TOKENS >> i >= cfg.max_seq_length]
+        [MAX_MICRO_BATCH_TOKENS >> i for i in range(6) if MAX_MICRO_BATCH_TOKENS >> i >= cfg.max_seq_length] \
+        or [cfg.max_seq_length]  # samples longer than the cap: one sample per micro-batch
     if forced is not None:
         options = [(tokens, forced) for tokens in sizes]
     else:
@@ -85,7 +83,7 @@ def _size_micro_batch(cfg: Settings, placement: Placement, model_config, liger: 
             log.get().info("micro-batch sized from free GPU memory", free_gib=round(free / 2**30, 1),
                            micro_batch_tokens=tokens, gradient_checkpointing=ckpt)
             return tokens, ckpt
-    smallest = sizes[-1] if sizes else cfg.max_seq_length
+    smallest = sizes[-1]
     log.get().warning("micro-batch may not fit in free GPU memory", free_gib=round(free / 2**30, 1),
                       micro_batch_tokens=smallest)
     return smallest, forced is not False

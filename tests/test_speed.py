@@ -47,8 +47,29 @@ def test_impossible_combinations_are_config_errors(tiny_model):
     config = AutoConfig.from_pretrained(tiny_model)
     with pytest.raises(ConfigError, match="FT_USE_LIGER=true: Liger's kernels need a CUDA GPU"):
         plan(settings(use_liger=True), CPU, config)
-    with pytest.raises(ConfigError, match="FT_MICRO_BATCH_TOKENS=512: must hold one whole sample"):
-        plan(settings(micro_batch_tokens=512, max_seq_length=1024), CPU, config)
+
+
+
+def test_a_micro_batch_smaller_than_a_sample_is_refused_with_the_settings(monkeypatch):
+    from job.config import load_settings
+
+    monkeypatch.setenv("FT_MICRO_BATCH_TOKENS", "512")
+    with pytest.raises(ConfigError, match="FT_MICRO_BATCH_TOKENS=512: must hold one whole sample of FT_MAX_SEQ_LEN"):
+        load_settings()
+
+
+@pytest.mark.parametrize("free_gib, max_len, expected", [
+    (130, 1024, (4096, False)),   # an H200: the cap, without checkpointing
+    (16, 1024, (4096, True)),     # a 24 GB card after the model: checkpointing at the cap
+    (130, 8192, (8192, False)),   # samples longer than the cap: one sample per micro-batch
+])
+def test_gpu_micro_batch_sizing(monkeypatch, free_gib, max_len, expected):
+    from transformers import LlamaConfig
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (free_gib * 2**30, 141 * 2**30))
+    config = LlamaConfig(hidden_size=4096, num_hidden_layers=32, vocab_size=32000, intermediate_size=11008)
+    p = plan(settings(max_seq_length=max_len, use_liger=False), Placement("cuda", torch.bfloat16), config)
+    assert (p.micro_batch_tokens, p.gradient_checkpointing) == expected
 
 
 def test_activation_estimate_for_a_7b_model():

@@ -65,7 +65,9 @@ def test_sigterm_saves_and_a_restart_resumes_exactly(tiny_model, tmp_path, unint
 
     expected_losses, expected_adapter = uninterrupted
     env = resumable_env(tiny_model, tmp_path)
-    stop_after = random.Random().randint(2, 8)
+    seed = random.randrange(10**6)
+    stop_after = random.Random(seed).randint(2, 8)
+    print(f"SIGTERM after step {stop_after} (seed {seed})")  # shown when the test fails
     proc, first = start(env), []
     for line in proc.stdout:
         first.append(line)
