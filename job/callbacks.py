@@ -87,11 +87,17 @@ class CheckpointMirror(TrainerCallback):
     def __init__(self, store):
         self.store = store
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args, state, control, model=None, **kwargs):
         from pathlib import Path
 
-        if args.should_save:  # the main process only
-            self.store.mirror(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
+        if not args.should_save:  # the main process only
+            return
+        trained = [p for p in model.parameters() if p.requires_grad] if model is not None else []
+        if not all(torch.isfinite(p).all() for p in trained):
+            # A time- or step-based save can fall between the logging steps DivergenceGuard watches.
+            log.get().warning("not mirroring a checkpoint with non-finite weights", step=state.global_step)
+            return
+        self.store.mirror(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
 
 
 class GracefulStop(TrainerCallback):

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from job import log
+from job.errors import ConfigError
 from job.storage.base import file_sha256
 from job.storage import Storage
 
@@ -45,8 +46,8 @@ def write_json(store: Storage, key: str, data: dict) -> None:
 
 
 class CheckpointStore:
-    def __init__(self, store: Storage, keep: int):
-        self.store, self.keep = store, keep
+    def __init__(self, store: Storage, keep: int, fingerprint: str | None = None):
+        self.store, self.keep, self.fingerprint = store, keep, fingerprint  # config.settings_fingerprint
         self.log = log.get()
 
     def steps(self) -> list[int]:
@@ -58,7 +59,8 @@ class CheckpointStore:
         """Upload a saved checkpoint, then its marker, then the `latest` pointer; prune old ones."""
         name = f"checkpoint-{step}"
         files = {p.relative_to(local).as_posix(): file_sha256(p) for p in sorted(local.rglob("*")) if p.is_file()}
-        (local / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
+        marker = {"step": step, "settings": self.fingerprint, "files": files}
+        (local / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         self.log.info("mirroring checkpoint", step=step, uri=self.store.describe(name), files=len(files))
         self.store.put_tree(local, name, skip={MARKER})
         self.store.put(local / MARKER, f"{name}/{MARKER}")
@@ -90,6 +92,11 @@ class CheckpointStore:
         marker = read_json(self.store, f"{name}/{MARKER}")
         if not marker or not isinstance(marker.get("files"), dict):
             return f"no {MARKER} (the upload did not finish)"
+        if self.fingerprint and marker.get("settings") not in (None, self.fingerprint):
+            # The same run id with other training settings: resuming would mix two trainings.
+            raise ConfigError([f"FT_RUN_ID: {self.store.describe(name)} was saved by this run id with other "
+                               "training settings; choose another FT_RUN_ID, restore the settings, or delete the "
+                               "checkpoints"])
         for rel, digest in marker["files"].items():
             try:
                 self.store.get(f"{name}/{rel}", local / rel)

@@ -324,8 +324,13 @@ def resolve_run_id(cfg: Settings) -> str:
     for var in PLATFORM_JOB_IDS:
         if value := os.environ.get(var):
             return re.sub(r"[^A-Za-z0-9._-]", "-", value)[:128]
+    return "run-" + settings_fingerprint(cfg)[:12]
+
+
+def settings_fingerprint(cfg: Settings) -> str:
+    """A hash of every setting that shapes what is trained (not where it is logged, stored or how long to wait)."""
     settings = json.dumps(cfg.model_dump(mode="json", exclude=NOT_FINGERPRINTED), sort_keys=True)
-    return "run-" + hashlib.sha256(settings.encode()).hexdigest()[:12]
+    return hashlib.sha256(settings.encode()).hexdigest()
 
 
 def env_name(field: str) -> str:

@@ -7,7 +7,7 @@ import time
 
 from job import data, fetch, log, model, preflight, publish, speed, tbsync, train
 from job.checkpoints import CheckpointStore
-from job.config import Settings, resolve_run_id
+from job.config import Settings, resolve_run_id, settings_fingerprint
 from job.signals import Stopper
 from job.storage import StorageOptions, configure, open_destination
 
@@ -21,7 +21,7 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
     publish.check_destination(dest, run_id, cfg.overwrite)
     placement = preflight.run(cfg, run_id)
     checkpoints = CheckpointStore(open_destination(preflight.checkpoint_uri(cfg, run_id), "FT_CHECKPOINT_URI"),
-                                  cfg.keep_checkpoints)
+                                  cfg.keep_checkpoints, settings_fingerprint(cfg))
 
     model_src = fetch.fetch_model(cfg)
     data_src = fetch.fetch_dataset(cfg)

@@ -70,3 +70,14 @@ def test_clear_leaves_nothing_and_no_dangling_latest(tmp_path):
     ckpts.mirror(fake_checkpoint(tmp_path, 10), 10)
     ckpts.clear()
     assert not (tmp_path / "remote").exists()
+
+
+def test_a_checkpoint_saved_with_other_training_settings_is_refused(tmp_path):
+    import pytest
+
+    from job.errors import ConfigError
+
+    CheckpointStore(LocalStorage(str(tmp_path / "remote")), 2, "settings-a").mirror(fake_checkpoint(tmp_path, 10), 10)
+    assert CheckpointStore(LocalStorage(str(tmp_path / "remote")), 2, "settings-a").restore(tmp_path / "r1")[1] == 10
+    with pytest.raises(ConfigError, match="saved by this run id with other training settings"):
+        CheckpointStore(LocalStorage(str(tmp_path / "remote")), 2, "settings-b").restore(tmp_path / "r2")
