@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from servers import FakeHub, FaultProxy, S3Server
-from test_run import demo_env, events, run_job
+from test_run import demo_env, events, interrupt_at, run_job
 
 from conftest import DATA, ROOT
 from job.errors import CODE_BY_NAME
@@ -212,21 +212,12 @@ def test_hub_read_only_token_fails_before_the_model_loads(hub, tmp_path):
 
 
 def test_checkpoints_mirror_to_s3_and_a_run_preempted_on_one_node_resumes_on_another(s3, tmp_path):
-    import signal
-    import sys
-
     server, proxy = s3
     env = {**os.environ, "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "FT_LOG_FORMAT": "json",
            "FT_TERMINATION_LOG": str(tmp_path / "termination-log"),
            **s3_env(server, proxy, FT_MAX_STEPS="8", FT_SAVE_STEPS="3", FT_RUN_ID="s3-resume")}
-    first = subprocess.Popen([sys.executable, "-m", "job"], env={**env, "FT_WORK_DIR": str(tmp_path / "node-a")},
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    for line in first.stdout:
-        if '"checkpoint mirrored"' in line:
-            first.send_signal(signal.SIGTERM)
-            break
-    first.stdout.read()
-    assert first.wait(timeout=120) == CODE_BY_NAME["interrupted"]
+    first = interrupt_at({**env, "FT_WORK_DIR": str(tmp_path / "node-a")}, '"checkpoint mirrored"')
+    assert first == CODE_BY_NAME["interrupted"]
     listing = server.client().list_objects_v2(Bucket="results", Prefix="runs/s3-resume/checkpoints/")
     keys = {o["Key"].removeprefix("runs/s3-resume/checkpoints/") for o in listing.get("Contents", [])}
     latest = json.loads(server.client().get_object(Bucket="results", Key="runs/s3-resume/checkpoints/latest")

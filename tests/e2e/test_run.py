@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,18 @@ def events(proc: subprocess.CompletedProcess) -> list[dict]:
         if line.startswith("{"):
             out.append(json.loads(line))
     return out
+
+
+def interrupt_at(env: dict[str, str], marker: str, timeout: float = 120) -> int:
+    """Run the CLI, send SIGTERM at the first log line containing `marker`, and return its exit code."""
+    proc = subprocess.Popen([sys.executable, "-m", "job"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    for line in proc.stdout:
+        if marker in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.stdout.read()
+    return proc.wait(timeout=timeout)
 
 
 def demo_env(model: Path, **extra: str) -> dict[str, str]:
@@ -239,17 +252,9 @@ def test_check_command_validates_without_training(tiny_model, tmp_path):
 
 
 def test_sigterm_stops_the_run_with_the_interrupted_code(tiny_model, tmp_path):
-    import signal
-
     env = {**os.environ, "FT_WORK_DIR": str(tmp_path / "work"), "FT_OUTPUT_URI": str(tmp_path / "out"),
            "FT_LOG_FORMAT": "json", "FT_TERMINATION_LOG": str(tmp_path / "termination-log"), "HF_HUB_OFFLINE": "1",
            **demo_env(tiny_model, FT_LOGGING_STEPS="1")}
-    proc = subprocess.Popen([sys.executable, "-m", "job"], env=env, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    for line in proc.stdout:
-        if '"train step"' in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    proc.stdout.read()
-    assert proc.wait(timeout=60) == CODE_BY_NAME["interrupted"]
+    assert interrupt_at(env, '"train step"', timeout=60) == CODE_BY_NAME["interrupted"]
     assert (tmp_path / "termination-log").read_text().startswith("interrupted: stopped by SIGTERM")
     assert not (tmp_path / "out" / "demo" / "manifest.json").exists()
