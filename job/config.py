@@ -114,7 +114,11 @@ class Settings(BaseSettings):
     num_train_epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
     batch_size: int = Field(4, gt=0, description="Samples per device per micro-batch (training and evaluation).")
-    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    gradient_accumulation_steps: int = Field(
+        1, gt=0, description="Micro-batches per optimizer step, as on one process. With N processes the job divides it "
+        "by N (else the micro-batch) so that an optimizer step sees the same global batch; when neither divides, it "
+        "stops with an error naming both settings."
+    )
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.001, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping norm.")
@@ -227,6 +231,29 @@ class Settings(BaseSettings):
     )
     require_gpu: bool = Field(False, description="Fail in preflight when no CUDA GPU (or, for bf16, no bf16 support) is visible.")
 
+    # --- scale out: several GPUs and nodes (torchrun) -------------------------------------------------------------
+    nproc_per_node: int | None = Field(
+        None, gt=0, description="Training processes on this node, one per GPU. Default: every visible GPU (1 on the "
+        "CPU). More than one, or FT_NNODES above 1, re-launches the job under torchrun; the global batch stays what one "
+        "process would train (see FT_GRADIENT_ACCUMULATION_STEPS)."
+    )
+    nnodes: int = Field(
+        1, ge=1, description="Nodes that train together. Above 1, torchrun's c10d rendezvous meets at "
+        "MASTER_ADDR:MASTER_PORT (the Helm chart sets both) and each node needs a rank (FT_NODE_RANK)."
+    )
+    node_rank: int | None = Field(
+        None, ge=0, description="This node's rank, 0 to FT_NNODES-1; node 0 hosts the rendezvous. Default: "
+        "JOB_COMPLETION_INDEX (Kubernetes Indexed Jobs and JobSets), else AWS_BATCH_JOB_NODE_INDEX."
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="With several processes: `ddp` gives each GPU its own copy of the quantized model; `fsdp` "
+        "shards it (QLoRA with FSDP), for models that do not fit one GPU."
+    )
+    dist_timeout_seconds: float = Field(
+        1800, gt=0, description="A rendezvous or collective (all-reduce, barrier) that waits longer than this, because "
+        "a peer died or hangs, ends the run with exit code 8 (retriable) instead of hanging until the Job's deadline."
+    )
+
     @field_validator("optim")
     @classmethod
     def _known_optimizer(cls, v: str) -> str:
@@ -246,6 +273,12 @@ class Settings(BaseSettings):
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < self.max_seq_length:
             raise ValueError(f"FT_MICRO_BATCH_TOKENS={self.micro_batch_tokens}: must hold one whole sample of "
                              f"FT_MAX_SEQ_LENGTH={self.max_seq_length} tokens")
+        return self
+
+    @model_validator(mode="after")
+    def _node_rank_in_range(self) -> Settings:
+        if self.node_rank is not None and self.node_rank >= self.nnodes:
+            raise ValueError(f"FT_NODE_RANK={self.node_rank}: must be below FT_NNODES={self.nnodes}")
         return self
 
     @field_validator("lora_target_modules")
@@ -313,7 +346,9 @@ PLATFORM_JOB_IDS = ("AWS_BATCH_JOB_ID", "CLOUD_RUN_EXECUTION", "BATCH_JOB_UID")
 NOT_FINGERPRINTED = {"run_id", "overwrite", "log_format", "log_level", "work_dir", "termination_log",
                      "termination_grace_seconds", "require_gpu", "save_steps", "save_minutes", "keep_checkpoints",
                      "checkpoint_uri", "hub_private", "hub_revision", "tb_sync_seconds", "storage_attempts",
-                     "storage_timeout_seconds", "storage_deadline_seconds", "attention"}
+                     "storage_timeout_seconds", "storage_deadline_seconds", "attention",
+                     # where and on how many processes it runs: the global batch is kept, and every node must agree
+                     "nproc_per_node", "nnodes", "node_rank", "dist_timeout_seconds"}
 
 
 def resolve_run_id(cfg: Settings) -> str:
