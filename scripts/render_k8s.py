@@ -5,7 +5,8 @@
 
 Generated: the `config` block of helm/finetune-job/values.yaml (one documented key per field of job/config.py),
 the `config` properties of values.schema.json (from the same fields' JSON schema), and k8s/*.yaml (the chart rendered
-with helm/finetune-job/ci/plain-manifests-values.yaml through Helm's own engine, helm-python-sdk).
+with helm/finetune-job/ci/plain-manifests-values.yaml through Helm's own engine, helm-python-sdk), with
+k8s/multi-node/*.yaml (the same values on two nodes: the Indexed Job, CronJob and Service, and the JobSet).
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ PLAIN_VALUES = CHART / "ci" / "plain-manifests-values.yaml"
 K8S = ROOT / "k8s"
 RELEASE = "finetune-job"
 PLAIN_SCHEDULE = "0 3 * * 0"
+MULTI_NODE = "multi-node"
+# The plain values on two nodes. The model cache is an emptyDir per pod: k8s/pvc.yaml's claim is ReadWriteOnce, which
+# pods on two nodes cannot share.
+PLAIN_MULTI_NODE = {"distributed": {"nodes": 2}, "modelCache": {"create": False}}
 BEGIN = "  # >>> generated from job/config.py by scripts/render_k8s.py"
 END = "  # <<< generated"
 # JSON-schema keywords of a field kept in values.schema.json: the constraints and the description, so that Helm
@@ -49,7 +54,10 @@ CHART_NOTES = {
     "termination_log": "Chart: the container's terminationMessagePath follows it.",
 }
 FILE_OF_KIND = {"Job": "job.yaml", "CronJob": "cronjob.yaml", "ConfigMap": "configmap.yaml",
-                "Secret": "secret.example.yaml", "PersistentVolumeClaim": "pvc.yaml", "ServiceAccount": "serviceaccount.yaml"}
+                "Secret": "secret.example.yaml", "PersistentVolumeClaim": "pvc.yaml", "ServiceAccount": "serviceaccount.yaml",
+                "Service": "service.yaml", "JobSet": "jobset.yaml"}
+# What k8s/multi-node/ holds; the other objects are k8s/'s own.
+MULTI_NODE_KINDS = ("Job", "CronJob", "Service", "JobSet")
 HEADER = "# Generated from helm/finetune-job by `make k8s` (scripts/render_k8s.py): do not edit by hand.\n"
 
 
@@ -169,8 +177,24 @@ def _dump(obj: dict[str, Any]) -> str:
     return HEADER + yaml.safe_dump(_strip_helm(obj), sort_keys=False, width=120)
 
 
+def _multi_node_objects(values: dict[str, Any], shared: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The objects of k8s/multi-node/: the Indexed Job, its CronJob and Service, and the JobSet. The objects they
+    share with one node (ConfigMap, Secret, ServiceAccount) must be k8s/'s, which the README tells to apply."""
+    values = {**values, **PLAIN_MULTI_NODE}
+    variants = [objects(render(values)), objects(render({**values, "schedule": PLAIN_SCHEDULE})),
+                objects(render({**values, "distributed": {**values["distributed"], "engine": "jobset"}}))]
+    for obj in (o for objs in variants for o in objs if o["kind"] not in MULTI_NODE_KINDS):
+        if obj not in shared:
+            raise SystemExit(f"{MULTI_NODE}: its {obj['kind']} differs from k8s/{FILE_OF_KIND[obj['kind']]}")
+    found = {}
+    for obj in (o for objs in variants for o in objs if o["kind"] in MULTI_NODE_KINDS):
+        found.setdefault(obj["kind"], obj)
+    return list(found.values())
+
+
 def k8s_manifests() -> dict[str, str]:
-    """k8s/ file name -> content: the chart rendered for a one-off Job and for a CronJob, one object per file."""
+    """k8s/ file name (multi-node/ ones with their folder) -> content: the chart rendered for a one-off Job and for a
+    CronJob, one object per file, and the same on two nodes."""
     values = load_values(PLAIN_VALUES)
     as_job = objects(render(values))
     as_cron = objects(render({**values, "schedule": PLAIN_SCHEDULE}))
@@ -178,8 +202,9 @@ def k8s_manifests() -> dict[str, str]:
     for obj in as_job + [o for o in as_cron if o["kind"] == "CronJob"]:
         files[FILE_OF_KIND[obj["kind"]]] = _dump(obj)
     files["configmap.yaml"] += _unset_settings(next(o for o in as_job if o["kind"] == "ConfigMap")["data"])
-    files["README.md"] = _readme(sorted(files))
-    return files
+    multi_node = {f"{MULTI_NODE}/{FILE_OF_KIND[o['kind']]}": _dump(o) for o in _multi_node_objects(values, as_job)}
+    files["README.md"] = _readme(sorted(files), sorted(multi_node))
+    return {**files, **multi_node}
 
 
 def env_value(value: Any) -> str:
@@ -201,7 +226,7 @@ def _unset_settings(data: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _readme(files: list[str]) -> str:
+def _readme(files: list[str], multi_node: list[str]) -> str:
     return textwrap.dedent(f"""\
         # Plain manifests
 
@@ -219,6 +244,25 @@ def _readme(files: list[str]) -> str:
         3. `kubectl apply -f serviceaccount.yaml -f configmap.yaml -f secret.example.yaml -f pvc.yaml`, then
            `kubectl apply -f job.yaml` for one run or `kubectl apply -f cronjob.yaml` for a schedule.
         4. `kubectl logs -f job/finetune-job` follows the run. A Job is immutable: delete it before applying it again.
+
+        ## Several nodes
+
+        `{MULTI_NODE}/` holds the same run on two nodes (the chart's `distributed.nodes: 2`), each pod with its own
+        model cache (an emptyDir: `pvc.yaml`'s claim is ReadWriteOnce, which two nodes cannot share; mount a
+        ReadWriteMany claim instead if you have one): {', '.join(f'`{f}`' for f in multi_node)}. It uses this
+        folder's `serviceaccount.yaml`, `configmap.yaml` and `secret.example.yaml` (step 3 without `pvc.yaml`), then:
+
+        - `kubectl apply -f {MULTI_NODE}/service.yaml -f {MULTI_NODE}/job.yaml`: an Indexed Job of two pods and the
+          headless Service that names them in DNS (`cronjob.yaml` instead of `job.yaml` for a schedule). Node 0 hosts
+          the rendezvous at `MASTER_ADDR`; a pod's node rank is its completion index. One failed pod makes the other
+          stop (exit code 8) and both are started again from the last checkpoint, up to `backoffLimit` pod failures
+          (3 restarts of the pair).
+        - or `kubectl apply -f {MULTI_NODE}/jobset.yaml`, where the JobSet controller is installed: a JobSet that
+          creates its own headless Service and restarts both pods on any failure, at most `failurePolicy.maxRestarts`
+          times.
+
+        To change the number of nodes, change `completions`, `parallelism`, `FT_NNODES` and `backoffLimit` (3 per
+        node) together, or render the chart with another `distributed.nodes`.
         """)
 
 
@@ -233,8 +277,8 @@ def k8s_files() -> dict[Path, str]:
 def stale(files: dict[Path, str]) -> list[Path]:
     """Files whose content on disk differs from `files`, and files in k8s/ that are not generated any more."""
     out = [p for p, text in files.items() if not p.exists() or p.read_text() != text]
-    if any(p.parent == K8S for p in files):
-        out += [p for p in sorted(K8S.iterdir()) if p not in files]
+    if any(p.is_relative_to(K8S) for p in files):
+        out += [p for p in sorted(K8S.rglob("*")) if p.is_file() and p not in files]
     return out
 
 
@@ -252,9 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if old else 0
     for files in (chart_files, k8s_files):  # in this order: the rendering reads the chart's new values and schema
         current = files()
-        K8S.mkdir(exist_ok=True)
         for p in stale(current):
             if p in current:
+                p.parent.mkdir(parents=True, exist_ok=True)
                 p.write_text(current[p])
             else:
                 p.unlink()

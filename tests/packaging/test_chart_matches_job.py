@@ -18,13 +18,21 @@ FIELDS = Settings.model_fields
 ENV_NAMES = {env_name(f) for f in FIELDS}
 
 
+# The pod labels the run id may come from (the downward API): the Job's name, or the JobSet's.
+RUN_NAME_LABELS = ("metadata.labels['batch.kubernetes.io/job-name']", "metadata.labels['jobset.sigs.k8s.io/jobset-name']")
+
+
 def emitted_settings(objs) -> dict[str, str]:
     """The FT_ variables the pod gets, as the job would see them (the run id as the downward API gives it)."""
     variables = dict(one(objs, "ConfigMap")["data"])
     for name, entry in env(objs).items():
-        if name.startswith("FT_"):
-            assert entry["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
+        if not name.startswith("FT_"):
+            continue
+        if name == "FT_RUN_ID":
+            assert entry["valueFrom"]["fieldRef"]["fieldPath"] in RUN_NAME_LABELS
             variables[name] = "ft-finetune-job-29383920"  # a Job's name, as the CronJob controller makes them
+        else:
+            variables[name] = entry["value"]  # FT_NNODES, from distributed.nodes
     return variables
 
 

@@ -69,6 +69,36 @@ COMBINATIONS = {
     "a volume named like the chart's": (
         {**with_output(), "extraVolumes": [{"name": "tmp", "emptyDir": {}}]},
         ["extraVolumes has a volume named tmp"]),
+    "a JobSet on a schedule": (
+        {**with_output(), "schedule": "@weekly", "distributed": {"nodes": 2, "engine": "jobset"}},
+        ["distributed.engine=jobset and schedule=\"@weekly\" are both set", "use distributed.engine=job"]),
+    "FT_NNODES other than the nodes": (
+        {**with_output(nnodes=4), "distributed": {"nodes": 2}},
+        ["config.nnodes=4 but distributed.nodes=2", "leave config.nnodes unset"]),
+    "FT_NNODES above 1 on one node": (
+        with_output(nnodes=2), ["config.nnodes=2 but distributed.nodes=1"]),
+    "a fixed node rank on several nodes": (
+        {**with_output(node_rank=0), "distributed": {"nodes": 2}},
+        ["config.node_rank=0 with distributed.nodes=2", "JOB_COMPLETION_INDEX"]),
+    "more processes than GPUs": (
+        {**with_output(nproc_per_node=8), "gpu": {"count": 4}},
+        ["config.nproc_per_node=8 but gpu.count=4", "one GPU of the pod"]),
+    "fewer processes than GPUs": (
+        {**with_output(nproc_per_node=2), "gpu": {"count": 4}, "distributed": {"nodes": 2}},
+        ["config.nproc_per_node=2 but gpu.count=4"]),
+    "a ReadWriteOnce cache on several nodes": (
+        {**with_output(), "distributed": {"nodes": 2}, "modelCache": {"create": True}},
+        ["modelCache.create=true with accessModes ReadWriteOnce and distributed.nodes=2", "[ReadWriteMany]"]),
+    "the rendezvous address in extraEnv": (
+        {**with_output(), "distributed": {"nodes": 2}, "extraEnv": [{"name": "MASTER_ADDR", "value": "10.0.0.1"}]},
+        ["extraEnv sets MASTER_ADDR, which the chart sets for multi-node training"]),
+    "a CronJob name too long for its pods' hostnames": (
+        {**with_output(), "schedule": "@daily", "distributed": {"nodes": 2}, "fullnameOverride": "a" * 52},
+        ["the CronJob's name", "is too long for 2 nodes", "<minutes since the epoch>-1, would be 65 characters",
+         "at most 50 characters"]),
+    "a JobSet name too long for its pods' hostnames": (
+        {**with_output(), "distributed": {"nodes": 2, "engine": "jobset"}, "fullnameOverride": "a" * 52},
+        ["the JobSet's name", "is too long for 2 nodes", "at most 48 characters"]),
 }
 
 # (values, the schema's location of the bad value, a fragment of the constraint)
@@ -88,6 +118,12 @@ SCHEMA = {
                        "does not match pattern"),
     "invalid queue name": ({**with_output(), "kueue": {"queueName": "Team A"}}, "/kueue/queueName",
                            "does not match pattern"),
+    "no nodes": ({**with_output(), "distributed": {"nodes": 0}}, "/distributed/nodes", "minimum"),
+    "unknown engine": ({**with_output(), "distributed": {"engine": "mpi"}}, "/distributed/engine",
+                       "value must be one of"),
+    "port out of range": ({**with_output(), "distributed": {"port": 70000}}, "/distributed/port", "maximum"),
+    "misspelt distributed key": ({**with_output(), "distributed": {"replicas": 2}}, "/distributed",
+                                 "'replicas' not allowed"),
 }
 
 

@@ -11,12 +11,12 @@ import pytest
 import yaml
 from chart_support import (
     CHART, CI_FILES, NEWEST_KUBERNETES, OLDEST_KUBERNETES, RELEASE, by_kind, ci_values, container, env, job_spec,
-    mounts, one, pod_spec, render, render_files, with_output,
+    mounts, one, pod_spec, render, render_files, validation_errors, with_output,
 )
 
 CI_IDS = [p.name for p in CI_FILES]
 DEFAULT_VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
-KINDS = {"Job", "CronJob", "ConfigMap", "Secret", "PersistentVolumeClaim", "ServiceAccount"}
+KINDS = {"Job", "CronJob", "JobSet", "Service", "ConfigMap", "Secret", "PersistentVolumeClaim", "ServiceAccount"}
 
 
 @pytest.fixture(scope="module", params=CI_FILES, ids=CI_IDS)
@@ -25,8 +25,8 @@ def rendered(request):
 
 
 def test_the_ci_folder_covers_the_cases_of_the_issue():
-    assert {"job", "cronjob", "existing-secret", "created-secret", "pvc", "irsa", "kueue", "multi-gpu"} <= {
-        p.name.removesuffix("-values.yaml") for p in CI_FILES}
+    assert {"job", "cronjob", "existing-secret", "created-secret", "pvc", "irsa", "kueue", "multi-gpu", "multi-node",
+            "multi-node-cronjob", "jobset"} <= {p.name.removesuffix("-values.yaml") for p in CI_FILES}
 
 
 def test_the_chart_floor_is_the_oldest_version_tested():
@@ -48,11 +48,8 @@ def test_every_object_is_valid_kubernetes(rendered, kube_version):
     objs, _ = rendered
     assert objs and {o["kind"] for o in objs} <= KINDS
     for obj in objs:
-        try:
-            kubernetes_validate.validate(obj, kube_version, strict=True)
-        except kubernetes_validate.ValidationError as e:
-            pytest.fail(f"{obj['kind']} {obj['metadata']['name']} on Kubernetes {kube_version}: "
-                        f"{'.'.join(map(str, e.path))}: {e.message}")
+        errors = validation_errors(obj, kube_version)
+        assert not errors, f"{obj['kind']} {obj['metadata']['name']} on Kubernetes {kube_version}: {errors}"
 
 
 def test_every_pod_meets_the_restricted_pod_security_standard(rendered):
@@ -93,7 +90,8 @@ def test_settings_reach_the_container_through_a_configmap(rendered):
     objs, _ = rendered
     config_map = one(objs, "ConfigMap")
     assert container(objs)["envFrom"] == [{"configMapRef": {"name": config_map["metadata"]["name"]}}]
-    assert all(not name.startswith("FT_") or name == "FT_RUN_ID" for name in env(objs))
+    # Only what the chart derives: the run id (the Job's name) and, on several nodes, FT_NNODES (distributed.nodes).
+    assert {name for name in env(objs) if name.startswith("FT_")} <= {"FT_RUN_ID", "FT_NNODES"}
 
 
 def test_the_job_is_default_and_a_schedule_makes_a_cronjob():

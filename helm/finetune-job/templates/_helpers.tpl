@@ -128,17 +128,82 @@ rules:
   {{- end }}
 {{- end }}
 
-{{/* The Job spec, used as it is by job.yaml and as the CronJob's jobTemplate. */}}
+{{/* "true" when several pods train together (distributed.nodes above 1). */}}
+{{- define "finetune-job.multiNode" -}}
+{{- if gt (int .Values.distributed.nodes) 1 }}true{{ end }}
+{{- end }}
+
+{{/* "true" when the run is a JobSet instead of a Job. */}}
+{{- define "finetune-job.jobset" -}}
+{{- if eq .Values.distributed.engine "jobset" }}true{{ end }}
+{{- end }}
+
+{{/*
+The DNS subdomain of the training pods: the name of the headless Service the chart creates (engine job), or the
+JobSet's network.subdomain, whose headless Service the JobSet controller creates.
+*/}}
+{{- define "finetune-job.subdomain" -}}
+{{- include "finetune-job.fullname" . }}
+{{- end }}
+
+{{/* The JobSet's one replicatedJob: its Job is `<jobset>-node-0`, its pods `<jobset>-node-0-<index>`. */}}
+{{- define "finetune-job.replicatedJobName" -}}
+node
+{{- end }}
+
+{{/*
+Hostname of node 0, which hosts the rendezvous. The Job controller names pod i of an Indexed Job `<job name>-<i>`;
+a CronJob's Jobs are named when they run, so the Job's name comes from the downward API (JOB_NAME) and the
+kubelet expands $(JOB_NAME) in MASTER_ADDR.
+*/}}
+{{- define "finetune-job.masterHost" -}}
+{{- if include "finetune-job.jobset" . }}
+{{- printf "%s-%s-0-0" (include "finetune-job.fullname" .) (include "finetune-job.replicatedJobName" .) }}
+{{- else -}}
+$(JOB_NAME)-0
+{{- end }}
+{{- end }}
+
+{{/* The pod label that names the run, the same on every pod of it: the Job's name, or the JobSet's. */}}
+{{- define "finetune-job.runNameLabel" -}}
+{{- if include "finetune-job.jobset" . }}jobset.sigs.k8s.io/jobset-name{{ else }}batch.kubernetes.io/job-name{{ end }}
+{{- end }}
+
+{{/* Labels that select this release's training pods and no other pod (the headless Service's selector). */}}
+{{- define "finetune-job.podSelectorLabels" -}}
+{{ include "finetune-job.selectorLabels" . }}
+app.kubernetes.io/component: fine-tuning
+{{- end }}
+
+{{/*
+The Job spec, used as it is by job.yaml, as the CronJob's jobTemplate and as the JobSet's one replicatedJob.
+Several nodes make it an Indexed Job of `nodes` pods. A failure ends every pod of the group (the survivors exit 8),
+so the Job allows job.backoffLimit failures per node; under a JobSet the Job fails on its first failed pod and the
+JobSet restarts the group (failurePolicy.maxRestarts), keeps the TTL and is the one Kueue suspends.
+*/}}
 {{- define "finetune-job.jobSpec" -}}
-{{- if .Values.kueue.queueName }}
+{{- $nodes := int .Values.distributed.nodes }}
+{{- $jobset := include "finetune-job.jobset" . }}
+{{- if and .Values.kueue.queueName (not $jobset) }}
 # Kueue admits the Job from its queue and then un-suspends it.
 suspend: true
 {{- end }}
-backoffLimit: {{ int .Values.job.backoffLimit }}
+{{- if or (gt $nodes 1) $jobset }}
+# One pod per node, each with its completion index (JOB_COMPLETION_INDEX) as its node rank.
+completionMode: Indexed
+completions: {{ $nodes }}
+parallelism: {{ $nodes }}
+{{- end }}
+{{- if $jobset }}
+# Any failed pod fails the Job, and the JobSet restarts the whole group.
+backoffLimit: 0
+{{- else }}
+backoffLimit: {{ mul (int .Values.job.backoffLimit) $nodes }}
+{{- end }}
 {{- if not (kindIs "invalid" .Values.job.activeDeadlineSeconds) }}
 activeDeadlineSeconds: {{ int64 .Values.job.activeDeadlineSeconds }}
 {{- end }}
-{{- if not (kindIs "invalid" .Values.job.ttlSecondsAfterFinished) }}
+{{- if and (not (kindIs "invalid" .Values.job.ttlSecondsAfterFinished)) (not $jobset) }}
 ttlSecondsAfterFinished: {{ int64 .Values.job.ttlSecondsAfterFinished }}
 {{- end }}
 {{- $policy := include "finetune-job.podFailurePolicy" . | fromYaml }}

@@ -18,6 +18,10 @@ metadata:
 spec:
   # Never: a failed pod is replaced by the Job (podFailurePolicy requires it), so each attempt has its own logs.
   restartPolicy: Never
+  {{- if include "finetune-job.multiNode" . }}
+  # With the Job controller's hostname `<job name>-<index>`, each pod is `<hostname>.<subdomain>` in DNS.
+  subdomain: {{ include "finetune-job.subdomain" . }}
+  {{- end }}
   serviceAccountName: {{ include "finetune-job.serviceAccountName" . }}
   automountServiceAccountToken: {{ .Values.serviceAccount.automountServiceAccountToken }}
   enableServiceLinks: false
@@ -55,11 +59,27 @@ spec:
             name: {{ include "finetune-job.configMapName" . }}
       env:
         {{- if not (include "finetune-job.isSet" .Values.config.run_id) }}
-        # The run id is the Job's name: a retry resumes the same run, each scheduled run gets its own.
+        # The run id is the Job's (or JobSet's) name, the same on every node: a retry resumes the same run, each
+        # scheduled run gets its own.
         - name: FT_RUN_ID
           valueFrom:
             fieldRef:
+              fieldPath: metadata.labels['{{ include "finetune-job.runNameLabel" . }}']
+        {{- end }}
+        {{- if include "finetune-job.multiNode" . }}
+        # Several nodes: torchrun's rendezvous meets on node 0; a node's rank is its JOB_COMPLETION_INDEX.
+        - name: FT_NNODES
+          value: {{ int .Values.distributed.nodes | quote }}
+        {{- if not (include "finetune-job.jobset" .) }}
+        - name: JOB_NAME
+          valueFrom:
+            fieldRef:
               fieldPath: metadata.labels['batch.kubernetes.io/job-name']
+        {{- end }}
+        - name: MASTER_ADDR
+          value: {{ printf "%s.%s" (include "finetune-job.masterHost" .) (include "finetune-job.subdomain" .) | quote }}
+        - name: MASTER_PORT
+          value: {{ int .Values.distributed.port | quote }}
         {{- end }}
         - name: HF_HOME
           value: {{ .Values.modelCache.mountPath | quote }}
@@ -78,6 +98,12 @@ spec:
         {{- with .Values.extraEnv }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
+      {{- if include "finetune-job.multiNode" . }}
+      ports:
+        - name: rendezvous
+          containerPort: {{ int .Values.distributed.port }}
+          protocol: TCP
+      {{- end }}
       resources:
         {{- include "finetune-job.resources" . | nindent 8 }}
       securityContext:

@@ -10,6 +10,7 @@ Each message names the values involved and says what to do.
 {{- include "finetune-job.validateDevices" . }}
 {{- include "finetune-job.validateEnv" . }}
 {{- include "finetune-job.validateVolumes" . }}
+{{- include "finetune-job.validateDistributed" . }}
 {{- end }}
 
 {{/* Mount paths the container can write to, as a list; with "persistent", only those that outlive the pod. */}}
@@ -130,6 +131,9 @@ Each message names the values involved and says what to do.
 {{- if eq .name "HF_HOME" }}
 {{- fail "extraEnv sets HF_HOME: it follows modelCache.mountPath, where the cache volume is mounted; set that instead" }}
 {{- end }}
+{{- if and (include "finetune-job.multiNode" $) (has .name (list "MASTER_ADDR" "MASTER_PORT" "JOB_NAME")) }}
+{{- fail (printf "extraEnv sets %s, which the chart sets for multi-node training (distributed.nodes=%d): node 0 hosts the rendezvous; change distributed.port for the port, and remove it from extraEnv" .name (int $.Values.distributed.nodes)) }}
+{{- end }}
 {{- if and (include "finetune-job.credentialsSecretName" $) (has .name $.Values.credentials.variables) }}
 {{- fail (printf "extraEnv sets %s, which credentials.variables already reads from the Secret: credentials are never inlined; remove it from extraEnv" .name) }}
 {{- end }}
@@ -150,5 +154,62 @@ Each message names the values involved and says what to do.
 {{- if has .name $names }}
 {{- fail (printf "extraVolumes has a volume named %s, a name the chart uses (%s); rename it" .name (join ", " $names)) }}
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "finetune-job.validateDistributed" -}}
+{{- $d := .Values.distributed }}
+{{- $nodes := int $d.nodes }}
+{{- if and (include "finetune-job.jobset" .) .Values.schedule }}
+{{- fail (printf "distributed.engine=jobset and schedule=%q are both set: a CronJob creates Jobs, not JobSets; use distributed.engine=job (each scheduled run is then an Indexed Job of distributed.nodes pods), or leave schedule empty" .Values.schedule) }}
+{{- end }}
+{{- if and (include "finetune-job.isSet" .Values.config.nnodes) (ne (int .Values.config.nnodes) $nodes) }}
+{{- fail (printf "config.nnodes=%v but distributed.nodes=%d: the number of nodes is distributed.nodes, which also sizes the Job and sets FT_NNODES; leave config.nnodes unset" .Values.config.nnodes $nodes) }}
+{{- end }}
+{{- if and (include "finetune-job.isSet" .Values.config.node_rank) (gt $nodes 1) }}
+{{- fail (printf "config.node_rank=%v with distributed.nodes=%d: every pod would claim that rank; each pod's rank is its completion index (JOB_COMPLETION_INDEX); leave config.node_rank unset" .Values.config.node_rank $nodes) }}
+{{- end }}
+{{- $gpus := int .Values.gpu.count }}
+{{- if and (include "finetune-job.isSet" .Values.config.nproc_per_node) (gt $gpus 0) }}
+{{- if ne (int .Values.config.nproc_per_node) $gpus }}
+{{- fail (printf "config.nproc_per_node=%v but gpu.count=%d: each training process takes one GPU of the pod; make them equal, or leave config.nproc_per_node unset (one process per GPU)" .Values.config.nproc_per_node $gpus) }}
+{{- end }}
+{{- end }}
+{{- $m := .Values.modelCache }}
+{{- if and (gt $nodes 1) $m.create (not (has "ReadWriteMany" $m.accessModes)) }}
+{{- fail (printf "modelCache.create=true with accessModes %s and distributed.nodes=%d: pods on different nodes cannot mount one such claim, so all but the first would stay Pending; set modelCache.accessModes to [ReadWriteMany] (with a StorageClass that provides it), or leave the cache to an emptyDir per pod (modelCache.create=false)" (join ", " $m.accessModes) $nodes) }}
+{{- end }}
+{{- if gt $nodes 1 }}
+{{- include "finetune-job.validateHostnames" . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The pods' hostnames are DNS labels of at most 63 characters; the Job controller does not shorten them, so a longer
+one would leave every pod uncreated. A CronJob's Jobs add up to 11 characters to its name; the JobSet webhook also
+counts the 6-character random suffix of the pod's name.
+*/}}
+{{- define "finetune-job.validateHostnames" -}}
+{{- $full := include "finetune-job.fullname" . }}
+{{- $last := sub (int .Values.distributed.nodes) 1 }}
+{{- $host := printf "%s-%d" $full $last }}
+{{- $length := len $host }}
+{{- $counted := $length }}
+{{- $note := "" }}
+{{- $what := "Job" }}
+{{- if include "finetune-job.jobset" . }}
+{{- $host = printf "%s-%s-0-%d" $full (include "finetune-job.replicatedJobName" .) $last }}
+{{- $length = len $host }}
+{{- $counted = add $length 6 }}
+{{- $note = printf " (%d with the pod name's 6-character suffix, which the JobSet webhook counts)" (int $counted) }}
+{{- $what = "JobSet" }}
+{{- else if .Values.schedule }}
+{{- $host = printf "%s-<minutes since the epoch>-%d" $full $last }}
+{{- $length = add $length 11 }}
+{{- $counted = $length }}
+{{- $what = "CronJob" }}
+{{- end }}
+{{- if gt (int $counted) 63 }}
+{{- fail (printf "the %s's name %s is too long for %d nodes: the last pod's hostname, %s, would be %d characters%s, more than the 63 allowed; shorten the release name or set fullnameOverride to at most %d characters" $what $full (int .Values.distributed.nodes) $host (int $length) $note (sub 63 (sub (int $counted) (len $full)))) }}
 {{- end }}
 {{- end }}
