@@ -27,14 +27,21 @@ VARIANTS = {
     # The guide's recipe: fp16, no autocast, no packing, no checkpointing, micro-batch 4, paged AdamW 32-bit.
     "guide": {"FT_PROFILE": "guide", "FT_COMPUTE_DTYPE": "fp16", "FT_GRADIENT_CHECKPOINTING": "false",
               "FT_BATCH_SIZE": "4", "FT_GROUP_BY_LENGTH": "false"},
-    # The best plain transformers + trl configuration: bf16 + trl's padding-free packing, no Liger.
+    # The best plain transformers + trl configuration: bf16 + trl's padding-free packing, no Liger, sdpa with its
+    # block mask (FT_ATTENTION's default, auto, would pick the job's varlen kernel on the GPU).
     "trl-packed": {"FT_PROFILE": "fast", "FT_USE_LIGER": "false", "FT_MICRO_BATCH_TOKENS": "4096",
-                   "FT_GRADIENT_CHECKPOINTING": "false"},
+                   "FT_GRADIENT_CHECKPOINTING": "false", "FT_ATTENTION": "sdpa"},
     "fast": {"FT_PROFILE": "fast"},
     "fast-flex": {"FT_PROFILE": "fast", "FT_ATTENTION": "flex_attention"},
-    "fast-4k": {"FT_PROFILE": "fast", "FT_MICRO_BATCH_TOKENS": "4096"},
+    # sdpa at 4096 and 8192 tokens, as measured in RESULTS.md run 2.
+    "fast-4k": {"FT_PROFILE": "fast", "FT_MICRO_BATCH_TOKENS": "4096", "FT_ATTENTION": "sdpa"},
     "packed-8k": {"FT_PROFILE": "fast", "FT_USE_LIGER": "false", "FT_MICRO_BATCH_TOKENS": "8192",
-                  "FT_GRADIENT_CHECKPOINTING": "false"},
+                  "FT_GRADIENT_CHECKPOINTING": "false", "FT_ATTENTION": "sdpa"},
+    # torch's varlen flash attention (job/attention.py): no block mask, so larger micro-batches should not cost more
+    # attention per token. fast-varlen is fast-4k with the kernel; the larger ones test lifting the 4096 cap.
+    "fast-varlen": {"FT_PROFILE": "fast", "FT_ATTENTION": "varlen", "FT_MICRO_BATCH_TOKENS": "4096"},
+    "fast-varlen-8k": {"FT_PROFILE": "fast", "FT_ATTENTION": "varlen", "FT_MICRO_BATCH_TOKENS": "8192"},
+    "fast-varlen-16k": {"FT_PROFILE": "fast", "FT_ATTENTION": "varlen", "FT_MICRO_BATCH_TOKENS": "16384"},
     "lean": {"FT_PROFILE": "lean", "FT_MAX_SEQ_LENGTH": "2048", "FT_LORA_TARGET_MODULES": "all-linear"},
 }
 

@@ -158,8 +158,11 @@ class Settings(BaseSettings):
         None, description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy). Default: "
         "on with a CUDA GPU when liger-kernel is installed, except in the `guide` profile."
     )
-    attention: Literal["sdpa", "flex_attention", "eager"] = Field(
-        "sdpa", description="Attention implementation; packed samples are kept apart by a block mask in each."
+    attention: Literal["auto", "varlen", "sdpa", "flex_attention", "eager"] = Field(
+        "auto", description="Attention implementation. `varlen`: torch's variable-length flash attention (torch >= "
+        "2.11, Ampere or newer GPU, bf16/fp16), which attends within each packed sample and builds no mask; on the CPU "
+        "a per-sample reference. `sdpa`, `flex_attention`, `eager`: packed samples are kept apart by a block mask over "
+        "the whole micro-batch. Default: `varlen` when packing on a GPU that has it, else `sdpa`."
     )
 
     # --- outputs -----------------------------------------------------------------------------------------------

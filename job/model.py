@@ -63,6 +63,25 @@ def quantization_config(cfg: Settings, placement: Placement):
     )
 
 
+def resolve_attention(cfg: Settings, placement: Placement) -> str:
+    """FT_ATTENTION with `auto` decided: torch's varlen kernel for packed micro-batches on a GPU that has it (no
+    quadratic block mask), else sdpa. `varlen` is registered with transformers before the model loads."""
+    from job import attention
+
+    name = cfg.attention
+    if name == "auto":
+        packing = cfg.packing if cfg.packing is not None else cfg.profile != "guide"  # speed.plan's rule
+        gpu_kernel = placement.device == "cuda" and attention.kernel_available(placement.dtype)
+        name = attention.NAME if packing and gpu_kernel else "sdpa"
+    if name == attention.NAME:
+        if placement.device == "cuda" and not attention.kernel_available(placement.dtype):
+            raise ConfigError([f"FT_ATTENTION=varlen: needs torch >= 2.11's varlen flash kernel, an Ampere or newer "
+                               f"GPU and bf16/fp16 (torch {torch.__version__}, {placement.dtype_name}); use auto or sdpa"])
+        attention.register()
+    log.get().info("attention", implementation=name, requested=cfg.attention)
+    return name
+
+
 def load_model(path: Path, cfg: Settings, placement: Placement):
     from transformers import AutoModelForCausalLM
 
@@ -76,7 +95,7 @@ def load_model(path: Path, cfg: Settings, placement: Placement):
             device_map={"": 0 if placement.device == "cuda" else "cpu"},
             trust_remote_code=cfg.trust_remote_code,
             use_safetensors=True,
-            attn_implementation=cfg.attention,
+            attn_implementation=resolve_attention(cfg, placement),
         )
     except ValueError as e:
         if "trust_remote_code" in str(e):
