@@ -22,6 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 N_PARAMS = 6.61e9  # Llama-2-7b; a LoRA step costs about 4N FLOPs per token (forward 2N, input gradients 2N)
 
+SCALE = {"FT_PROFILE": "fast", "FT_MICRO_BATCH_TOKENS": "8192", "FT_GRADIENT_ACCUMULATION_STEPS": "2",
+         "FT_ATTENTION": "varlen"}
+
 # Each variant is the job's settings; everything else is the workload's (LoRA r=64 alpha=16 dropout=0.1 on q,v).
 VARIANTS = {
     # The guide's recipe: fp16, no autocast, no packing, no checkpointing, micro-batch 4, paged AdamW 32-bit.
@@ -43,6 +46,13 @@ VARIANTS = {
     "fast-varlen-8k": {"FT_PROFILE": "fast", "FT_ATTENTION": "varlen", "FT_MICRO_BATCH_TOKENS": "8192"},
     "fast-varlen-16k": {"FT_PROFILE": "fast", "FT_ATTENTION": "varlen", "FT_MICRO_BATCH_TOKENS": "16384"},
     "lean": {"FT_PROFILE": "lean", "FT_MAX_SEQ_LENGTH": "2048", "FT_LORA_TARGET_MODULES": "all-linear"},
+    # Scale-out (issue 5), all with the same global batch of 2 x 8192 tokens per optimizer step: one GPU accumulates
+    # two micro-batches, two GPUs take one each (the job halves the accumulation). "_nodes" launches that many
+    # single-GPU nodes on this host, meeting over loopback through the multi-node (c10d rendezvous) path.
+    "1gpu-ga2": {**SCALE, "FT_NPROC_PER_NODE": "1"},
+    "ddp-2gpu": {**SCALE, "FT_NPROC_PER_NODE": "2"},
+    "fsdp-2gpu": {**SCALE, "FT_NPROC_PER_NODE": "2", "FT_STRATEGY": "fsdp"},
+    "2nodes-1gpu": {**SCALE, "_nodes": "2"},
 }
 
 
@@ -106,16 +116,29 @@ def run_variant(name: str, model: Path, data: dict[int, Path], out: Path, sample
            "FT_MAX_SEQ_LENGTH": "1024", "FT_RUN_ID": name,
            "PYTHONPATH": f"{os.environ.get('PYTHONPATH', '')}:{ROOT}", **VARIANTS[name]}
     env["FT_DATASET"] = str(data[int(env["FT_MAX_SEQ_LENGTH"])])
+    nodes = int(env.pop("_nodes", "1"))
     with open(out / f"{name}.log", "a") as log:
-        proc = subprocess.run([sys.executable, "-m", "job"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    if proc.returncode != 0:
-        return {"variant": name, "exit": proc.returncode}
+        if nodes == 1:
+            code = subprocess.run([sys.executable, "-m", "job"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  cwd=ROOT).returncode
+        else:  # one process per "node", each with one GPU and its own work directory
+            procs = [subprocess.Popen([sys.executable, "-m", "job"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                      env={**env, "FT_NNODES": str(nodes), "FT_NODE_RANK": str(i),
+                                           "FT_NPROC_PER_NODE": "1", "CUDA_VISIBLE_DEVICES": str(i),
+                                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29531",
+                                           "NCCL_SOCKET_IFNAME": "lo", "FT_WORK_DIR": f"/tmp/bench-work-{i}"})
+                     for i in range(nodes)]
+            code = max(p.wait() for p in procs)
+    if code != 0:
+        return {"variant": name, "exit": code}
     manifest = json.loads((out / "runs" / name / "manifest.json").read_text())
     t, d, m = manifest["training"], manifest["data"], manifest["metrics"]
     return {"variant": name, "exit": 0, "tokens_per_s": d["trained_tokens"] / t["seconds"], "seconds": t["seconds"],
             "load_s": t["load_seconds"], "steps": t["steps"], "tokens_per_step": d["trained_tokens"] / t["steps"],
             "peak_gib": m.get("peak_gpu_mem_gib"), "reserved_gib": m.get("peak_gpu_reserved_gib"),
-            "plan": {k: t[k] for k in ("packing", "micro_batch_tokens", "gradient_checkpointing", "liger", "attention")}}
+            "processes": manifest["placement"].get("processes", 1), "strategy": manifest["placement"].get("strategy"),
+            "plan": {k: t.get(k) for k in ("packing", "micro_batch_tokens", "gradient_checkpointing", "liger",
+                                           "attention", "accumulation")}}
 
 
 def main() -> int:
@@ -159,27 +182,33 @@ def summarize(results: list[dict], tflops: float) -> list[dict]:
         med = statistics.median(rates)
         rows.append({"variant": name, "tokens_per_s": med, "spread": max(rates) - min(rates),
                      "mfu": 4 * N_PARAMS * med / (tflops * 1e12), **{k: ok[-1][k] for k in
-                     ("peak_gib", "reserved_gib", "load_s", "tokens_per_step", "steps", "plan")}})
+                     ("peak_gib", "reserved_gib", "load_s", "tokens_per_step", "steps", "plan", "processes")}})
     base = next((r["tokens_per_s"] for r in rows if r["variant"] == "guide" and "tokens_per_s" in r), None)
     peer = next((r["tokens_per_s"] for r in rows if r["variant"] == "trl-packed" and "tokens_per_s" in r), None)
+    one_gpu = next((r["tokens_per_s"] for r in rows if r["variant"] == "1gpu-ga2" and "tokens_per_s" in r), None)
     for r in rows:
         if "tokens_per_s" in r:
             r["x_guide"] = r["tokens_per_s"] / base if base else None
             r["x_peer"] = r["tokens_per_s"] / peer if peer else None
+            # scale-out: speed-up over one GPU with the same global batch (ideal: the number of GPUs)
+            r["x_1gpu"] = r["tokens_per_s"] / one_gpu if one_gpu and r.get("processes", 1) > 1 else None
     return rows
 
 
 def print_table(rows: list[dict], tflops: float) -> None:
     print(f"\nbf16 GEMM {tflops:.0f} TFLOP/s\n")
-    print("| variant | tokens/s (median, spread) | x guide | x peer | peak GiB (reserved) | MFU | load s | tokens/step |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | GPUs | tokens/s (median, spread) | x guide | x peer | x 1 GPU | peak GiB/GPU (reserved) | MFU/GPU | "
+          "load s | tokens/step |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r.get("failed"):
-            print(f"| {r['variant']} | failed | | | | | | |")
+            print(f"| {r['variant']} | | failed | | | | | | | |")
             continue
         f = lambda v: f"{v:.2f}" if v else "-"  # noqa: E731
-        print(f"| {r['variant']} | {r['tokens_per_s']:,.0f} (±{r['spread']:,.0f}) | {f(r['x_guide'])} | "
-              f"{f(r['x_peer'])} | {r['peak_gib']} ({r['reserved_gib']}) | {100 * r['mfu']:.1f}% | {r['load_s']} | "
+        gpus = r.get("processes", 1)
+        print(f"| {r['variant']} | {gpus} | {r['tokens_per_s']:,.0f} (±{r['spread']:,.0f}) | {f(r['x_guide'])} | "
+              f"{f(r['x_peer'])} | {f(r['x_1gpu'])} | {r['peak_gib']} ({r['reserved_gib']}) | "
+              f"{100 * r['mfu'] / gpus:.1f}% | {r['load_s']} | "
               f"{r['tokens_per_step']:,.0f} |")
 
 

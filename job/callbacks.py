@@ -8,7 +8,7 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from job import log
+from job import distributed, log
 
 
 class ProgressLog(TrainerCallback):
@@ -90,14 +90,20 @@ class CheckpointMirror(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kwargs):
         from pathlib import Path
 
-        if not args.should_save:  # the main process only
-            return
+        local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        # Each process saved its RNG state on its own node: rank 0 collects them, so that every rank resumes exactly.
+        distributed.gather_files([local / f"rng_state_{distributed.rank()}.pth"], local)
+        if args.should_save:  # the main process only
+            self._mirror(local, state.global_step, model)
+        distributed.barrier()  # no process runs ahead (or exits on a stop) before the checkpoint is complete
+
+    def _mirror(self, local, step: int, model) -> None:
         trained = [p for p in model.parameters() if p.requires_grad] if model is not None else []
         if not all(torch.isfinite(p).all() for p in trained):
             # A time- or step-based save can fall between the logging steps DivergenceGuard watches.
-            log.get().warning("not mirroring a checkpoint with non-finite weights", step=state.global_step)
+            log.get().warning("not mirroring a checkpoint with non-finite weights", step=step)
             return
-        self.store.mirror(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
+        self.store.mirror(local, step)
 
 
 class GracefulStop(TrainerCallback):
@@ -107,7 +113,9 @@ class GracefulStop(TrainerCallback):
         self.stopper = stopper
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.stopper.requested:
+        # A signal reaches the processes of one node (a preempted pod): every process stops at this same step.
+        if distributed.any_rank(self.stopper.requested is not None):
+            self.stopper.peer_requested = self.stopper.requested is None
             control.should_save = True
             control.should_evaluate = False
             control.should_training_stop = True

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from job import log
-from job.errors import ConfigError
+from job.errors import ConfigError, UnavailableError
 from job.storage.base import file_sha256
 from job.storage import Storage
 
@@ -87,6 +87,26 @@ class CheckpointStore:
                              uri=self.store.describe(f"checkpoint-{step}"))
             shutil.rmtree(local, ignore_errors=True)
         return None
+
+    def restore_everywhere(self, dest: Path) -> tuple[Path, int] | None:
+        """restore(), in every process of a distributed run: rank 0 picks the checkpoint, the first process of every
+        other node downloads that same one, and all wait until each has it."""
+        from job import distributed
+
+        if not distributed.active():
+            return self.restore(dest)
+        found = self.restore(dest) if distributed.is_main() else None
+        step = distributed.broadcast(found[1] if found else None)
+        if step is None:
+            return None
+        local = dest / f"checkpoint-{step}"
+        if not distributed.is_main() and distributed.local_rank() == 0:  # a node without rank 0's files
+            problem = self._download_verified(f"checkpoint-{step}", local)
+            if problem:
+                raise UnavailableError(f"FT_CHECKPOINT_URI: checkpoint-{step}, chosen by rank 0, could not be "
+                                       f"downloaded on this node: {problem}")
+        distributed.barrier()
+        return local, step
 
     def _download_verified(self, name: str, local: Path) -> str | None:
         marker = read_json(self.store, f"{name}/{MARKER}")

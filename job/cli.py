@@ -87,16 +87,23 @@ def cmd_check(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from job import pipeline
+    from job import distributed
 
     cfg = load_settings()
+    distributed.one_gpu_only(cfg)  # before any import that may start CUDA (transformers asks torch.cuda early)
+    from job import pipeline
+
     log.setup(cfg.log_format, cfg.log_level)
     console = log.use_console(cfg.log_format)
     log.route_library_logs(console)
+    if distributed.wants_launcher(cfg):  # several GPUs or nodes: this process becomes torchrun
+        from job.config import resolve_run_id
+
+        return distributed.launch(cfg, resolve_run_id(cfg))
     stopper = Stopper(cfg.termination_grace_seconds, write_termination_log)
     stopper.install()
     summary = pipeline.run(cfg, console, stopper)
-    if console:
+    if console and "adapter" in summary:
         print(f"\nadapter:     {summary['adapter']}\ntensorboard: tensorboard --logdir {summary['tensorboard']}")
     return 0
 
@@ -145,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     except JobError as e:
         return _fail(e)
     except Exception as e:  # noqa: BLE001 - the one place that turns a bug into exit code 1
+        from job import distributed
         from job.errors import OutOfMemoryError
 
+        if distributed.is_worker() and (failure := distributed.collective_failure(e)):
+            return _fail(failure)
         if type(e).__name__ == "OutOfMemoryError":  # torch's, raised outside training
             return _fail(OutOfMemoryError(str(e).splitlines()[0]))
         log.get().exception("unexpected error", error=log.redact(str(e)))

@@ -92,7 +92,8 @@ def load_model(path: Path, cfg: Settings, placement: Placement):
             path,
             quantization_config=quantization_config(cfg, placement),
             dtype=placement.dtype,
-            device_map={"": 0 if placement.device == "cuda" else "cpu"},
+            # Under torchrun each process has its GPU (distributed.init); FSDP shards this copy when it wraps.
+            device_map={"": torch.cuda.current_device() if placement.device == "cuda" else "cpu"},
             trust_remote_code=cfg.trust_remote_code,
             use_safetensors=True,
             attn_implementation=resolve_attention(cfg, placement),

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 
-from job import data, fetch, log, model, preflight, publish, speed, tbsync, train
+from job import data, distributed, fetch, log, model, preflight, publish, speed, tbsync, train
 from job.checkpoints import CheckpointStore
 from job.config import Settings, resolve_run_id, settings_fingerprint
 from job.signals import Stopper
@@ -13,47 +14,58 @@ from job.storage import StorageOptions, configure, open_destination
 
 
 def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
+    distributed.init(cfg)  # under torchrun: this process's GPU and the process group, before anything else
     run_id = resolve_run_id(cfg)
     configure(StorageOptions.of(cfg))  # retries, timeouts and the Hub repository's visibility, for every store
     log.get().info("run starting", run_id=run_id, base_model=cfg.base_model, dataset=cfg.dataset,
                    output_uri=cfg.output_uri)
     dest = open_destination(cfg.output_uri)
-    publish.check_destination(dest, run_id, cfg.overwrite)
-    placement = preflight.run(cfg, run_id)
-    checkpoints = CheckpointStore(open_destination(preflight.checkpoint_uri(cfg, run_id), "FT_CHECKPOINT_URI"),
-                                  cfg.keep_checkpoints, settings_fingerprint(cfg))
-
-    model_src = fetch.fetch_model(cfg)
-    data_src = fetch.fetch_dataset(cfg)
-    tokenizer = data.load_tokenizer(model_src.path, cfg)
-    train_raw, eval_raw = data.load_splits(cfg, data_src.path)
+    scratch = cfg.work_dir / run_id
+    # The processes of a node check, download and cache one after the other: the first does the work.
+    with distributed.local_main_first():
+        publish.check_destination(dest, run_id, cfg.overwrite)
+        placement = preflight.run(cfg, run_id)
+        checkpoints = CheckpointStore(open_destination(preflight.checkpoint_uri(cfg, run_id), "FT_CHECKPOINT_URI"),
+                                      cfg.keep_checkpoints, settings_fingerprint(cfg))
+        if distributed.local_rank() == 0:
+            shutil.rmtree(scratch, ignore_errors=True)
+        model_src = fetch.fetch_model(cfg)
+        data_src = fetch.fetch_dataset(cfg)
+        tokenizer = data.load_tokenizer(model_src.path, cfg)
+        train_raw, eval_raw = data.load_splits(cfg, data_src.path)
     train_ds, eval_ds, stats = data.tokenize_splits(train_raw, eval_raw, tokenizer, cfg)
 
     load_start = time.monotonic()
     base = model.load_model(model_src.path, cfg, placement)
     load_seconds = time.monotonic() - load_start
-    plan = speed.plan(cfg, placement, base.config)
+    plan = speed.plan(cfg, placement, base.config, distributed.world_size())
     log.get().info("speed plan", **vars(plan), load_s=round(load_seconds, 2))
-    scratch = cfg.work_dir / run_id
-    shutil.rmtree(scratch, ignore_errors=True)
+    main = distributed.is_main()  # the one process that writes TensorBoard, checkpoints and results
     log.get().info("tensorboard logs", path=str(scratch / "output" / "tensorboard"),
                    hint=f"tensorboard --logdir {scratch / 'output' / 'tensorboard'}")
-    with tbsync.TensorBoardSync(dest, scratch / "output" / "tensorboard", f"{run_id}/tensorboard", cfg.tb_sync_seconds):
+    sync = tbsync.TensorBoardSync(dest, scratch / "output" / "tensorboard", f"{run_id}/tensorboard",
+                                  cfg.tb_sync_seconds) if main else contextlib.nullcontext()
+    with sync:
         result = train.train(cfg, base, tokenizer, train_ds, eval_ds, placement, scratch, console, checkpoints,
                              stopper, plan)
+    if not main:
+        distributed.barrier()  # rank 0 publishes; the group ends together (torchrun's agents wait for each other)
+        return {"run_id": run_id, "rank": distributed.rank()}
 
     facts = {
         "model": {"uri": model_src.uri, "revision": model_src.revision},
         "dataset": {"uri": data_src.uri, "revision": data_src.revision},
         "data": vars(stats),
-        "placement": {"device": placement.device, "dtype": placement.dtype_name, "gpu": placement.gpu_name},
+        "placement": {"device": placement.device, "dtype": placement.dtype_name, "gpu": placement.gpu_name,
+                      "processes": distributed.world_size(), "strategy": cfg.strategy if plan.processes > 1 else None},
         "training": {"steps": result.global_step, "seconds": round(result.train_seconds, 2),
-                     "load_seconds": round(load_seconds, 2), "optim": train.effective_optim(cfg, placement),
+                     "load_seconds": round(load_seconds, 2), "optim": train.effective_optim(cfg, placement, train.uses_fsdp(cfg, plan)),
                      **vars(plan)},
         "metrics": result.metrics,
     }
     uri = publish.publish(scratch / "output", dest, cfg, run_id, facts)
     checkpoints.clear()  # the run is complete: nothing to resume
+    distributed.barrier()
     summary = {"run_id": run_id, "output": uri, "adapter": dest.describe(f"{run_id}/adapter"),
                "tensorboard": dest.describe(f"{run_id}/tensorboard"),
                **{k: round(v, 4) for k, v in result.metrics.items()}}

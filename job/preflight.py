@@ -25,7 +25,7 @@ def run(cfg: Settings, run_id: str) -> Placement:
     if cfg.use_liger and placement.device != "cuda":
         raise ConfigError(["FT_USE_LIGER=true: Liger's kernels need a CUDA GPU"])
     for uri, setting in destinations(cfg, run_id):
-        probe_write(open_destination(uri, setting), setting, f"{PROBE}-{run_id}")
+        probe_write(open_destination(uri, setting), setting, f"{PROBE}-{run_id}{_rank_suffix()}")
     model = open_source(cfg.base_model, "FT_BASE_MODEL", "model", cfg.model_revision)
     dataset = open_source(cfg.dataset, "FT_DATASET", "dataset", cfg.dataset_revision)
     for source, setting in ((model, "FT_BASE_MODEL"), (dataset, "FT_DATASET")):
@@ -36,6 +36,13 @@ def run(cfg: Settings, run_id: str) -> Placement:
         check_bitsandbytes(placement)
     log.get().info("preflight passed", run_id=run_id, device=placement.device, dtype=placement.dtype_name)
     return placement
+
+
+def _rank_suffix() -> str:
+    """Processes of one run probe at once: each its own key."""
+    from job import distributed
+
+    return f"-rank{distributed.rank()}" if distributed.is_worker() else ""
 
 
 def destinations(cfg: Settings, run_id: str) -> list[tuple[str, str]]:

@@ -23,6 +23,7 @@ class Stopper:
         self.on_exit = on_exit or (lambda reason: None)  # writes the termination log
         self.training = False
         self.requested: str | None = None  # the signal's name, once one came during training
+        self.peer_requested = False  # another process of a distributed run got one (callbacks.GracefulStop)
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._handle)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from job import log
+from job import distributed, log
 from job.callbacks import CheckpointMirror, DivergenceGuard, GracefulStop, ProgressLog, SaveTimer
 from job.checkpoints import CheckpointStore
 from job.config import Settings
@@ -25,10 +25,14 @@ class TrainResult:
     train_seconds: float = 0.0
 
 
-def effective_optim(cfg: Settings, placement: Placement) -> str:
-    """bitsandbytes' paged and 8-bit optimizers need CUDA; the CPU gets plain AdamW."""
-    if placement.device != "cuda" and (cfg.optim.startswith("paged_") or "8bit" in cfg.optim):
+def effective_optim(cfg: Settings, placement: Placement, fsdp: bool = False) -> str:
+    """bitsandbytes' paged and 8-bit optimizers need CUDA, and plain tensors: the CPU, and FSDP's sharded (DTensor)
+    parameters, get torch's AdamW, whose state FSDP shards anyway."""
+    bnb = cfg.optim.startswith("paged_") or "8bit" in cfg.optim
+    if bnb and placement.device != "cuda":
         return "adamw_torch"
+    if bnb and fsdp:
+        return "adamw_torch_fused"
     return cfg.optim
 
 
@@ -36,18 +40,20 @@ def sft_config(cfg: Settings, placement: Placement, output_dir: Path, has_eval: 
     from trl import SFTConfig
 
     on_gpu = placement.device == "cuda"
-    optim = effective_optim(cfg, placement)
+    fsdp = uses_fsdp(cfg, speed)
+    optim = effective_optim(cfg, placement, fsdp)
     if optim != cfg.optim:
-        log.get().info("optimizer needs CUDA; using adamw_torch on the CPU", requested=cfg.optim)
+        log.get().info("bitsandbytes' optimizers need CUDA and unsharded parameters", requested=cfg.optim, used=optim)
     return SFTConfig(
         output_dir=str(output_dir),
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps or -1,
         # Packed: one micro-batch is one bin of `micro_batch_tokens` tokens; else FT_BATCH_SIZE padded samples.
-        per_device_train_batch_size=1 if speed.packing else cfg.batch_size,
+        per_device_train_batch_size=1 if speed.packing else speed.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        gradient_checkpointing=speed.gradient_checkpointing,
+        gradient_accumulation_steps=speed.accumulation,
+        # Under FSDP, FSDP checkpoints activations itself (fsdp_arguments); the Trainer's would wrap layers twice.
+        gradient_checkpointing=speed.gradient_checkpointing and not fsdp,
         use_liger_kernel=speed.liger,
         learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay,
@@ -75,7 +81,31 @@ def sft_config(cfg: Settings, placement: Placement, output_dir: Path, has_eval: 
         packing=speed.packing,
         eval_packing=False,  # evaluation stays per sample, so eval loss compares across profiles
         dataloader_pin_memory=on_gpu,
+        ddp_backend=("nccl" if on_gpu else "gloo") if speed.processes > 1 else None,
+        ddp_timeout=int(cfg.dist_timeout_seconds),
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; searching costs a graph walk per step
+        **(fsdp_arguments(speed) if fsdp else {}),
     )
+
+
+def uses_fsdp(cfg: Settings, speed: SpeedPlan) -> bool:
+    return speed.processes > 1 and cfg.strategy == "fsdp"
+
+
+def fsdp_arguments(speed: SpeedPlan) -> dict:
+    """QLoRA with FSDP: each decoder layer is a shard unit; the 4-bit weights are stored in the compute dtype
+    (model.quantization_config) so that FSDP can shard them with the rest; the Trainer wraps LoRA for peft. Each
+    process quantizes its copy on its own GPU at load, and FSDP keeps a shard of it."""
+    from transformers import TrainingArguments
+
+    common = {"auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "cpu_ram_efficient_loading": False,
+              "activation_checkpointing": speed.gradient_checkpointing}
+    if hasattr(TrainingArguments, "_apply_legacy_fsdp_to_config"):
+        # transformers >= 5.2x: FSDP2 (per-parameter sharding), configured in fsdp_config alone
+        return {"fsdp": True, "fsdp_config": {**common, "version": 2, "reshard_after_forward": True}}
+    return {"fsdp": "full_shard auto_wrap",
+            "fsdp_config": {**common, "backward_prefetch": "backward_pre", "use_orig_params": False,
+                            "sync_module_states": True}}
 
 
 def build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, checkpoint_dir: Path, writer, callbacks, console,
@@ -115,15 +145,19 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
     stage = scratch / "output"
     guard = DivergenceGuard()
     # Flushed as often as the live sync copies the files, so that what it copies is current.
-    writer = SummaryWriter(log_dir=str(stage / "tensorboard"), flush_secs=max(5, int(cfg.tb_sync_seconds)))
+    writer = SummaryWriter(log_dir=str(stage / "tensorboard"), flush_secs=max(5, int(cfg.tb_sync_seconds))) \
+        if distributed.is_main() else None
     callbacks = [SaveTimer(cfg.save_minutes), CheckpointMirror(checkpoints), GracefulStop(stopper), guard]
     trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, scratch / "checkpoints", writer,
                             callbacks, console, speed)
     result = TrainResult()
     try:
-        resume = checkpoints.restore(scratch / "resume")
+        resume = checkpoints.restore_everywhere(scratch / "resume")
         if eval_ds is not None:
             result.metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+            # accelerate marks a model it prepared for evaluation as prepared, and training then skips wrapping it in
+            # DDP or FSDP: every process would train alone. Un-mark it (accelerate 1.x, Accelerator.prepare_model).
+            trainer.model._is_accelerate_prepared = False
         if resume:
             log.get().info(f"resumed from step {resume[1]}", step=resume[1], checkpoint=str(resume[0]))
         start = time.monotonic()
@@ -143,13 +177,25 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
             "FT_MICRO_BATCH_TOKENS, or set FT_GRADIENT_CHECKPOINTING=true"
         ) from None
     finally:
-        writer.close()
-    trainer.model.save_pretrained(stage / "adapter", safe_serialization=True)
-    tokenizer.save_pretrained(stage / "tokenizer")
+        if writer is not None:
+            writer.close()
+    save_adapter(trainer, stage / "adapter")
+    if distributed.is_main():
+        tokenizer.save_pretrained(stage / "tokenizer")
     if torch.cuda.is_available():
         result.metrics["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         result.metrics["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
     return result
+
+
+def save_adapter(trainer, path: Path) -> None:
+    if not distributed.active():
+        trainer.model.save_pretrained(path, safe_serialization=True)
+        return
+    # Under FSDP, gathering the full state dict is a collective (it lands on rank 0); under DDP every copy is equal.
+    state = trainer.accelerator.get_state_dict(trainer.model)
+    if distributed.is_main():
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(path, state_dict=state, safe_serialization=True)
 
 
 def stopped_early(trainer, guard: DivergenceGuard, stopper: Stopper, checkpoints: CheckpointStore) -> None:
@@ -160,7 +206,8 @@ def stopped_early(trainer, guard: DivergenceGuard, stopper: Stopper, checkpoints
             f"training diverged: loss {loss} at step {step}; try FT_COMPUTE_DTYPE=bf16 (or fp32), a lower "
             f"FT_LEARNING_RATE (now {trainer.args.learning_rate:g}) or a smaller FT_MAX_GRAD_NORM"
         )
-    if stopper.requested:
+    if stopper.requested or stopper.peer_requested:
         step = trainer.state.global_step
-        raise InterruptedJob(f"stopped by {stopper.requested} at step {step}; checkpoint-{step} is at "
+        by = stopper.requested or "a signal to another process of the run"
+        raise InterruptedJob(f"stopped by {by} at step {step}; checkpoint-{step} is at "
                              f"{checkpoints.store.describe()} and a restart resumes from it")

@@ -58,18 +58,22 @@ def test_a_micro_batch_smaller_than_a_sample_is_refused_with_the_settings(monkey
         load_settings()
 
 
-@pytest.mark.parametrize("free_gib, max_len, expected", [
-    (130, 1024, (4096, False)),   # an H200: the cap, without checkpointing
-    (16, 1024, (4096, True)),     # a 24 GB card after the model: checkpointing at the cap
-    (130, 8192, (8192, False)),   # samples longer than the cap: one sample per micro-batch
+@pytest.mark.parametrize("attention, free_gib, max_len, expected", [
+    ("sdpa", 130, 1024, (4096, False)),    # an H200: sdpa's cap, without checkpointing
+    ("sdpa", 16, 1024, (4096, True)),      # a 24 GB card after the model: checkpointing at the cap
+    ("sdpa", 130, 8192, (8192, False)),    # samples longer than the cap: one sample per micro-batch
+    ("varlen", 130, 1024, (16384, False)),  # no block mask: the larger cap
+    ("varlen", 60, 1024, (8192, False)),    # the largest that fits without checkpointing first
+    ("varlen", 16, 1024, (16384, True)),    # then checkpointing with the largest micro-batch that fits
 ])
-def test_gpu_micro_batch_sizing(monkeypatch, free_gib, max_len, expected):
+def test_gpu_micro_batch_sizing(monkeypatch, attention, free_gib, max_len, expected):
     from transformers import LlamaConfig
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (free_gib * 2**30, 141 * 2**30))
     config = LlamaConfig(hidden_size=4096, num_hidden_layers=32, vocab_size=32000, intermediate_size=11008)
+    config._attn_implementation = attention  # as resolved when the model was loaded
     p = plan(settings(max_seq_length=max_len, use_liger=False), Placement("cuda", torch.bfloat16), config)
-    assert (p.micro_batch_tokens, p.gradient_checkpointing) == expected
+    assert (p.micro_batch_tokens, p.gradient_checkpointing, p.attention) == (*expected, attention)
 
 
 def test_activation_estimate_for_a_7b_model():

@@ -36,8 +36,14 @@ class LocalStorage(Storage):
 
     def put(self, src: Path, key: str) -> None:
         dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
+        for attempt in range(3):  # another process's delete() may remove the emptied folder in between
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
         os.close(fd)
         try:
             shutil.copyfile(src, tmp)
@@ -51,7 +57,10 @@ class LocalStorage(Storage):
         # Like an object store, leave no empty folders behind, the root's included.
         parent = self._path(key).parent
         while parent.is_relative_to(self.root) and parent.is_dir() and not any(parent.iterdir()):
-            parent.rmdir()
+            try:
+                parent.rmdir()
+            except OSError:  # another process wrote into it meanwhile
+                return
             parent = parent.parent
 
     def stat(self, key: str) -> tuple[int | None, str | None]:

@@ -130,7 +130,7 @@ def test_manifest_is_complete_and_checksums_match(demo):
     assert manifest["dataset"]["revision"].startswith("sha256:")
     assert manifest["config"]["lora_r"] == 64
     assert {"torch", "transformers", "peft", "trl", "bitsandbytes"} <= manifest["versions"].keys()
-    assert manifest["placement"] == {"device": "cpu", "dtype": "fp32", "gpu": None}
+    assert manifest["placement"] == {"device": "cpu", "dtype": "fp32", "gpu": None, "processes": 1, "strategy": None}
 
 
 def test_model_card_describes_the_run(demo):

@@ -1,0 +1,255 @@
+"""Several processes and nodes, on PyTorch's own elastic launcher (torchrun).
+
+`finetune-job run` with more than one process wanted (FT_NPROC_PER_NODE, or every visible GPU; FT_NNODES) runs
+torchrun in-process with itself as the worker command: standalone on one node, c10d rendezvous at
+MASTER_ADDR:MASTER_PORT across nodes, node 0 (FT_NODE_RANK, default JOB_COMPLETION_INDEX) hosting it. The
+launcher's exit code is the first failed worker's, so the exit-code contract (job.errors) holds as for one process.
+
+In the workers (this module's other functions): one process group with FT_DIST_TIMEOUT_SECONDS on every
+collective, local rank 0 of each node first through downloads and scratch set-up, global rank 0 alone writes
+TensorBoard, mirrors checkpoints and publishes, every rank resumes from the checkpoint rank 0 found, and a stop signal
+on any process stops them all at the same step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+
+from job import log
+from job.config import Settings
+from job.errors import CODE_BY_NAME, ConfigError, JobError, StopSignal, UnavailableError
+
+DEFAULT_PORT = 29500
+UNAVAILABLE, INTERRUPTED = CODE_BY_NAME["unavailable"], CODE_BY_NAME["interrupted"]
+NODE_RANK_VARS = ("JOB_COMPLETION_INDEX", "AWS_BATCH_JOB_NODE_INDEX")  # Kubernetes Indexed Jobs/JobSets, AWS Batch
+
+
+# --- the launcher --------------------------------------------------------------------------------------------------
+
+def is_worker() -> bool:
+    """Started by torchrun (which sets TORCHELASTIC_RUN_ID for its workers)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def processes_per_node(cfg: Settings) -> int:
+    if cfg.nproc_per_node:
+        return cfg.nproc_per_node
+    if cfg.device == "cpu":
+        return 1
+    import torch
+
+    return max(1, torch.cuda.device_count())  # counts through NVML: no CUDA context in the launcher
+
+
+def wants_launcher(cfg: Settings) -> bool:
+    return not is_worker() and (cfg.nnodes > 1 or processes_per_node(cfg) > 1)
+
+
+def node_rank(cfg: Settings) -> int:
+    if cfg.node_rank is not None:
+        return cfg.node_rank
+    for var in NODE_RANK_VARS:
+        value = os.environ.get(var)
+        if value is not None and value.isdigit():
+            return int(value)
+    if cfg.nnodes == 1:
+        return 0
+    raise ConfigError([f"FT_NODE_RANK: not set, and none of {', '.join(NODE_RANK_VARS)} is; with FT_NNODES="
+                       f"{cfg.nnodes} every node needs its rank (0 to {cfg.nnodes - 1})"])
+
+
+def torchrun_args(cfg: Settings, run_id: str) -> list[str]:
+    nproc = processes_per_node(cfg)
+    args = ["--nproc-per-node", str(nproc), "--max-restarts", "0", "--monitor-interval", "1"]
+    if cfg.nnodes == 1:
+        args.append("--standalone")
+    else:
+        addr = os.environ.get("MASTER_ADDR")
+        if not addr:
+            raise ConfigError([f"MASTER_ADDR: not set; with FT_NNODES={cfg.nnodes} it must name node 0 (the Helm "
+                               "chart sets it to the first pod's hostname)"])
+        port = os.environ.get("MASTER_PORT") or str(DEFAULT_PORT)
+        if not port.isdigit():
+            raise ConfigError([f"MASTER_PORT={port}: must be a port number"])
+        rank = node_rank(cfg)
+        timeout = int(cfg.dist_timeout_seconds)
+        args += ["--nnodes", str(cfg.nnodes), "--rdzv-backend", "c10d",
+                 "--rdzv-endpoint", f"{addr}:{port}", "--rdzv-id", run_id,
+                 # Node 0 hosts the rendezvous store: set, not guessed from host names (all alike on loopback).
+                 "--rdzv-conf", f"is_host={'true' if rank == 0 else 'false'},join_timeout={timeout},"
+                 f"read_timeout={timeout}"]
+    return [*args, "--module", "job", "run"]
+
+
+def launch(cfg: Settings, run_id: str) -> int:
+    """Run the workers under torchrun and return the exit code of the first that failed (0 when all succeeded)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    args = torchrun_args(cfg, run_id)
+    log.get().info("launching workers with torchrun", nnodes=cfg.nnodes, node_rank=node_rank(cfg),
+                   nproc_per_node=processes_per_node(cfg), strategy=cfg.strategy,
+                   rendezvous=os.environ.get("MASTER_ADDR") and f"{os.environ['MASTER_ADDR']}:"
+                   f"{os.environ.get('MASTER_PORT') or DEFAULT_PORT}")
+    # Workers that got SIGTERM need the grace budget to save; torchrun waits this long before SIGKILL.
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(int(cfg.termination_grace_seconds) + 5))
+    os.environ["FT_RUN_ID"] = run_id  # every worker (and node) must name the run alike
+    # torchrun's default is one thread per worker (and a warning); share this node's cores instead.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes_per_node(cfg))))
+    try:
+        run(parse_args(args))
+    except ChildFailedError as e:
+        return exit_code_of(e.failures)
+    except SignalException as e:
+        # torchrun has passed the signal on to the workers and waited for them to save and stop.
+        raise StopSignal(f"stopped by {e.sigval.name}") from None
+    return 0
+
+
+def exit_code_of(failures: dict) -> int:
+    """The exit code of the failure that caused the others: peers of a failed process fail with "unavailable" (or
+    "interrupted") when it goes away, so those count last; then the earliest, then the lowest rank."""
+    rank, failure = min(failures.items(), key=lambda f: (f[1].exitcode in (UNAVAILABLE, INTERRUPTED) or
+                                                         f[1].exitcode < 0, f[1].timestamp, f[0]))
+    if failure.exitcode < 0:  # killed by a signal torchrun did not send: the OOM killer, a node going away
+        log.get().error(f"worker rank {rank} was killed by {failure.signal_name()}", rank=rank, exit_code=1)
+        return 1
+    log.get().info("worker failed; its reason is logged above", rank=rank, exit_code=failure.exitcode)
+    return failure.exitcode
+
+
+def one_gpu_only(cfg: Settings) -> None:
+    """FT_NPROC_PER_NODE=1 on a node with several GPUs: show the process the first only (else the Trainer spreads each
+    batch over all of them with nn.DataParallel, which trl refuses). Set before CUDA starts, without asking torch:
+    where NVML is missing, counting the GPUs would start CUDA and fix what it sees."""
+    if is_worker() or cfg.device == "cpu" or cfg.nproc_per_node != 1:
+        return
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
+    os.environ["CUDA_VISIBLE_DEVICES"] = first
+
+
+# --- in the workers -------------------------------------------------------------------------------------------------
+
+def active() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init(cfg: Settings) -> None:
+    """Pick this process's GPU and join the process group, before anything touches CUDA."""
+    if not is_worker():
+        return
+    import torch
+    from accelerate import PartialState
+
+    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank())
+    PartialState(cpu=not cuda, backend="nccl" if cuda else "gloo",
+                 timeout=timedelta(seconds=cfg.dist_timeout_seconds))
+    if rank() != 0:  # every rank logs its warnings and errors; rank 0 alone tells the story
+        log.setup(cfg.log_format, "warning")
+    import structlog
+
+    structlog.contextvars.bind_contextvars(rank=rank())
+    log.get().info("process group ready", world_size=world_size(), backend="nccl" if cuda else "gloo",
+                   host=socket.gethostname(), timeout_s=cfg.dist_timeout_seconds)
+
+
+def barrier() -> None:
+    if active():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def local_main_first():
+    """Local rank 0 of each node runs the block first (one download per node); the others then find its results."""
+    if not active():
+        yield
+        return
+    if local_rank() != 0:
+        barrier()
+    yield
+    if local_rank() == 0:
+        barrier()
+
+
+def broadcast(value):
+    """Rank 0's value, on every rank."""
+    if not active():
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is True on any (one small all-reduce)."""
+    if not active():
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_files(paths: list[Path], into: Path) -> None:
+    """Copy each rank's files (its RNG state, on its own node) into rank 0's `into` directory."""
+    if not active():
+        return
+    import torch.distributed as dist
+
+    mine = {p.name: p.read_bytes() for p in paths if p.is_file()}
+    gathered = [None] * world_size() if is_main() else None
+    dist.gather_object(mine, gathered, dst=0)
+    if is_main():
+        for files in gathered:
+            for name, data in files.items():
+                if not (into / name).exists():
+                    (into / name).write_bytes(data)
+
+
+def collective_failure(e: BaseException) -> JobError | None:
+    """A collective that failed or timed out because a peer died or hangs: retriable, not a bug."""
+    import torch.distributed as dist
+
+    if isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and active() and _looks_collective(str(e))):
+        return UnavailableError(f"a peer process stopped or stopped answering (FT_DIST_TIMEOUT_SECONDS bounds the wait): "
+                           f"{str(e).splitlines()[0][:300]}; a restart resumes from the last checkpoint")
+    return None
+
+
+def _looks_collective(message: str) -> bool:
+    m = message.lower()
+    return any(s in m for s in ("gloo", "nccl", "connection reset", "timed out", "watchdog", "broken pipe"))
+
+

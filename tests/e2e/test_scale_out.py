@@ -1,0 +1,227 @@
+"""Several processes and nodes on the CPU (torchrun, gloo), the tiny model in 4-bit: the real CLI as subprocesses.
+
+Two processes on one node, and two nodes of one process each as two torchrun launches meeting on loopback with node
+ranks 0 and 1 (JOB_COMPLETION_INDEX, as in a Kubernetes Indexed Job), each with its own work directory, one shared
+destination. Every run here trains the same global batch of 8 padded samples per optimizer step, so its losses must
+match a single process's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from e2e.test_run import demo_env, events, run_job
+from job.errors import CODE_BY_NAME
+
+STEPS = 12
+
+
+def settings(model: Path, **extra: str) -> dict[str, str]:
+    # Padded batches in a fixed order and no dropout: one process and two see the very same samples per step.
+    return demo_env(model, **{"FT_RUN_ID": "dist", "FT_MAX_STEPS": str(STEPS), "FT_BATCH_SIZE": "8",
+                              "FT_PACKING": "false", "FT_GROUP_BY_LENGTH": "false", "FT_LORA_DROPOUT": "0",
+                              "FT_LOGGING_STEPS": "1", "FT_EVAL_STEPS": "100", "FT_DIST_TIMEOUT_SECONDS": "60",
+                              **extra})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Node:
+    """One node's `finetune-job run` (a torchrun launcher), its output in a file."""
+
+    def __init__(self, env: dict[str, str], tmp: Path, index: int, port: int):
+        self.log = tmp / f"node-{index}.log"
+        node_env = {
+            "PATH": os.environ["PATH"], "HOME": str(tmp), "HF_HOME": str(tmp / f"hf-{index}"), "HF_HUB_OFFLINE": "1",
+            "FT_WORK_DIR": str(tmp / f"work-{index}"), "FT_OUTPUT_URI": str(tmp / "out"), "FT_LOG_FORMAT": "json",
+            "FT_TERMINATION_LOG": str(tmp / f"termination-log-{index}"), "OMP_NUM_THREADS": "1",
+            "FT_NNODES": "2", "FT_NPROC_PER_NODE": "1", "JOB_COMPLETION_INDEX": str(index),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **env,
+        }
+        with self.log.open("w") as out:
+            # A session of its own: a signal to the "pod" reaches its launcher only, as the kubelet sends it.
+            self.proc = subprocess.Popen([sys.executable, "-m", "job", "run"], env=node_env, stdout=out,
+                                         stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+
+    def wait(self, timeout: float = 300) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            raise
+
+    def events(self) -> list[dict]:
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found += [int(child), *children(int(child))]
+    return found
+
+
+def two_nodes(env: dict[str, str], tmp: Path) -> tuple[Node, Node]:
+    port = free_port()
+    first = Node(env, tmp, 0, port)
+    time.sleep(1)  # node 0 hosts the rendezvous; node 1 also waits for it when it comes first
+    return first, Node(env, tmp, 1, port)
+
+
+def losses(evs: list[dict]) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in evs if e["event"] == "train step"}
+
+
+def metrics(evs: list[dict]) -> dict:
+    return next(e for e in evs if e["event"] == "run finished")
+
+
+@pytest.fixture(scope="module")
+def single(tiny_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("single")
+    proc = run_job(settings(tiny_model), tmp)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return events(proc)
+
+
+def assert_same_training(evs: list[dict], reference: list[dict]) -> None:
+    got, want = losses(evs), losses(reference)
+    assert sorted(got) == sorted(want) and len(want) == STEPS
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=2e-3), (step, got, want)
+    for key in ("eval_loss_before", "eval_loss_after"):
+        assert metrics(evs)[key] == pytest.approx(metrics(reference)[key], rel=2e-3)
+    assert metrics(reference)["eval_loss_after"] < metrics(reference)["eval_loss_before"] - 0.3  # it learned
+
+
+def assert_one_result_set(out: Path, run_id: str = "dist") -> None:
+    run_dir = out / run_id
+    manifests = list(out.rglob("manifest.json"))
+    assert manifests == [run_dir / "manifest.json"]
+    assert len(list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))) == 1  # rank 0's writer only
+    listed = json.loads(manifests[0].read_text())["files"]
+    on_disk = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(listed) == on_disk
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_two_processes_on_one_node_train_as_one(single, tiny_model, tmp_path):
+    proc = run_job(settings(tiny_model, FT_NPROC_PER_NODE="2", OMP_NUM_THREADS="1"), tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    evs = events(proc)
+    split = next(e for e in evs if e["event"] == "global batch kept across processes")
+    assert (split["processes"], split["batch_size"], split["accumulation"], split["global_batch"]) == (2, 4, 1, 8)
+    assert_same_training(evs, single)
+    assert_one_result_set(tmp_path / "out")
+    assert [e["rank"] for e in evs if e["event"] == "published"] == [0]
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "out/dist/adapter")
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_fsdp_shards_and_trains_as_one(single, tiny_model, tmp_path):
+    """FT_STRATEGY=fsdp: QLoRA under FSDP (4-bit weights stored in the compute dtype), the same training."""
+    proc = run_job(settings(tiny_model, FT_NPROC_PER_NODE="2", FT_STRATEGY="fsdp", OMP_NUM_THREADS="1"), tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    evs = events(proc)
+    assert next(e for e in evs if e["event"] == "launching workers with torchrun")["strategy"] == "fsdp"
+    assert_same_training(evs, single)
+    assert_one_result_set(tmp_path / "out")
+    manifest = json.loads((tmp_path / "out/dist/manifest.json").read_text())
+    assert manifest["placement"]["strategy"] == "fsdp" and manifest["placement"]["processes"] == 2
+
+    from safetensors.torch import load_file
+
+    adapter = load_file(tmp_path / "out/dist/adapter/adapter_model.safetensors")
+    assert adapter and all("lora_" in k for k in adapter)  # whole LoRA matrices, gathered from the shards
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+
+
+def test_two_nodes_on_loopback_train_as_one(single, tiny_model, tmp_path):
+    nodes = two_nodes(settings(tiny_model), tmp_path)
+    codes = [node.wait() for node in nodes]
+    assert codes == [0, 0], "\n".join(node.text()[-3000:] for node in nodes)
+    evs = [e for node in nodes for e in node.events()]
+    assert_same_training(evs, single)
+    assert_one_result_set(tmp_path / "out")
+    assert len([e for e in evs if e["event"] == "published"]) == 1
+    ranks = {e["rank"] for e in evs if e["event"] == "process group ready"}
+    assert ranks == {0}  # the other rank logs warnings only
+    assert {e["node_rank"] for e in evs if e["event"] == "launching workers with torchrun"} == {0, 1}
+
+
+def test_sigterm_to_one_node_stops_both_and_a_restart_resumes(single, tiny_model, tmp_path):
+    env = settings(tiny_model, FT_SAVE_STEPS="0", FT_SAVE_MINUTES="0")
+    first, second = two_nodes(env, tmp_path)
+    deadline = time.monotonic() + 240
+    while '"step": 5,' not in first.text() + second.text():  # rank 0 may be on either node
+        assert time.monotonic() < deadline and first.proc.poll() is None, first.text()[-3000:]
+        time.sleep(0.2)
+    second.proc.send_signal(signal.SIGTERM)  # the pod of node 1 is preempted
+    codes = [first.wait(), second.wait()]
+    interrupted = CODE_BY_NAME["interrupted"]
+    assert codes == [interrupted, interrupted], first.text()[-3000:] + second.text()[-3000:]
+    stops = [e for node in (first, second) for e in node.events() if e.get("reason") == "interrupted"]
+    steps = {int(e["event"].split(" at step ")[1].split(";")[0]) for e in stops if " at step " in e["event"]}
+    assert len(steps) == 1, stops  # every rank stopped at the same step
+    stopped_at = steps.pop()
+    checkpoints = tmp_path / "out" / "dist" / "checkpoints"
+    assert json.loads((checkpoints / "latest").read_text())["step"] == stopped_at
+    assert not list((tmp_path / "out").rglob("manifest.json"))
+
+    again = two_nodes(env, tmp_path)
+    codes = [node.wait() for node in again]
+    assert codes == [0, 0], "\n".join(node.text()[-3000:] for node in again)
+    evs = [e for node in again for e in node.events()]
+    assert any(e["event"] == f"resumed from step {stopped_at}" for e in evs)
+    resumed = losses(evs)
+    assert min(resumed) > stopped_at
+    reference = losses(single)
+    for step, loss in resumed.items():  # exactly the uninterrupted training, continued
+        assert loss == pytest.approx(reference[step], rel=2e-3), (step, resumed, reference)
+    assert_one_result_set(tmp_path / "out")
+
+
+def test_a_hung_peer_ends_the_run_after_the_timeout(tiny_model, tmp_path):
+    """Node 1 stops answering (SIGSTOP, as a frozen node would): node 0's collective times out and the run ends with
+    the retriable code instead of hanging."""
+    first, second = two_nodes(settings(tiny_model, FT_DIST_TIMEOUT_SECONDS="15", FT_MAX_STEPS="400"), tmp_path)
+    deadline = time.monotonic() + 240
+    while '"train step"' not in first.text() + second.text():
+        assert time.monotonic() < deadline and first.proc.poll() is None, first.text()[-3000:]
+        time.sleep(0.2)
+    frozen = [second.proc.pid, *children(second.proc.pid)]  # torchrun starts its workers in sessions of their own
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        code = first.wait(timeout=120)
+        waited = time.monotonic() - start
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGKILL)
+        second.proc.wait()
+    assert code == CODE_BY_NAME["unavailable"], first.text()[-3000:]
+    assert waited < 90
+    assert "peer process stopped" in first.text()

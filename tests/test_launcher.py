@@ -1,0 +1,136 @@
+"""The launcher's decisions (torchrun arguments, node rank, exit code) and the global batch split, without launching."""
+
+from __future__ import annotations
+
+import pytest
+from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+from job import distributed, speed
+from job.config import Settings, settings_fingerprint
+from job.errors import CODE_BY_NAME, ConfigError
+
+
+def settings(**kw) -> Settings:
+    return Settings(device="cpu", **kw)
+
+
+def test_one_process_needs_no_launcher(monkeypatch):
+    assert not distributed.wants_launcher(settings())
+    assert distributed.wants_launcher(settings(nproc_per_node=2))
+    assert distributed.wants_launcher(settings(nnodes=2))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")  # a worker never launches again
+    assert not distributed.wants_launcher(settings(nproc_per_node=2))
+
+
+def test_single_node_is_standalone():
+    args = distributed.torchrun_args(settings(nproc_per_node=3), "run-1")
+    assert args[args.index("--nproc-per-node") + 1] == "3"
+    assert "--standalone" in args and "--rdzv-endpoint" not in args
+    assert args[-3:] == ["--module", "job", "run"]
+
+
+@pytest.mark.parametrize("index, host", [("0", "true"), ("1", "false")])
+def test_nodes_meet_at_master_addr_with_rank_from_the_indexed_job(monkeypatch, index, host):
+    monkeypatch.setenv("MASTER_ADDR", "train-0.train")
+    monkeypatch.setenv("MASTER_PORT", "29555")
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", index)
+    args = distributed.torchrun_args(settings(nnodes=2, dist_timeout_seconds=60), "run-7")
+    opt = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("--")}
+    assert opt["--rdzv-backend"] == "c10d" and opt["--rdzv-endpoint"] == "train-0.train:29555"
+    assert opt["--nnodes"] == "2" and opt["--rdzv-id"] == "run-7"
+    assert f"is_host={host}" in opt["--rdzv-conf"] and "join_timeout=60" in opt["--rdzv-conf"]
+    assert "--standalone" not in args
+
+
+def test_several_nodes_need_a_master_address_and_a_rank(monkeypatch):
+    with pytest.raises(ConfigError, match="MASTER_ADDR"):
+        distributed.torchrun_args(settings(nnodes=2, node_rank=0), "r")
+    monkeypatch.setenv("MASTER_ADDR", "h")
+    with pytest.raises(ConfigError, match="FT_NODE_RANK"):
+        distributed.torchrun_args(settings(nnodes=2), "r")
+    monkeypatch.setenv("MASTER_PORT", "http")
+    with pytest.raises(ConfigError, match="MASTER_PORT=http"):
+        distributed.torchrun_args(settings(nnodes=2, node_rank=1), "r")
+
+
+def test_node_rank_must_be_below_nnodes(monkeypatch):
+    monkeypatch.setenv("FT_NNODES", "2")
+    monkeypatch.setenv("FT_NODE_RANK", "2")
+    from job.config import load_settings
+
+    with pytest.raises(ConfigError, match="FT_NODE_RANK=2: must be below FT_NNODES=2"):
+        load_settings()
+
+
+def test_every_node_names_the_run_alike():
+    """The default run id is a fingerprint of the settings: a node's rank and the process count are not in it."""
+    one = settings_fingerprint(settings())
+    assert settings_fingerprint(settings(nnodes=2, node_rank=1, nproc_per_node=4)) == one
+    assert settings_fingerprint(settings(learning_rate=1e-4)) != one
+
+
+def failure(rank: int, code: int, ts: int) -> ProcessFailure:
+    f = ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file="/nonexistent")
+    f.timestamp = ts
+    return f
+
+
+def test_exit_code_is_the_cause_not_its_echo():
+    unavailable, inp = CODE_BY_NAME["unavailable"], CODE_BY_NAME["input"]
+    # rank 1 failed on its input; rank 0 then lost its peer, at the same second
+    assert distributed.exit_code_of({0: failure(0, unavailable, 5), 1: failure(1, inp, 5)}) == inp
+    assert distributed.exit_code_of({0: failure(0, 6, 9), 1: failure(1, 3, 4)}) == 3  # the earlier
+    assert distributed.exit_code_of({0: failure(0, unavailable, 5)}) == unavailable
+    assert distributed.exit_code_of({1: failure(1, -9, 5)}) == 1  # killed from outside: no code of ours
+
+
+@pytest.mark.parametrize("micro, accum, processes, smallest, expected", [
+    (8, 1, 2, 1, (4, 1)),       # the micro-batch halves
+    (4096, 2, 2, 1024, (4096, 1)),  # the accumulation halves first
+    (4096, 1, 4, 1024, (1024, 1)),
+    (4, 6, 4, 1, (3, 2)),       # 24 samples = 3 x 2 x 4
+    (8, 3, 1, 1, (8, 3)),       # one process: as asked
+])
+def test_global_batch_is_kept(micro, accum, processes, smallest, expected):
+    cfg = settings(gradient_accumulation_steps=accum)
+    per_process, accumulation = speed.split_global_batch(cfg, micro, processes, smallest, "FT_BATCH_SIZE")
+    assert (per_process, accumulation) == expected
+    assert per_process * accumulation * processes == micro * accum
+
+
+def test_global_batch_that_cannot_be_split_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"FT_GRADIENT_ACCUMULATION_STEPS=1: the global batch of 3 .*FT_BATCH_SIZE=3"):
+        speed.split_global_batch(settings(), 3, 2, 1, "FT_BATCH_SIZE")
+    # packed: a micro-batch may not shrink below one whole sample
+    with pytest.raises(ConfigError, match="cannot be split evenly over 4 processes"):
+        speed.split_global_batch(settings(), 2048, 4, 1024, "FT_MICRO_BATCH_TOKENS")
+
+
+def test_plan_reports_the_split(tiny_model):
+    from transformers import AutoConfig
+
+    from job.model import Placement
+    import torch
+
+    cfg = settings(batch_size=8, max_seq_length=128, packing=False)
+    plan = speed.plan(cfg, Placement("cpu", torch.float32), AutoConfig.from_pretrained(tiny_model), processes=2)
+    assert (plan.batch_size, plan.accumulation, plan.processes, plan.global_batch) == (4, 1, 2, 8)
+
+
+@pytest.mark.parametrize("visible, expected", [(None, "0"), ("3,5", "3"), ("GPU-aa,GPU-bb", "GPU-aa")])
+def test_one_process_on_a_node_of_several_gpus_sees_one(monkeypatch, visible, expected):
+    """Else the Trainer would wrap the model in nn.DataParallel over every visible GPU, which trl refuses."""
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    distributed.one_gpu_only(Settings(nproc_per_node=1))
+    assert distributed.os.environ["CUDA_VISIBLE_DEVICES"] == expected
+
+
+def test_the_default_and_workers_leave_the_gpus_alone(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    distributed.one_gpu_only(Settings())  # every visible GPU: torchrun takes them
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    distributed.one_gpu_only(Settings(nproc_per_node=1))
+    assert distributed.os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
