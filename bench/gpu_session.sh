@@ -8,8 +8,10 @@
 # and one archive of every log.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
-SINGLE=${1:-fast-4k,fast-varlen-8k}
+SINGLE=${1:-fast-4k,fast-varlen-8k}  # "-" skips the list
 SCALE=${2:-1gpu-ga2,ddp-2gpu,fsdp-2gpu,2nodes-1gpu}
+[ "$SINGLE" = - ] && SINGLE=
+[ "$SCALE" = - ] && SCALE=
 SAMPLES=${3:-1000}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1

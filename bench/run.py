@@ -46,6 +46,10 @@ VARIANTS = {
     "fast-varlen-8k": {"FT_PROFILE": "fast", "FT_ATTENTION": "varlen", "FT_MICRO_BATCH_TOKENS": "8192"},
     "fast-varlen-16k": {"FT_PROFILE": "fast", "FT_ATTENTION": "varlen", "FT_MICRO_BATCH_TOKENS": "16384"},
     "lean": {"FT_PROFILE": "lean", "FT_MAX_SEQ_LENGTH": "2048", "FT_LORA_TARGET_MODULES": "all-linear"},
+    # A 24 GB-class card simulated on the H200 (bench/gpucap): the peer, and the job sizing itself to the cap.
+    "trl-packed-24gb": {"FT_PROFILE": "fast", "FT_USE_LIGER": "false", "FT_MICRO_BATCH_TOKENS": "4096",
+                        "FT_GRADIENT_CHECKPOINTING": "false", "FT_ATTENTION": "sdpa", "_gpu_gib": "24"},
+    "fast-24gb": {"FT_PROFILE": "fast", "_gpu_gib": "24"},
     # Scale-out (issue 5), all with the same global batch of 2 x 8192 tokens per optimizer step: one GPU accumulates
     # two micro-batches, two GPUs take one each (the job halves the accumulation). "_nodes" launches that many
     # single-GPU nodes on this host, meeting over loopback through the multi-node (c10d rendezvous) path.
@@ -117,6 +121,9 @@ def run_variant(name: str, model: Path, data: dict[int, Path], out: Path, sample
            "PYTHONPATH": f"{os.environ.get('PYTHONPATH', '')}:{ROOT}", **VARIANTS[name]}
     env["FT_DATASET"] = str(data[int(env["FT_MAX_SEQ_LENGTH"])])
     nodes = int(env.pop("_nodes", "1"))
+    if gib := env.pop("_gpu_gib", None):
+        env["BENCH_GPU_GIB"] = gib
+        env["PYTHONPATH"] = f"{ROOT / 'bench' / 'gpucap'}:{env['PYTHONPATH']}"
     with open(out / f"{name}.log", "a") as log:
         if nodes == 1:
             code = subprocess.run([sys.executable, "-m", "job"], env=env, stdout=log, stderr=subprocess.STDOUT,

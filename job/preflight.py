@@ -24,6 +24,10 @@ def run(cfg: Settings, run_id: str) -> Placement:
         raise ConfigError(["FT_REQUIRE_GPU=true: no CUDA GPU is visible to this process"])
     if cfg.use_liger and placement.device != "cuda":
         raise ConfigError(["FT_USE_LIGER=true: Liger's kernels need a CUDA GPU"])
+    if cfg.nnodes > 1 and "://" not in checkpoint_uri(cfg, run_id):
+        # After a restart, global rank 0 (the one that resumes and mirrors) may be on another node.
+        log.get().warning("with several nodes, checkpoints on a local path resume only if every node mounts the same "
+                          "filesystem there; prefer FT_CHECKPOINT_URI=s3://...", uri=checkpoint_uri(cfg, run_id))
     for uri, setting in destinations(cfg, run_id):
         probe_write(open_destination(uri, setting), setting, f"{PROBE}-{run_id}{_rank_suffix()}")
     model = open_source(cfg.base_model, "FT_BASE_MODEL", "model", cfg.model_revision)

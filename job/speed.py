@@ -95,6 +95,17 @@ def _logged(p: SpeedPlan) -> SpeedPlan:
     return p
 
 
+def free_gpu_bytes() -> int:
+    """What this process may still allocate on its GPU: the device's free memory, or less where a memory fraction
+    caps the process (torch.cuda.set_per_process_memory_fraction: a shared GPU, or a smaller card simulated)."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    fraction = torch.cuda.get_per_process_memory_fraction() if hasattr(torch.cuda, "get_per_process_memory_fraction") \
+        else 1.0
+    return int(min(free, fraction * total - torch.cuda.memory_reserved()))
+
+
 def _size_micro_batch(cfg: Settings, placement: Placement, model_config, liger: bool,
                       attention: str) -> tuple[int, bool]:
     forced = cfg.gradient_checkpointing
@@ -104,7 +115,7 @@ def _size_micro_batch(cfg: Settings, placement: Placement, model_config, liger: 
         return cfg.micro_batch_tokens or max(LEAN_MICRO_BATCH_TOKENS, cfg.max_seq_length), forced is not False
     import torch
 
-    free = torch.cuda.mem_get_info()[0]
+    free = free_gpu_bytes()
     cap = MAX_MICRO_BATCH_TOKENS.get(attention, SDPA_MAX_MICRO_BATCH_TOKENS)
     sizes = [cfg.micro_batch_tokens] if cfg.micro_batch_tokens else \
         [cap >> i for i in range(7) if cap >> i >= cfg.max_seq_length] \

@@ -69,11 +69,28 @@ def test_a_micro_batch_smaller_than_a_sample_is_refused_with_the_settings(monkey
 def test_gpu_micro_batch_sizing(monkeypatch, attention, free_gib, max_len, expected):
     from transformers import LlamaConfig
 
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (free_gib * 2**30, 141 * 2**30))
+    fake_gpu(monkeypatch, free_gib)
     config = LlamaConfig(hidden_size=4096, num_hidden_layers=32, vocab_size=32000, intermediate_size=11008)
     config._attn_implementation = attention  # as resolved when the model was loaded
     p = plan(settings(max_seq_length=max_len, use_liger=False), Placement("cuda", torch.bfloat16), config)
     assert (p.micro_batch_tokens, p.gradient_checkpointing, p.attention) == (*expected, attention)
+
+
+def fake_gpu(monkeypatch, free_gib: float, fraction: float = 1.0, reserved_gib: float = 0.0) -> None:
+    """An H200 (141 GiB) with `free_gib` free, this process capped at `fraction` of it, `reserved_gib` already held."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (int(free_gib * 2**30), 141 * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda *a: fraction, raising=False)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: int(reserved_gib * 2**30))
+
+
+def test_a_memory_fraction_caps_what_the_sizing_sees(monkeypatch):
+    """torch.cuda.set_per_process_memory_fraction(24/141) on an H200 sizes micro-batches as on a 24 GB card."""
+    from job.speed import free_gpu_bytes
+
+    fake_gpu(monkeypatch, 130)
+    assert free_gpu_bytes() == 130 * 2**30
+    fake_gpu(monkeypatch, 130, fraction=24 / 141, reserved_gib=6)
+    assert free_gpu_bytes() == pytest.approx(18 * 2**30, rel=1e-6)  # 24 GiB allowed, 6 held by the model
 
 
 def test_activation_estimate_for_a_7b_model():
