@@ -124,7 +124,9 @@ def run_variant(name: str, model: Path, data: dict[int, Path], out: Path, sample
     if gib := env.pop("_gpu_gib", None):
         env["BENCH_GPU_GIB"] = gib
         env["PYTHONPATH"] = f"{ROOT / 'bench' / 'gpucap'}:{env['PYTHONPATH']}"
-    with open(out / f"{name}.log", "a") as log:
+    log_path = out / f"{name}.log"
+    offset = log_path.stat().st_size if log_path.exists() else 0  # the log gathers every round's run
+    with open(log_path, "a") as log:
         if nodes == 1:
             code = subprocess.run([sys.executable, "-m", "job"], env=env, stdout=log, stderr=subprocess.STDOUT,
                                   cwd=ROOT).returncode
@@ -143,9 +145,20 @@ def run_variant(name: str, model: Path, data: dict[int, Path], out: Path, sample
     return {"variant": name, "exit": 0, "tokens_per_s": d["trained_tokens"] / t["seconds"], "seconds": t["seconds"],
             "load_s": t["load_seconds"], "steps": t["steps"], "tokens_per_step": d["trained_tokens"] / t["steps"],
             "peak_gib": m.get("peak_gpu_mem_gib"), "reserved_gib": m.get("peak_gpu_reserved_gib"),
+            "steady_tokens_per_s": steady_rate(log_path, offset),
             "processes": manifest["placement"].get("processes", 1), "strategy": manifest["placement"].get("strategy"),
             "plan": {k: t.get(k) for k in ("packing", "micro_batch_tokens", "gradient_checkpointing", "liger",
                                            "attention", "accumulation")}}
+
+
+def steady_rate(log_path: Path, offset: int) -> float | None:
+    """The median of the job's own tokens/s between logging steps, the first interval (warm-up) left out: what a
+    longer run would approach. The epoch figure counts the warm-up, as the workload defines it."""
+    with open(log_path) as f:
+        f.seek(offset)
+        rates = [e["tokens_per_s"] for line in f if line.startswith("{") and '"train step"' in line
+                 for e in [json.loads(line)] if e.get("tokens_per_s") and e["step"] > 1]
+    return statistics.median(rates) if rates else None
 
 
 def main() -> int:
@@ -187,7 +200,9 @@ def summarize(results: list[dict], tflops: float) -> list[dict]:
             continue
         rates = [r["tokens_per_s"] for r in ok]
         med = statistics.median(rates)
+        steady = [r["steady_tokens_per_s"] for r in ok if r.get("steady_tokens_per_s")]
         rows.append({"variant": name, "tokens_per_s": med, "spread": max(rates) - min(rates),
+                     "steady_tokens_per_s": statistics.median(steady) if steady else None,
                      "mfu": 4 * N_PARAMS * med / (tflops * 1e12), **{k: ok[-1][k] for k in
                      ("peak_gib", "reserved_gib", "load_s", "tokens_per_step", "steps", "plan", "processes")}})
     base = next((r["tokens_per_s"] for r in rows if r["variant"] == "guide" and "tokens_per_s" in r), None)
@@ -204,16 +219,17 @@ def summarize(results: list[dict], tflops: float) -> list[dict]:
 
 def print_table(rows: list[dict], tflops: float) -> None:
     print(f"\nbf16 GEMM {tflops:.0f} TFLOP/s\n")
-    print("| variant | GPUs | tokens/s (median, spread) | x guide | x peer | x 1 GPU | peak GiB/GPU (reserved) | MFU/GPU | "
-          "load s | tokens/step |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| variant | GPUs | tokens/s (median, spread) | steady tokens/s | x guide | x peer | x 1 GPU | "
+          "peak GiB/GPU (reserved) | MFU/GPU | load s | tokens/step |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r.get("failed"):
-            print(f"| {r['variant']} | | failed | | | | | | | |")
+            print(f"| {r['variant']} | | failed | | | | | | | | |")
             continue
         f = lambda v: f"{v:.2f}" if v else "-"  # noqa: E731
         gpus = r.get("processes", 1)
-        print(f"| {r['variant']} | {gpus} | {r['tokens_per_s']:,.0f} (±{r['spread']:,.0f}) | {f(r['x_guide'])} | "
+        steady = f"{r['steady_tokens_per_s']:,.0f}" if r.get("steady_tokens_per_s") else "-"
+        print(f"| {r['variant']} | {gpus} | {r['tokens_per_s']:,.0f} (±{r['spread']:,.0f}) | {steady} | {f(r['x_guide'])} | "
               f"{f(r['x_peer'])} | {f(r['x_1gpu'])} | {r['peak_gib']} ({r['reserved_gib']}) | "
               f"{100 * r['mfu'] / gpus:.1f}% | {r['load_s']} | "
               f"{r['tokens_per_step']:,.0f} |")
