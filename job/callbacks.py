@@ -93,17 +93,20 @@ class CheckpointMirror(TrainerCallback):
         local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         # Each process saved its RNG state on its own node: rank 0 collects them, so that every rank resumes exactly.
         distributed.gather_files([local / f"rng_state_{distributed.rank()}.pth"], local)
-        if args.should_save:  # the main process only
-            self._mirror(local, state.global_step, model)
+        # A time- or step-based save can fall between the logging steps DivergenceGuard watches. Every process checks
+        # its own (under FSDP: sharded) weights, and all agree.
+        (nonfinite,) = distributed.any_rank(not _finite(model))
+        if nonfinite:
+            log.get().warning("not mirroring a checkpoint with non-finite weights", step=state.global_step)
+        elif args.should_save:  # the main process only
+            self.store.mirror(local, state.global_step)
         distributed.barrier()  # no process runs ahead (or exits on a stop) before the checkpoint is complete
 
-    def _mirror(self, local, step: int, model) -> None:
-        trained = [p for p in model.parameters() if p.requires_grad] if model is not None else []
-        if not all(torch.isfinite(p).all() for p in trained):
-            # A time- or step-based save can fall between the logging steps DivergenceGuard watches.
-            log.get().warning("not mirroring a checkpoint with non-finite weights", step=step)
-            return
-        self.store.mirror(local, step)
+
+def _finite(model) -> bool:
+    trained = [p for p in model.parameters() if p.requires_grad] if model is not None else []
+    # Under FSDP2 a parameter is a DTensor: check the local shard, without a collective per parameter.
+    return all(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for p in trained)
 
 
 class GracefulStop(TrainerCallback):
@@ -113,8 +116,11 @@ class GracefulStop(TrainerCallback):
         self.stopper = stopper
 
     def on_step_end(self, args, state, control, **kwargs):
-        # A signal reaches the processes of one node (a preempted pod): every process stops at this same step.
-        if distributed.any_rank(self.stopper.requested is not None):
+        # A signal reaches the processes of one node (a preempted pod), and SaveTimer's clock runs on each process
+        # apart: every process stops, and saves, at the same step, or their collectives would no longer match.
+        stop, save = distributed.any_rank(self.stopper.requested is not None, bool(control.should_save))
+        control.should_save = save
+        if stop:
             self.stopper.peer_requested = self.stopper.requested is None
             control.should_save = True
             control.should_evaluate = False

@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         from job.errors import OutOfMemoryError
 
         if distributed.is_worker() and (failure := distributed.collective_failure(e)):
-            return _fail(failure)
+            # The echo of another process's failure: that one's reason stays in the termination log.
+            return _fail(failure, keep_termination_log=True)
         if type(e).__name__ == "OutOfMemoryError":  # torch's, raised outside training
             return _fail(OutOfMemoryError(str(e).splitlines()[0]))
         log.get().exception("unexpected error", error=log.redact(str(e)))
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _fail(e: JobError) -> int:
+def _fail(e: JobError, keep_termination_log: bool = False) -> int:
     lines = getattr(e, "problems", None) or [e.reason]
     if not log.is_configured():
         for line in lines:
@@ -172,7 +173,9 @@ def _fail(e: JobError) -> int:
     else:
         for line in lines:
             log.get().error(log.redact(line), exit_code=e.exit_code, reason=e.exit_name)
-    write_termination_log(log.redact(f"{e.exit_name}: {e.reason}"))
+    path = Path(os.environ.get("FT_TERMINATION_LOG") or DEFAULT_TERMINATION_LOG)
+    if not (keep_termination_log and path.is_file() and path.stat().st_size):
+        write_termination_log(log.redact(f"{e.exit_name}: {e.reason}"))
     return e.exit_code
 
 

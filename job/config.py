@@ -361,6 +361,7 @@ def resolve_run_id(cfg: Settings) -> str:
         return cfg.run_id
     for var in PLATFORM_JOB_IDS:
         if value := os.environ.get(var):
+            value = value.split("#")[0]  # AWS Batch multi-node jobs: "<job id>#<node index>", one run on every node
             return re.sub(r"[^A-Za-z0-9._-]", "-", value)[:128]
     return "run-" + settings_fingerprint(cfg)[:12]
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 from datetime import timedelta
 from pathlib import Path
 
 from job import log
 from job.config import Settings
-from job.errors import CODE_BY_NAME, ConfigError, JobError, StopSignal, UnavailableError
+from job.errors import CODE_BY_NAME, ConfigError, JobError, StopSignal, UnavailableError, first_line
 
 DEFAULT_PORT = 29500
 UNAVAILABLE, INTERRUPTED = CODE_BY_NAME["unavailable"], CODE_BY_NAME["interrupted"]
@@ -35,14 +36,20 @@ def is_worker() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
-def processes_per_node(cfg: Settings) -> int:
-    if cfg.nproc_per_node:
-        return cfg.nproc_per_node
-    if cfg.device == "cpu":
-        return 1
+def _gpus() -> int:
     import torch
 
-    return max(1, torch.cuda.device_count())  # counts through NVML: no CUDA context in the launcher
+    return torch.cuda.device_count()  # counts through NVML: no CUDA context in the launcher
+
+
+def processes_per_node(cfg: Settings) -> int:
+    if cfg.device == "cpu":
+        return cfg.nproc_per_node or 1
+    gpus = _gpus()
+    if cfg.nproc_per_node and gpus and cfg.nproc_per_node > gpus:
+        raise ConfigError([f"FT_NPROC_PER_NODE={cfg.nproc_per_node}: this node shows only {gpus} GPU(s); one process "
+                           "per GPU"])
+    return cfg.nproc_per_node or max(1, gpus)
 
 
 def wants_launcher(cfg: Settings) -> bool:
@@ -89,8 +96,12 @@ def launch(cfg: Settings, run_id: str) -> int:
     """Run the workers under torchrun and return the exit code of the first that failed (0 when all succeeded)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed import DistNetworkError, DistStoreError
     from torch.distributed.run import parse_args, run
 
+    if cfg.strategy == "fsdp" and (cfg.device == "cpu" or not _gpus()):
+        raise ConfigError(["FT_STRATEGY=fsdp: FSDP shards over GPUs (accelerate applies it to GPU process groups "
+                           "only); on the CPU use ddp"])
     args = torchrun_args(cfg, run_id)
     log.get().info("launching workers with torchrun", nnodes=cfg.nnodes, node_rank=node_rank(cfg),
                    nproc_per_node=processes_per_node(cfg), strategy=cfg.strategy,
@@ -101,8 +112,14 @@ def launch(cfg: Settings, run_id: str) -> int:
     os.environ["FT_RUN_ID"] = run_id  # every worker (and node) must name the run alike
     # torchrun's default is one thread per worker (and a warning); share this node's cores instead.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes_per_node(cfg))))
+    from torch.distributed.elastic.rendezvous import RendezvousError
+
     try:
         run(parse_args(args))
+    except (RendezvousError, DistNetworkError, DistStoreError) as e:
+        raise UnavailableError(f"the nodes did not meet at {os.environ.get('MASTER_ADDR')}:"
+                               f"{os.environ.get('MASTER_PORT') or DEFAULT_PORT} within FT_DIST_TIMEOUT_SECONDS="
+                               f"{cfg.dist_timeout_seconds:g} ({type(e).__name__}: {first_line(e, 200)})") from None
     except ChildFailedError as e:
         return exit_code_of(e.failures)
     except SignalException as e:
@@ -116,6 +133,13 @@ def exit_code_of(failures: dict) -> int:
     "interrupted") when it goes away, so those count last; then the earliest, then the lowest rank."""
     rank, failure = min(failures.items(), key=lambda f: (f[1].exitcode in (UNAVAILABLE, INTERRUPTED) or
                                                          f[1].exitcode < 0, f[1].timestamp, f[0]))
+    if failure.exitcode == -signal.SIGABRT:
+        # torchrun's workers run with TORCH_NCCL_ASYNC_ERROR_HANDLING: NCCL's watchdog aborts a process whose
+        # collective timed out or lost its peer, before Python can say so.
+        log.get().error(f"worker rank {rank} was aborted by NCCL's watchdog: a collective timed out or a peer "
+                        "stopped (FT_DIST_TIMEOUT_SECONDS bounds the wait); a restart resumes from the last checkpoint",
+                        rank=rank, exit_code=UNAVAILABLE, reason="unavailable")
+        return UNAVAILABLE
     if failure.exitcode < 0:  # killed by a signal torchrun did not send: the OOM killer, a node going away
         log.get().error(f"worker rank {rank} was killed by {failure.signal_name()}", rank=rank, exit_code=1)
         return 1
@@ -129,8 +153,10 @@ def one_gpu_only(cfg: Settings) -> None:
     where NVML is missing, counting the GPUs would start CUDA and fix what it sees."""
     if is_worker() or cfg.device == "cpu" or cfg.nproc_per_node != 1:
         return
-    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
-    os.environ["CUDA_VISIBLE_DEVICES"] = first
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible == "":  # every GPU hidden on purpose
+        return
+    os.environ["CUDA_VISIBLE_DEVICES"] = (visible or "0").split(",")[0].strip() or "0"
 
 
 # --- in the workers -------------------------------------------------------------------------------------------------
@@ -169,6 +195,13 @@ def init(cfg: Settings) -> None:
         torch.cuda.set_device(local_rank())
     PartialState(cpu=not cuda, backend="nccl" if cuda else "gloo",
                  timeout=timedelta(seconds=cfg.dist_timeout_seconds))
+    global _slow_group
+    import torch.distributed as dist
+
+    # Waits behind one process's transfers (a download, a checkpoint upload, the publish) may take as long as a
+    # transfer may (FT_STORAGE_DEADLINE_SECONDS): they go through their own group, on the CPU, with that much more.
+    _slow_group = dist.new_group(backend="gloo", timeout=timedelta(
+        seconds=cfg.dist_timeout_seconds + cfg.storage_deadline_seconds))
     if rank() != 0:  # every rank logs its warnings and errors; rank 0 alone tells the story
         log.setup(cfg.log_format, "warning")
     import structlog
@@ -178,11 +211,15 @@ def init(cfg: Settings) -> None:
                    host=socket.gethostname(), timeout_s=cfg.dist_timeout_seconds)
 
 
+_slow_group = None
+
+
 def barrier() -> None:
+    """Wait for every process; the wait may last as long as one process's storage transfer."""
     if active():
         import torch.distributed as dist
 
-        dist.barrier()
+        dist.barrier(group=_slow_group)
 
 
 @contextlib.contextmanager
@@ -205,21 +242,21 @@ def broadcast(value):
     import torch.distributed as dist
 
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_slow_group)
     return box[0]
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when it is True on any (one small all-reduce)."""
+def any_rank(*flags: bool) -> list[bool]:
+    """Each flag True on every rank when it is True on any (one small all-reduce)."""
     if not active():
-        return flag
+        return list(flags)
     import torch
     import torch.distributed as dist
 
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([1 if flag else 0], device=device)
+    t = torch.tensor([1 if f else 0 for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def gather_files(paths: list[Path], into: Path) -> None:
@@ -230,7 +267,7 @@ def gather_files(paths: list[Path], into: Path) -> None:
 
     mine = {p.name: p.read_bytes() for p in paths if p.is_file()}
     gathered = [None] * world_size() if is_main() else None
-    dist.gather_object(mine, gathered, dst=0)
+    dist.gather_object(mine, gathered, dst=0, group=_slow_group)
     if is_main():
         for files in gathered:
             for name, data in files.items():

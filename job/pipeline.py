@@ -38,7 +38,8 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
     load_start = time.monotonic()
     base = model.load_model(model_src.path, cfg, placement)
     load_seconds = time.monotonic() - load_start
-    plan = speed.plan(cfg, placement, base.config, distributed.world_size())
+    # Every process must train alike: rank 0's plan (sized from its free memory) for all.
+    plan = distributed.broadcast(speed.plan(cfg, placement, base.config, distributed.world_size()))
     log.get().info("speed plan", **vars(plan), load_s=round(load_seconds, 2))
     main = distributed.is_main()  # the one process that writes TensorBoard, checkpoints and results
     log.get().info("tensorboard logs", path=str(scratch / "output" / "tensorboard"),

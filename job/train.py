@@ -69,6 +69,9 @@ def sft_config(cfg: Settings, placement: Placement, output_dir: Path, has_eval: 
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if has_eval else "no",
+        # accelerate cannot prepare an FSDP2 model for evaluation alone (it wants the optimizer with it): under FSDP
+        # the evaluation before training runs inside train(). After a resume it evaluates the resumed weights.
+        eval_on_start=has_eval and fsdp,
         eval_steps=cfg.eval_steps,
         save_strategy="steps" if cfg.save_steps else "no",  # time and SIGTERM saves come from callbacks
         save_steps=cfg.save_steps or 500,
@@ -153,7 +156,8 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
     result = TrainResult()
     try:
         resume = checkpoints.restore_everywhere(scratch / "resume")
-        if eval_ds is not None:
+        fsdp = uses_fsdp(cfg, speed)
+        if eval_ds is not None and not fsdp:  # under FSDP: SFTConfig.eval_on_start, once the model is sharded
             result.metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
             # accelerate marks a model it prepared for evaluation as prepared, and training then skips wrapping it in
             # DDP or FSDP: every process would train alone. Un-mark it (accelerate 1.x, Accelerator.prepare_model).
@@ -168,6 +172,9 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
             stopper.training = False
         result.train_seconds, result.global_step = time.monotonic() - start, out.global_step
         result.metrics["train_loss"] = out.training_loss
+        if eval_ds is not None and fsdp:
+            result.metrics["eval_loss_before"] = next(e["eval_loss"] for e in trainer.state.log_history
+                                                      if "eval_loss" in e)
         stopped_early(trainer, guard, stopper, checkpoints)
         if eval_ds is not None:
             result.metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]

@@ -69,6 +69,26 @@ def test_every_node_names_the_run_alike():
     assert settings_fingerprint(settings(learning_rate=1e-4)) != one
 
 
+def test_aws_batch_nodes_of_one_job_name_the_run_alike(monkeypatch):
+    from job.config import resolve_run_id
+
+    monkeypatch.setenv("AWS_BATCH_JOB_ID", "1f2e3d4c-aaaa-bbbb-cccc-0123456789ab#1")
+    assert resolve_run_id(settings()) == "1f2e3d4c-aaaa-bbbb-cccc-0123456789ab"
+
+
+def test_more_processes_than_gpus_is_a_config_error(monkeypatch):
+    monkeypatch.setattr(distributed, "_gpus", lambda: 2)
+    with pytest.raises(ConfigError, match="FT_NPROC_PER_NODE=4: this node shows only 2 GPU"):
+        distributed.processes_per_node(Settings(nproc_per_node=4))
+    assert distributed.processes_per_node(Settings()) == 2  # default: every GPU
+
+
+def test_fsdp_on_the_cpu_is_refused_before_launching():
+    """accelerate applies FSDP to GPU process groups only: on the CPU the run would silently be DDP."""
+    with pytest.raises(ConfigError, match="FT_STRATEGY=fsdp: FSDP shards over GPUs"):
+        distributed.launch(settings(nproc_per_node=2, strategy="fsdp"), "r")
+
+
 def failure(rank: int, code: int, ts: int) -> ProcessFailure:
     f = ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file="/nonexistent")
     f.timestamp = ts
@@ -82,6 +102,9 @@ def test_exit_code_is_the_cause_not_its_echo():
     assert distributed.exit_code_of({0: failure(0, 6, 9), 1: failure(1, 3, 4)}) == 3  # the earlier
     assert distributed.exit_code_of({0: failure(0, unavailable, 5)}) == unavailable
     assert distributed.exit_code_of({1: failure(1, -9, 5)}) == 1  # killed from outside: no code of ours
+    # NCCL's watchdog aborts a process whose collective timed out (torchrun sets TORCH_NCCL_ASYNC_ERROR_HANDLING)
+    assert distributed.exit_code_of({1: failure(1, -6, 5)}) == unavailable
+    assert distributed.exit_code_of({0: failure(0, -6, 4), 1: failure(1, inp, 5)}) == inp
 
 
 @pytest.mark.parametrize("micro, accum, processes, smallest, expected", [
@@ -117,7 +140,7 @@ def test_plan_reports_the_split(tiny_model):
     assert (plan.batch_size, plan.accumulation, plan.processes, plan.global_batch) == (4, 1, 2, 8)
 
 
-@pytest.mark.parametrize("visible, expected", [(None, "0"), ("3,5", "3"), ("GPU-aa,GPU-bb", "GPU-aa")])
+@pytest.mark.parametrize("visible, expected", [(None, "0"), ("3,5", "3"), ("GPU-aa,GPU-bb", "GPU-aa"), ("", "")])
 def test_one_process_on_a_node_of_several_gpus_sees_one(monkeypatch, visible, expected):
     """Else the Trainer would wrap the model in nn.DataParallel over every visible GPU, which trl refuses."""
     if visible is None:

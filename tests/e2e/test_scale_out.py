@@ -124,7 +124,10 @@ def assert_one_result_set(out: Path, run_id: str = "dist") -> None:
 
 
 def test_two_processes_on_one_node_train_as_one(single, tiny_model, tmp_path):
-    proc = run_job(settings(tiny_model, FT_NPROC_PER_NODE="2", OMP_NUM_THREADS="1"), tmp_path)
+    # Checkpoints every ~1 s by each process's own clock: the processes must still agree on when to save (else
+    # their collectives stop matching and the run hangs), and saving must not change the training.
+    proc = run_job(settings(tiny_model, FT_NPROC_PER_NODE="2", OMP_NUM_THREADS="1", FT_SAVE_MINUTES="0.015"),
+                   tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     evs = events(proc)
     split = next(e for e in evs if e["event"] == "global batch kept across processes")
@@ -132,30 +135,13 @@ def test_two_processes_on_one_node_train_as_one(single, tiny_model, tmp_path):
     assert_same_training(evs, single)
     assert_one_result_set(tmp_path / "out")
     assert [e["rank"] for e in evs if e["event"] == "published"] == [0]
+    assert len([e for e in evs if e["event"] == "checkpoint mirrored"]) >= 2
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "out/dist/adapter")
     assert any("lora_A" in n for n, _ in model.named_parameters())
-
-
-def test_fsdp_shards_and_trains_as_one(single, tiny_model, tmp_path):
-    """FT_STRATEGY=fsdp: QLoRA under FSDP (4-bit weights stored in the compute dtype), the same training."""
-    proc = run_job(settings(tiny_model, FT_NPROC_PER_NODE="2", FT_STRATEGY="fsdp", OMP_NUM_THREADS="1"), tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    evs = events(proc)
-    assert next(e for e in evs if e["event"] == "launching workers with torchrun")["strategy"] == "fsdp"
-    assert_same_training(evs, single)
-    assert_one_result_set(tmp_path / "out")
-    manifest = json.loads((tmp_path / "out/dist/manifest.json").read_text())
-    assert manifest["placement"]["strategy"] == "fsdp" and manifest["placement"]["processes"] == 2
-
-    from safetensors.torch import load_file
-
-    adapter = load_file(tmp_path / "out/dist/adapter/adapter_model.safetensors")
-    assert adapter and all("lora_" in k for k in adapter)  # whole LoRA matrices, gathered from the shards
-    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
 
 
 def test_two_nodes_on_loopback_train_as_one(single, tiny_model, tmp_path):
@@ -188,6 +174,8 @@ def test_sigterm_to_one_node_stops_both_and_a_restart_resumes(single, tiny_model
     stopped_at = steps.pop()
     checkpoints = tmp_path / "out" / "dist" / "checkpoints"
     assert json.loads((checkpoints / "latest").read_text())["step"] == stopped_at
+    mirrored = json.loads((checkpoints / f"checkpoint-{stopped_at}" / "checkpoint.json").read_text())["files"]
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(mirrored)  # each node's RNG state, gathered by rank 0
     assert not list((tmp_path / "out").rglob("manifest.json"))
 
     again = two_nodes(env, tmp_path)
