@@ -1,11 +1,13 @@
-"""Side-by-side speed and memory benchmark on one GPU (issue 7's workload), every variant in a fresh process.
+"""Side-by-side speed and memory benchmark (issue 7's workload) on one GPU, and on two for the scale-out variants;
+every variant in a fresh process.
 
     python3 bench/run.py --out $OUT [--samples 1000] [--rounds 2] [--variants guide,fast,lean]
 
 Builds a Llama-2-7b-shaped model once (random init, fp16 safetensors) and the workload's data (random token ids,
 lengths lognormal(median 256, sigma 0.9) clipped to [16, 4096], numpy default_rng(0), truncated to 1024 tokens),
 then runs each variant through the job's own CLI (loading path, data path, trainer) in rounds (A B C A B C ...),
-after warming the GPU. Prints a table and writes results.json; bench/report.py turns that into RESULTS.md.
+after warming the GPU. Prints a table and writes results.json (kept in bench/data/; RESULTS.md is written from it by
+hand for now, and the PNG chart issue 7 asks for is not made yet).
 """
 
 from __future__ import annotations
