@@ -6,8 +6,8 @@ every variant in a fresh process.
 Builds a Llama-2-7b-shaped model once (random init, fp16 safetensors) and the workload's data (random token ids,
 lengths lognormal(median 256, sigma 0.9) clipped to [16, 4096], numpy default_rng(0), truncated to 1024 tokens),
 then runs each variant through the job's own CLI (loading path, data path, trainer) in rounds (A B C A B C ...),
-after warming the GPU. Prints a table and writes results.json (kept in bench/data/; RESULTS.md is written from it by
-hand for now, and the PNG chart issue 7 asks for is not made yet).
+after warming the GPU. Prints a table and writes results.json (kept in bench/data/; bench/chart.py draws RESULTS.md's
+PNG chart from such files on the development machine, where matplotlib is; RESULTS.md's tables are written by hand).
 """
 
 from __future__ import annotations
