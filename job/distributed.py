@@ -94,9 +94,10 @@ def torchrun_args(cfg: Settings, run_id: str) -> list[str]:
 
 def launch(cfg: Settings, run_id: str) -> int:
     """Run the workers under torchrun and return the exit code of the first that failed (0 when all succeeded)."""
+    from torch.distributed import DistNetworkError, DistStoreError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed import DistNetworkError, DistStoreError
+    from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.run import parse_args, run
 
     if cfg.strategy == "fsdp" and (cfg.device == "cpu" or not _gpus()):
@@ -112,8 +113,6 @@ def launch(cfg: Settings, run_id: str) -> int:
     os.environ["FT_RUN_ID"] = run_id  # every worker (and node) must name the run alike
     # torchrun's default is one thread per worker (and a warning); share this node's cores instead.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes_per_node(cfg))))
-    from torch.distributed.elastic.rendezvous import RendezvousError
-
     try:
         run(parse_args(args))
     except (RendezvousError, DistNetworkError, DistStoreError) as e:
