@@ -108,10 +108,14 @@ def cmd_run(args) -> int:
     return 0
 
 
+def termination_log_path() -> Path:
+    # The settings may be the very thing that failed, so the path is read from the environment.
+    return Path(os.environ.get("FT_TERMINATION_LOG") or DEFAULT_TERMINATION_LOG)
+
+
 def write_termination_log(reason: str) -> None:
-    # The settings may be the very thing that failed, so the path is read here, in the one place that must work
-    # without them. The Kubernetes default is only written where Kubernetes created it.
-    path = Path(os.environ.get("FT_TERMINATION_LOG") or DEFAULT_TERMINATION_LOG)
+    # The Kubernetes default is only written where Kubernetes created it.
+    path = termination_log_path()
     if path == DEFAULT_TERMINATION_LOG and not path.exists():
         return
     try:
@@ -173,7 +177,7 @@ def _fail(e: JobError, keep_termination_log: bool = False) -> int:
     else:
         for line in lines:
             log.get().error(log.redact(line), exit_code=e.exit_code, reason=e.exit_name)
-    path = Path(os.environ.get("FT_TERMINATION_LOG") or DEFAULT_TERMINATION_LOG)
+    path = termination_log_path()
     if not (keep_termination_log and path.is_file() and path.stat().st_size):
         write_termination_log(log.redact(f"{e.exit_name}: {e.reason}"))
     return e.exit_code

@@ -293,6 +293,11 @@ class Settings(BaseSettings):
         return ",".join(names)
 
     @property
+    def packs(self) -> bool:
+        """Whether samples are packed: FT_PACKING, else every profile but `guide`."""
+        return self.packing if self.packing is not None else self.profile != "guide"
+
+    @property
     def target_modules(self) -> list[str] | str | None:
         """The value peft's LoraConfig takes: None for its per-architecture default."""
         if self.lora_target_modules == "auto":

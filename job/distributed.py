@@ -69,8 +69,8 @@ def node_rank(cfg: Settings) -> int:
                        f"{cfg.nnodes} every node needs its rank (0 to {cfg.nnodes - 1})"])
 
 
-def torchrun_args(cfg: Settings, run_id: str) -> list[str]:
-    nproc = processes_per_node(cfg)
+def torchrun_args(cfg: Settings, run_id: str, nproc: int | None = None) -> list[str]:
+    nproc = nproc or processes_per_node(cfg)
     args = ["--nproc-per-node", str(nproc), "--max-restarts", "0", "--monitor-interval", "1"]
     if cfg.nnodes == 1:
         args.append("--standalone")
@@ -103,16 +103,17 @@ def launch(cfg: Settings, run_id: str) -> int:
     if cfg.strategy == "fsdp" and (cfg.device == "cpu" or not _gpus()):
         raise ConfigError(["FT_STRATEGY=fsdp: FSDP shards over GPUs (accelerate applies it to GPU process groups "
                            "only); on the CPU use ddp"])
-    args = torchrun_args(cfg, run_id)
+    nproc = processes_per_node(cfg)
+    args = torchrun_args(cfg, run_id, nproc)
     log.get().info("launching workers with torchrun", nnodes=cfg.nnodes, node_rank=node_rank(cfg),
-                   nproc_per_node=processes_per_node(cfg), strategy=cfg.strategy,
+                   nproc_per_node=nproc, strategy=cfg.strategy,
                    rendezvous=os.environ.get("MASTER_ADDR") and f"{os.environ['MASTER_ADDR']}:"
                    f"{os.environ.get('MASTER_PORT') or DEFAULT_PORT}")
     # Workers that got SIGTERM need the grace budget to save; torchrun waits this long before SIGKILL.
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(int(cfg.termination_grace_seconds) + 5))
     os.environ["FT_RUN_ID"] = run_id  # every worker (and node) must name the run alike
     # torchrun's default is one thread per worker (and a warning); share this node's cores instead.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes_per_node(cfg))))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     try:
         run(parse_args(args))
     except (RendezvousError, DistNetworkError, DistStoreError) as e:

@@ -70,9 +70,8 @@ def resolve_attention(cfg: Settings, placement: Placement) -> str:
 
     name = cfg.attention
     if name == "auto":
-        packing = cfg.packing if cfg.packing is not None else cfg.profile != "guide"  # speed.plan's rule
         gpu_kernel = placement.device == "cuda" and attention.kernel_available(placement.dtype)
-        name = attention.NAME if packing and gpu_kernel else "sdpa"
+        name = attention.NAME if cfg.packs and gpu_kernel else "sdpa"
     if name == attention.NAME:
         if placement.device == "cuda" and not attention.kernel_available(placement.dtype):
             raise ConfigError([f"FT_ATTENTION=varlen: needs torch >= 2.11's varlen flash kernel, an Ampere or newer "

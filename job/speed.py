@@ -63,8 +63,7 @@ def plan(cfg: Settings, placement: Placement, model_config, processes: int = 1) 
     if cfg.use_liger and not (gpu and liger_available()):
         raise ConfigError(["FT_USE_LIGER=true: Liger's kernels need a CUDA GPU and the liger-kernel package"])
     liger = cfg.use_liger if cfg.use_liger is not None else cfg.profile != "guide" and gpu and liger_available()
-    packing = cfg.packing if cfg.packing is not None else cfg.profile != "guide"
-    if not packing:
+    if not cfg.packs:
         ckpt = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else cfg.profile != "fast"
         batch, accumulation = split_global_batch(cfg, cfg.batch_size, processes, 1, "FT_BATCH_SIZE")
         return _logged(SpeedPlan(False, None, ckpt, liger, attention, batch, accumulation, processes))
