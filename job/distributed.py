@@ -195,9 +195,12 @@ def init(cfg: Settings) -> None:
         torch.cuda.set_device(local_rank())
     PartialState(cpu=not cuda, backend="nccl" if cuda else "gloo",
                  timeout=timedelta(seconds=cfg.dist_timeout_seconds))
-    global _slow_group
+    global _slow_group, _flag_group
     import torch.distributed as dist
 
+    # Small agreements taken every step go through the CPU, so that they never wait for the GPU's queue to drain.
+    _flag_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.dist_timeout_seconds)) if cuda \
+        else dist.group.WORLD
     # Waits behind one process's transfers (a download, a checkpoint upload, the publish) may take as long as a
     # transfer may (FT_STORAGE_DEADLINE_SECONDS): they go through their own group, on the CPU, with that much more.
     _slow_group = dist.new_group(backend="gloo", timeout=timedelta(
@@ -211,7 +214,7 @@ def init(cfg: Settings) -> None:
                    host=socket.gethostname(), timeout_s=cfg.dist_timeout_seconds)
 
 
-_slow_group = None
+_slow_group = _flag_group = None
 
 
 def barrier() -> None:
@@ -247,15 +250,14 @@ def broadcast(value):
 
 
 def any_rank(*flags: bool) -> list[bool]:
-    """Each flag True on every rank when it is True on any (one small all-reduce)."""
+    """Each flag True on every rank when it is True on any (one small all-reduce, on the CPU)."""
     if not active():
         return list(flags)
     import torch
     import torch.distributed as dist
 
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([1 if f else 0 for f in flags], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([1 if f else 0 for f in flags])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_flag_group)
     return [bool(v) for v in t.tolist()]
 
 

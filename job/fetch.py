@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from job import log
+from job import distributed, log
 from job.config import Settings
 from job.errors import ConfigError, InputError, UnavailableError, first_line
 from job.storage import HubStorage, Storage, StorageError, open_source
@@ -24,7 +25,11 @@ class Fetched:
 
     uri: str
     path: Path
-    revision: str
+    _revision: str | Future[str]
+
+    @property
+    def revision(self) -> str:
+        return self._revision.result() if isinstance(self._revision, Future) else self._revision
 
 
 def fetch_model(cfg: Settings) -> Fetched:
@@ -93,10 +98,16 @@ def _fetch(source: Storage, setting: str, cache: Path, patterns: list[str]) -> P
     return path
 
 
-def _revision(source: Storage, path: Path) -> str:
+_hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="content-hash")
+
+
+def _revision(source: Storage, path: Path) -> str | Future[str]:
     if isinstance(source, HubStorage) and source.commit:
         return source.commit
-    return "sha256:" + content_hash(path)
+    if not distributed.is_main():
+        return "sha256:(hashed by rank 0)"  # only rank 0 writes the manifest
+    # Hashing a 7B model's 13 GB takes ~10 s: it runs beside loading and training, and the manifest waits for it.
+    return _hasher.submit(lambda: "sha256:" + content_hash(path))
 
 
 def content_hash(path: Path) -> str:
