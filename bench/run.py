@@ -1,13 +1,16 @@
 """Side-by-side speed and memory benchmark (issue 7's workload) on one GPU, and on two for the scale-out variants;
 every variant in a fresh process.
 
-    python3 bench/run.py --out $OUT [--samples 1000] [--rounds 2] [--variants guide,fast,lean]
+    python3 bench/run.py --out $OUT [--samples 1000] [--rounds 2] [--variants guide,trl-packed,unsloth,fast,lean]
+                         [--gpus 0,1,2,3]
 
 Builds a Llama-2-7b-shaped model once (random init, fp16 safetensors) and the workload's data (random token ids,
 lengths lognormal(median 256, sigma 0.9) clipped to [16, 4096], numpy default_rng(0), truncated to 1024 tokens),
-then runs each variant through the job's own CLI (loading path, data path, trainer) in rounds (A B C A B C ...),
-after warming the GPU. Prints a table and writes results.json (kept in bench/data/; bench/chart.py draws RESULTS.md's
-PNG chart from such files on the development machine, where matplotlib is; RESULTS.md's tables are written by hand).
+then runs each variant through the job's own CLI (loading path, data path, trainer) in rounds (A B C, then C B A),
+after warming the GPU. The runs are spread over the GPUs (`--gpus`), each starting as soon as as many GPUs as it needs
+are free, so that a round's variants and the two rounds of one variant run on different GPUs of the same host. Prints
+a table and writes results.json (kept in bench/data/; bench/chart.py draws RESULTS.md's PNG chart from such files on
+the development machine, where matplotlib is; RESULTS.md's tables are written by hand).
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,7 +41,11 @@ VARIANTS = {
     # block mask (FT_ATTENTION's default, auto, would pick the job's varlen kernel on the GPU).
     "trl-packed": {"FT_PROFILE": "fast", "FT_USE_LIGER": "false", "FT_MICRO_BATCH_TOKENS": "4096",
                    "FT_GRADIENT_CHECKPOINTING": "false", "FT_ATTENTION": "sdpa"},
+    # Unsloth (bench/unsloth_peer.py, on its own packages): the same LoRA, trl's packing at 4096 tokens, bf16.
+    "unsloth": {"_runner": "unsloth", "FT_MICRO_BATCH_TOKENS": "4096"},
     "fast": {"FT_PROFILE": "fast"},
+    # A torch profiler trace of a few steady steps of `fast` (bench/profile_step.py): where the time goes.
+    "profile-fast": {"FT_PROFILE": "fast", "_runner": "profile"},
     "fast-flex": {"FT_PROFILE": "fast", "FT_ATTENTION": "flex_attention"},
     # sdpa at 4096 and 8192 tokens, as measured in RESULTS.md run 2.
     "fast-4k": {"FT_PROFILE": "fast", "FT_MICRO_BATCH_TOKENS": "4096", "FT_ATTENTION": "sdpa"},
@@ -51,6 +60,7 @@ VARIANTS = {
     # A 24 GB-class card simulated on the H200 (bench/gpucap): the peer, and the job sizing itself to the cap.
     "trl-packed-24gb": {"FT_PROFILE": "fast", "FT_USE_LIGER": "false", "FT_MICRO_BATCH_TOKENS": "4096",
                         "FT_GRADIENT_CHECKPOINTING": "false", "FT_ATTENTION": "sdpa", "_gpu_gib": "24"},
+    "unsloth-24gb": {"_runner": "unsloth", "FT_MICRO_BATCH_TOKENS": "4096", "_gpu_gib": "24"},
     "fast-24gb": {"FT_PROFILE": "fast", "_gpu_gib": "24"},
     # Scale-out (issue 5), all with the same global batch of 2 x 8192 tokens per optimizer step: one GPU accumulates
     # two micro-batches, two GPUs take one each (the job halves the accumulation). "_nodes" launches that many
@@ -58,6 +68,9 @@ VARIANTS = {
     "1gpu-ga2": {**SCALE, "FT_NPROC_PER_NODE": "1"},
     "ddp-2gpu": {**SCALE, "FT_NPROC_PER_NODE": "2"},
     "fsdp-2gpu": {**SCALE, "FT_NPROC_PER_NODE": "2", "FT_STRATEGY": "fsdp"},
+    # FSDP with an eval set (evaluated before and after) and a checkpoint every 5 steps: the paths a timing run skips.
+    "fsdp-2gpu-eval": {**SCALE, "FT_NPROC_PER_NODE": "2", "FT_STRATEGY": "fsdp", "FT_EVAL_FRACTION": "0.1",
+                       "FT_EVAL_STEPS": "10", "FT_SAVE_STEPS": "5"},
     "2nodes-1gpu": {**SCALE, "_nodes": "2"},
 }
 
@@ -115,52 +128,134 @@ def gemm_tflops() -> float:
     return 2 * 8192**3 * 10 / (time.perf_counter() - start) / 1e12
 
 
-def run_variant(name: str, model: Path, data: dict[int, Path], out: Path, samples: int) -> dict:
+PEERS = ("trl-packed", "unsloth")  # "x peer" divides by the fastest of these, in the same memory class
+
+
+def variant_env(name: str) -> dict[str, str]:
+    """A variant's settings; a "-d0" suffix is the same variant with LoRA dropout 0 (Unsloth's fast path needs it)."""
+    if name.endswith("-d0"):
+        return {**VARIANTS[name[:-3]], "FT_LORA_DROPOUT": "0"}
+    return dict(VARIANTS[name])
+
+
+def gpus_needed(name: str) -> int:
+    env = variant_env(name)
+    # 1gpu-ga2 sees two GPUs and asks for one process: the job pins itself to the first (a user's 2-GPU node).
+    return 2 if name == "1gpu-ga2" else max(int(env.get("FT_NPROC_PER_NODE", "1")), int(env.get("_nodes", "1")))
+
+
+def run_variant(name: str, round_: int, gpus: list[int], model: Path, data: dict[int, Path], out: Path,
+                timeout: float = 900) -> dict:
+    """One run of a variant in fresh processes on the given GPUs; its own run id, work directory and log. A run that
+    outlasts `timeout` seconds is killed (exit 124)."""
+    run_id = f"{name}-r{round_}"
     env = {**os.environ, "FT_BASE_MODEL": str(model), "FT_EVAL_FRACTION": "0", "FT_NUM_TRAIN_EPOCHS": "1",
            "FT_LOGGING_STEPS": "10", "FT_SAVE_MINUTES": "0", "FT_LOG_FORMAT": "json",
-           "FT_OUTPUT_URI": str(out / "runs"), "FT_WORK_DIR": "/tmp/bench-work", "FT_OVERWRITE": "true",
-           "FT_MAX_SEQ_LENGTH": "1024", "FT_RUN_ID": name,
-           "PYTHONPATH": f"{os.environ.get('PYTHONPATH', '')}:{ROOT}", **VARIANTS[name]}
+           "FT_OUTPUT_URI": str(out / "runs"), "FT_WORK_DIR": f"/tmp/bench-work/{run_id}", "FT_OVERWRITE": "true",
+           "FT_MAX_SEQ_LENGTH": "1024", "FT_RUN_ID": run_id, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus)),
+           "PYTHONPATH": f"{os.environ.get('PYTHONPATH', '')}:{ROOT}", **variant_env(name)}
     env["FT_DATASET"] = str(data[int(env["FT_MAX_SEQ_LENGTH"])])
     nodes = int(env.pop("_nodes", "1"))
+    runner = env.pop("_runner", "job")
     if gib := env.pop("_gpu_gib", None):
         env["BENCH_GPU_GIB"] = gib
         env["PYTHONPATH"] = f"{ROOT / 'bench' / 'gpucap'}:{env['PYTHONPATH']}"
-    log_path = out / f"{name}.log"
-    offset = log_path.stat().st_size if log_path.exists() else 0  # the log gathers every round's run
-    with open(log_path, "a") as log:
+    log_path = out / f"{run_id}.log"
+    row = {"variant": name, "round": round_, "gpus": gpus}
+    with open(log_path, "w") as log:
+        deadline = time.monotonic() + timeout
+
+        def run(cmd: list[str], **extra) -> Waiter:
+            return Waiter(subprocess.Popen(cmd, env={**env, **extra}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                           start_new_session=True), deadline)
+
+        if runner == "unsloth":  # the peer, on its own packages (bench/README.md)
+            env["PYTHONPATH"] = f"{os.environ.get('BENCH_UNSLOTH_SITE', '/tmp/site-unsloth')}:{env['PYTHONPATH']}"
+            result = out / "unsloth" / run_id
+            code = run([sys.executable, "bench/unsloth_peer.py", "--model", str(model), "--data", env["FT_DATASET"],
+                        "--out", str(result), "--dropout", env.get("FT_LORA_DROPOUT", "0.1"),
+                        "--pack-tokens", env.get("FT_MICRO_BATCH_TOKENS", "4096")]).wait()
+            return {**row, "exit": code, **(json.loads((result / "result.json").read_text()) if code == 0 else {})}
+        if runner == "profile":  # torch profiler over a few steady steps of the job (bench/profile_step.py)
+            code = run([sys.executable, "bench/profile_step.py", "--out", str(out / "profile" / run_id)]).wait()
+            return {**row, "exit": code, "profile": True}
         if nodes == 1:
-            code = subprocess.run([sys.executable, "-m", "job"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  cwd=ROOT).returncode
-        else:  # one process per "node", each with one GPU and its own work directory
-            procs = [subprocess.Popen([sys.executable, "-m", "job"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                      env={**env, "FT_NNODES": str(nodes), "FT_NODE_RANK": str(i),
-                                           "FT_NPROC_PER_NODE": "1", "CUDA_VISIBLE_DEVICES": str(i),
-                                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29531",
-                                           "NCCL_SOCKET_IFNAME": "lo", "FT_WORK_DIR": f"/tmp/bench-work-{i}"})
-                     for i in range(nodes)]
+            code = run([sys.executable, "-m", "job"]).wait()
+        else:  # one launch per "node", each with one GPU and its own work directory, meeting over loopback
+            procs = [run([sys.executable, "-m", "job"], FT_NNODES=str(nodes), FT_NODE_RANK=str(i),
+                         FT_NPROC_PER_NODE="1", CUDA_VISIBLE_DEVICES=str(gpu), MASTER_ADDR="127.0.0.1",
+                         MASTER_PORT=str(29500 + 7 * gpus[0] + round_), NCCL_SOCKET_IFNAME="lo",
+                         FT_WORK_DIR=f"/tmp/bench-work/{run_id}-{i}") for i, gpu in enumerate(gpus[:nodes])]
             code = max(p.wait() for p in procs)
     if code != 0:
-        return {"variant": name, "exit": code}
-    manifest = json.loads((out / "runs" / name / "manifest.json").read_text())
+        return {**row, "exit": code}
+    manifest = json.loads((out / "runs" / run_id / "manifest.json").read_text())
     t, d, m = manifest["training"], manifest["data"], manifest["metrics"]
-    return {"variant": name, "exit": 0, "tokens_per_s": d["trained_tokens"] / t["seconds"], "seconds": t["seconds"],
+    return {**row, "exit": 0, "tokens_per_s": d["trained_tokens"] / t["seconds"], "seconds": t["seconds"],
             "load_s": t["load_seconds"], "steps": t["steps"], "tokens_per_step": d["trained_tokens"] / t["steps"],
             "peak_gib": m.get("peak_gpu_mem_gib"), "reserved_gib": m.get("peak_gpu_reserved_gib"),
-            "steady_tokens_per_s": steady_rate(log_path, offset),
+            "steady_tokens_per_s": steady_rate(log_path),
+            "eval_loss": [m.get("eval_loss_before"), m.get("eval_loss_after")] if "eval_loss_after" in m else None,
             "processes": manifest["placement"].get("processes", 1), "strategy": manifest["placement"].get("strategy"),
             "plan": {k: t.get(k) for k in ("packing", "micro_batch_tokens", "gradient_checkpointing", "liger",
                                            "attention", "accumulation")}}
 
 
-def steady_rate(log_path: Path, offset: int) -> float | None:
+class Waiter:
+    """A process whose wait ends at a deadline: past it, its whole process group is killed and the exit is 124."""
+
+    def __init__(self, proc: subprocess.Popen, deadline: float):
+        self.proc, self.deadline = proc, deadline
+
+    def wait(self) -> int:
+        try:
+            return self.proc.wait(timeout=max(1.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            return 124
+
+
+def steady_rate(log_path: Path) -> float | None:
     """The median of the job's own tokens/s between logging steps, the first interval (warm-up) left out: what a
     longer run would approach. The epoch figure counts the warm-up, as the workload defines it."""
     with open(log_path) as f:
-        f.seek(offset)
         rates = [e["tokens_per_s"] for line in f if line.startswith("{") and '"train step"' in line
                  for e in [json.loads(line)] if e.get("tokens_per_s") and e["step"] > 1]
     return statistics.median(rates) if rates else None
+
+
+def schedule(tasks: list[tuple[str, int]], gpus: list[int], run, start_by: float = float("inf")) -> list[dict]:
+    """Run `tasks` (variant, round) in order on a pool of GPUs, each as soon as as many GPUs as it needs are free
+    (first come, first served: a two-GPU task waits for two rather than being overtaken). `run(name, round, gpus)`
+    returns the task's result row; rows come back in the order the tasks finished. Tasks that could not start before
+    `start_by` (time.monotonic()) are skipped (exit "skipped"), so that a time-limited call still writes results."""
+    free, results, cond = list(gpus), [], threading.Condition()
+
+    def work(name: str, round_: int, mine: list[int]) -> None:
+        try:
+            row = run(name, round_, mine)
+        except Exception as e:  # a broken variant must not stop the others
+            row = {"variant": name, "round": round_, "gpus": mine, "exit": -1, "error": repr(e)}
+        with cond:
+            results.append(row)
+            free.extend(mine)
+            cond.notify_all()
+
+    threads = []
+    for name, round_ in tasks:
+        need = min(gpus_needed(name), len(gpus))
+        with cond:
+            left = None if start_by == float("inf") else max(0.0, start_by - time.monotonic())
+            if not cond.wait_for(lambda: len(free) >= need, timeout=left):
+                results.append({"variant": name, "round": round_, "exit": "skipped"})
+                continue
+            mine = [free.pop(0) for _ in range(need)]
+        threads.append(threading.Thread(target=work, args=(name, round_, mine)))
+        threads[-1].start()
+    for t in threads:
+        t.join()
+    return results
 
 
 def main() -> int:
@@ -168,7 +263,11 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--variants", default="guide,trl-packed,fast,lean")
+    p.add_argument("--variants", default="guide,trl-packed,unsloth,fast,lean")
+    p.add_argument("--once", default="", help="variants (also in --variants or not) run in the first round only")
+    p.add_argument("--gpus", default=None, help="GPU ids to spread the runs over (default: every visible GPU)")
+    p.add_argument("--budget", type=float, default=float("inf"),
+                   help="seconds: start no run after this much, and kill any run still going at it")
     p.add_argument("--smoke", action="store_true", help="a tiny model instead of 7B: checks the script on a CPU")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -178,50 +277,75 @@ def main() -> int:
     for n, path in data.items():
         build_data(path, args.samples, n)
     tflops = gemm_tflops()
-    results = []
-    for round_ in range(args.rounds):
-        for name in args.variants.split(","):
-            r = run_variant(name, model, data, args.out, args.samples)
-            r["round"] = round_
-            results.append(r)
-            print(json.dumps(r), flush=True)
-            (args.out / "runs.json").write_text(json.dumps(results, indent=2))  # kept if the call is cut short
+    gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else list(range(max(1, visible_gpus())))
+    names, once = args.variants.split(","), [n for n in args.once.split(",") if n]
+    if unknown := [n for n in names + once if n.removesuffix("-d0") not in VARIANTS]:
+        p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)} (each also with -d0)")
+    # Rounds interleaved (A B C A B C), the second in reverse order so that no variant always follows the same one.
+    tasks = [(n, r) for r in range(args.rounds) for n in (names if r % 2 == 0 else names[::-1])]
+    tasks[len(names):len(names)] = [(n, 0) for n in once if n not in names]
+    progress = []
+
+    end = time.monotonic() + args.budget
+    # A run that starts early may last until the budget's end; a late one must leave time for the rest of the call.
+
+    def run(name: str, round_: int, mine: list[int]) -> dict:
+        row = run_variant(name, round_, mine, model, data, args.out, timeout=min(900, end - time.monotonic()))
+        with lock:
+            progress.append(row)
+            print(json.dumps(row), flush=True)
+            (args.out / "runs.json").write_text(json.dumps(progress, indent=2))  # kept if the call is cut short
+        return row
+
+    lock = threading.Lock()
+    results = schedule(tasks, gpus, run, start_by=end - 60)
     summary = summarize(results, tflops)
-    (args.out / "results.json").write_text(json.dumps({"gemm_tflops": tflops, "samples": args.samples,
+    (args.out / "results.json").write_text(json.dumps({"gemm_tflops": tflops, "samples": args.samples, "gpus": gpus,
                                                        "runs": results, "summary": summary}, indent=2))
     print_table(summary, tflops)
     return 0
 
 
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def summarize(results: list[dict], tflops: float) -> list[dict]:
     rows = []
     for name in dict.fromkeys(r["variant"] for r in results):
-        ok = [r for r in results if r["variant"] == name and r["exit"] == 0]
+        ok = [r for r in results if r["variant"] == name and r["exit"] == 0 and "tokens_per_s" in r]
         if not ok:
-            rows.append({"variant": name, "failed": True})
+            if not any(r.get("profile") for r in results if r["variant"] == name):
+                rows.append({"variant": name, "failed": True})
             continue
         rates = [r["tokens_per_s"] for r in ok]
         med = statistics.median(rates)
         steady = [r["steady_tokens_per_s"] for r in ok if r.get("steady_tokens_per_s")]
-        rows.append({"variant": name, "tokens_per_s": med, "spread": max(rates) - min(rates),
+        rows.append({"variant": name, "tokens_per_s": med, "spread": max(rates) - min(rates), "runs": len(ok),
                      "steady_tokens_per_s": statistics.median(steady) if steady else None,
-                     "mfu": 4 * N_PARAMS * med / (tflops * 1e12), **{k: ok[-1][k] for k in
-                     ("peak_gib", "reserved_gib", "load_s", "tokens_per_step", "steps", "plan", "processes")}})
-    base = next((r["tokens_per_s"] for r in rows if r["variant"] == "guide" and "tokens_per_s" in r), None)
-    peer = next((r["tokens_per_s"] for r in rows if r["variant"] == "trl-packed" and "tokens_per_s" in r), None)
-    one_gpu = next((r["tokens_per_s"] for r in rows if r["variant"] == "1gpu-ga2" and "tokens_per_s" in r), None)
+                     "mfu": 4 * N_PARAMS * med / (tflops * 1e12),
+                     **{k: max(r.get(k) or 0 for r in ok) for k in ("peak_gib", "reserved_gib")},
+                     **{k: ok[-1].get(k) for k in ("load_s", "tokens_per_step", "steps", "plan", "eval_loss")},
+                     "processes": ok[-1].get("processes", 1)})
+    rate = {r["variant"]: r["tokens_per_s"] for r in rows if "tokens_per_s" in r}
     for r in rows:
-        if "tokens_per_s" in r:
-            r["x_guide"] = r["tokens_per_s"] / base if base else None
-            r["x_peer"] = r["tokens_per_s"] / peer if peer else None
-            # scale-out: speed-up over one GPU with the same global batch (ideal: the number of GPUs)
-            r["x_1gpu"] = r["tokens_per_s"] / one_gpu if one_gpu and r.get("processes", 1) > 1 else None
+        if "tokens_per_s" not in r:
+            continue
+        suffix = "".join(s for s in ("-24gb", "-d0") if s in r["variant"])  # compare like with like
+        peers = [rate[p + suffix] for p in PEERS if p + suffix in rate]
+        r["x_guide"] = r["tokens_per_s"] / rate["guide"] if "guide" in rate else None
+        r["x_peer"] = r["tokens_per_s"] / max(peers) if peers else None
+        # scale-out: speed-up over one GPU with the same global batch (ideal: the number of GPUs)
+        one = rate.get("1gpu-ga2")
+        r["x_1gpu"] = r["tokens_per_s"] / one if one and r.get("processes", 1) > 1 else None
     return rows
 
 
 def print_table(rows: list[dict], tflops: float) -> None:
     print(f"\nbf16 GEMM {tflops:.0f} TFLOP/s\n")
-    print("| variant | GPUs | tokens/s (median, spread) | steady tokens/s | x guide | x peer | x 1 GPU | "
+    print("| variant | GPUs | tokens/s (median of n, spread) | steady tokens/s | x guide | x peer | x 1 GPU | "
           "peak GiB/GPU (reserved) | MFU/GPU | load s | tokens/step |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -231,10 +355,9 @@ def print_table(rows: list[dict], tflops: float) -> None:
         f = lambda v: f"{v:.2f}" if v else "-"  # noqa: E731
         gpus = r.get("processes", 1)
         steady = f"{r['steady_tokens_per_s']:,.0f}" if r.get("steady_tokens_per_s") else "-"
-        print(f"| {r['variant']} | {gpus} | {r['tokens_per_s']:,.0f} (±{r['spread']:,.0f}) | {steady} | {f(r['x_guide'])} | "
-              f"{f(r['x_peer'])} | {f(r['x_1gpu'])} | {r['peak_gib']} ({r['reserved_gib']}) | "
-              f"{100 * r['mfu'] / gpus:.1f}% | {r['load_s']} | "
-              f"{r['tokens_per_step']:,.0f} |")
+        print(f"| {r['variant']} | {gpus} | {r['tokens_per_s']:,.0f} (n={r['runs']}, ±{r['spread']:,.0f}) | {steady} | "
+              f"{f(r['x_guide'])} | {f(r['x_peer'])} | {f(r['x_1gpu'])} | {r['peak_gib']} ({r['reserved_gib']}) | "
+              f"{100 * r['mfu'] / gpus:.1f}% | {r['load_s']} | {r['tokens_per_step']:,.0f} |")
 
 
 if __name__ == "__main__":

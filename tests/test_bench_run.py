@@ -1,0 +1,84 @@
+"""bench/run.py's bookkeeping: how runs share the GPUs and how the table's ratios are taken. (The runs themselves
+need the GPU machine; `bench/run.py --smoke` checks them on a CPU.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+import time
+
+import pytest
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_runs_share_the_gpus_without_overlap_and_two_gpu_runs_get_two(bench):
+    busy, lock, seen = set(), threading.Lock(), []
+
+    def run(name, round_, gpus):
+        with lock:
+            assert not busy & set(gpus), f"{name} got a busy GPU"
+            busy.update(gpus)
+            seen.append((name, round_, tuple(gpus)))
+        time.sleep(0.05)
+        with lock:
+            busy.difference_update(gpus)
+        return {"variant": name, "round": round_, "exit": 0}
+
+    tasks = [("fast", 0), ("ddp-2gpu", 0), ("guide", 0), ("2nodes-1gpu", 0), ("fast", 1), ("lean", 1)]
+    results = bench.schedule(tasks, [0, 1, 2], run)
+    assert sorted((r["variant"], r["round"]) for r in results) == sorted(tasks)
+    gpus = {(name, round_): g for name, round_, g in seen}
+    assert len(set(gpus["ddp-2gpu", 0])) == len(set(gpus["2nodes-1gpu", 0])) == 2
+    assert all(len(g) == 1 for (name, _), g in gpus.items() if name in ("fast", "guide", "lean"))
+    # first come, first served: the two-GPU run started before the runs queued after it
+    order = [(name, round_) for name, round_, _ in seen]
+    assert order.index(("ddp-2gpu", 0)) < order.index(("guide", 0))
+
+
+def test_a_failing_run_is_a_row_and_runs_past_the_start_deadline_are_skipped(bench):
+    def run(name, round_, gpus):
+        if name == "fast-varlen":
+            raise RuntimeError("no such variant")
+        time.sleep(0.3)
+        return {"variant": name, "round": round_, "exit": 0}
+
+    results = bench.schedule([("fast-varlen", 0), ("fast", 0), ("lean", 0)], [0], run, start_by=time.monotonic() + 0.15)
+    by = {r["variant"]: r for r in results}
+    assert by["fast-varlen"]["exit"] == -1 and "no such variant" in by["fast-varlen"]["error"]
+    assert by["fast"]["exit"] == 0 and by["lean"]["exit"] == "skipped"
+
+
+def test_gpus_needed_and_dropout_zero_variants(bench):
+    assert bench.gpus_needed("fast") == bench.gpus_needed("unsloth-24gb") == 1
+    assert bench.gpus_needed("ddp-2gpu") == bench.gpus_needed("2nodes-1gpu") == bench.gpus_needed("1gpu-ga2") == 2
+    assert bench.variant_env("fast-d0") == {**bench.VARIANTS["fast"], "FT_LORA_DROPOUT": "0"}
+    assert "FT_LORA_DROPOUT" not in bench.variant_env("fast")
+
+
+def test_ratios_compare_like_with_like(bench):
+    def runs(name, *rates, processes=1):
+        return [{"variant": name, "round": i, "exit": 0, "tokens_per_s": r, "processes": processes, "peak_gib": 1.0,
+                 "reserved_gib": 2.0, "load_s": 3.0, "tokens_per_step": 4096, "steps": 10} for i, r in enumerate(rates)]
+
+    results = (runs("guide", 3000, 3200) + runs("trl-packed", 7000, 8000) + runs("unsloth", 9000, 9400)
+               + runs("fast", 15000, 16000) + runs("trl-packed-24gb", 6000) + runs("unsloth-24gb", 5000)
+               + runs("fast-24gb", 12000) + runs("unsloth-d0", 10000) + runs("fast-d0", 16000)
+               + runs("1gpu-ga2", 16000) + runs("ddp-2gpu", 30000, processes=2)
+               + [{"variant": "lean", "round": 0, "exit": 1}])
+    rows = {r["variant"]: r for r in bench.summarize(results, tflops=790)}
+    assert rows["fast"]["tokens_per_s"] == 15500 and rows["fast"]["spread"] == 1000 and rows["fast"]["runs"] == 2
+    assert rows["fast"]["x_peer"] == pytest.approx(15500 / 9200)  # the fastest peer: Unsloth's median
+    assert rows["fast"]["x_guide"] == pytest.approx(15500 / 3100)
+    assert rows["fast-24gb"]["x_peer"] == pytest.approx(12000 / 6000)  # against the capped peers only
+    assert rows["fast-d0"]["x_peer"] == pytest.approx(16000 / 10000)
+    assert rows["ddp-2gpu"]["x_1gpu"] == pytest.approx(30000 / 16000) and rows["fast"]["x_1gpu"] is None
+    assert rows["lean"] == {"variant": "lean", "failed": True}
+    assert rows["fast"]["mfu"] == pytest.approx(4 * bench.N_PARAMS * 15500 / 790e12)
