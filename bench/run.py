@@ -57,10 +57,15 @@ VARIANTS = {
     "fast-varlen-8k": {"FT_PROFILE": "fast", "FT_ATTENTION": "varlen", "FT_MICRO_BATCH_TOKENS": "8192"},
     "fast-varlen-16k": {"FT_PROFILE": "fast", "FT_ATTENTION": "varlen", "FT_MICRO_BATCH_TOKENS": "16384"},
     "lean": {"FT_PROFILE": "lean", "FT_MAX_SEQ_LENGTH": "2048", "FT_LORA_TARGET_MODULES": "all-linear"},
-    # A 24 GB-class card simulated on the H200 (bench/gpucap): the peer, and the job sizing itself to the cap.
-    "trl-packed-24gb": {"FT_PROFILE": "fast", "FT_USE_LIGER": "false", "FT_MICRO_BATCH_TOKENS": "4096",
+    "lean-8k": {"FT_PROFILE": "lean", "FT_MAX_SEQ_LENGTH": "2048", "FT_LORA_TARGET_MODULES": "all-linear",
+                "FT_MICRO_BATCH_TOKENS": "8192"},
+    # A 24 GB-class card simulated on the H200 (bench/gpucap): the job sizing itself to the cap, and the peers set up
+    # to fit it (at 4096 tokens without checkpointing both peak at ~24.5 GiB and run out of memory): trl at 2048
+    # tokens, Unsloth with its own offloaded gradient checkpointing at 4096, or at 2048 without.
+    "trl-packed-24gb": {"FT_PROFILE": "fast", "FT_USE_LIGER": "false", "FT_MICRO_BATCH_TOKENS": "2048",
                         "FT_GRADIENT_CHECKPOINTING": "false", "FT_ATTENTION": "sdpa", "_gpu_gib": "24"},
-    "unsloth-24gb": {"_runner": "unsloth", "FT_MICRO_BATCH_TOKENS": "4096", "_gpu_gib": "24"},
+    "unsloth-24gb": {"_runner": "unsloth", "FT_MICRO_BATCH_TOKENS": "4096", "_unsloth_gc": "unsloth", "_gpu_gib": "24"},
+    "unsloth-24gb-2k": {"_runner": "unsloth", "FT_MICRO_BATCH_TOKENS": "2048", "_gpu_gib": "24"},
     "fast-24gb": {"FT_PROFILE": "fast", "_gpu_gib": "24"},
     # Scale-out (issue 5), all with the same global batch of 2 x 8192 tokens per optimizer step: one GPU accumulates
     # two micro-batches, two GPUs take one each (the job halves the accumulation). "_nodes" launches that many
@@ -156,7 +161,7 @@ def run_variant(name: str, round_: int, gpus: list[int], model: Path, data: dict
            "PYTHONPATH": f"{os.environ.get('PYTHONPATH', '')}:{ROOT}", **variant_env(name)}
     env["FT_DATASET"] = str(data[int(env["FT_MAX_SEQ_LENGTH"])])
     nodes = int(env.pop("_nodes", "1"))
-    runner = env.pop("_runner", "job")
+    runner, unsloth_gc = env.pop("_runner", "job"), env.pop("_unsloth_gc", "none")
     if gib := env.pop("_gpu_gib", None):
         env["BENCH_GPU_GIB"] = gib
         env["PYTHONPATH"] = f"{ROOT / 'bench' / 'gpucap'}:{env['PYTHONPATH']}"
@@ -174,7 +179,8 @@ def run_variant(name: str, round_: int, gpus: list[int], model: Path, data: dict
             result = out / "unsloth" / run_id
             code = run([sys.executable, "bench/unsloth_peer.py", "--model", str(model), "--data", env["FT_DATASET"],
                         "--out", str(result), "--dropout", env.get("FT_LORA_DROPOUT", "0.1"),
-                        "--pack-tokens", env.get("FT_MICRO_BATCH_TOKENS", "4096")]).wait()
+                        "--pack-tokens", env.get("FT_MICRO_BATCH_TOKENS", "4096"),
+                        "--gradient-checkpointing", unsloth_gc]).wait()
             return {**row, "exit": code, **(json.loads((result / "result.json").read_text()) if code == 0 else {})}
         if runner == "profile":  # torch profiler over a few steady steps of the job (bench/profile_step.py)
             code = run([sys.executable, "bench/profile_step.py", "--out", str(out / "profile" / run_id)]).wait()
@@ -312,6 +318,10 @@ def visible_gpus() -> int:
     return torch.cuda.device_count()
 
 
+def memory_class(name: str) -> tuple[bool, bool]:
+    return "-24gb" in name, name.endswith("-d0")
+
+
 def summarize(results: list[dict], tflops: float) -> list[dict]:
     rows = []
     for name in dict.fromkeys(r["variant"] for r in results):
@@ -333,8 +343,8 @@ def summarize(results: list[dict], tflops: float) -> list[dict]:
     for r in rows:
         if "tokens_per_s" not in r:
             continue
-        suffix = "".join(s for s in ("-24gb", "-d0") if s in r["variant"])  # compare like with like
-        peers = [rate[p + suffix] for p in PEERS if p + suffix in rate]
+        # like with like: the peers' variants of the same memory class and dropout
+        peers = [rate[v] for v in rate if v.startswith(PEERS) and memory_class(v) == memory_class(r["variant"])]
         r["x_guide"] = r["tokens_per_s"] / rate["guide"] if "guide" in rate else None
         r["x_peer"] = r["tokens_per_s"] / max(peers) if peers else None
         # scale-out: speed-up over one GPU with the same global batch (ideal: the number of GPUs)

@@ -148,7 +148,7 @@ class Settings(BaseSettings):
     micro_batch_tokens: int | None = Field(
         None, gt=0, description="Tokens per packed micro-batch and process (at least FT_MAX_SEQ_LENGTH). Default "
         "(`fast`): the largest that fits in free GPU memory, up to 16384 with the varlen kernel or 4096 with sdpa; "
-        "4096 (`lean`); FT_BATCH_SIZE x FT_MAX_SEQ_LENGTH on the CPU."
+        "8192 (`lean`); FT_BATCH_SIZE x FT_MAX_SEQ_LENGTH on the CPU."
     )
     gradient_checkpointing: bool | None = Field(
         None, description="Recompute activations in the backward pass to save memory. Default: on in `lean` and "

@@ -21,7 +21,7 @@ from job.model import Placement
 # attends within each sample only: 15,643 tokens/s at 8192 and 16,091 at 16384 (bench/RESULTS.md).
 MAX_MICRO_BATCH_TOKENS = {"varlen": 16384}
 SDPA_MAX_MICRO_BATCH_TOKENS = 4096
-LEAN_MICRO_BATCH_TOKENS = 4096  # small activations for 16-24 GB GPUs
+LEAN_MICRO_BATCH_TOKENS = 8192  # with checkpointing: 8.2 GiB peak for a 7B model, all-linear LoRA (bench/RESULTS.md)
 SAFETY = 1.5  # allocator fragmentation, LoRA buffers, optimizer temporaries, the estimate's own error
 
 
