@@ -1,7 +1,8 @@
-"""The PNG chart of bench/RESULTS.md: trained tokens/s of each variant, from run.py's results.json files.
+"""The PNG chart of bench/RESULTS.md: trained tokens/s of each variant, from run.py's results.json files; with
+--markdown, also each file's table, written into RESULTS.md between its `<!-- report:begin -->` and
+`<!-- report:end -->` lines (the text around them is written by hand).
 
-    python bench/chart.py bench/data/2026-11-28-run4-single.json bench/data/2026-11-28-run5-scale.json \
-        --out bench/results.png
+    python bench/chart.py bench/data/2026-11-28-run{6,7,8}.json --out bench/results.png --markdown bench/RESULTS.md
 
 One bar per variant and file, grouped by file (ratios only compare within one file: one benchmark run); the epoch
 figure as the bar, the steady figure (warm-up left out), where the file has it, as a tick. Runs on the development
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -57,10 +59,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("results", type=Path, nargs="+", help="results.json files written by bench/run.py")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results.png")
     p.add_argument("--title", default="Llama-2-7b shape, nf4 QLoRA, 1000-sample epoch, H200")
+    p.add_argument("--markdown", type=Path, help="a RESULTS.md whose report block gets each file's table")
     args = p.parse_args(argv)
     draw(rows(args.results), args.out, args.title)
     print(args.out)
+    if args.markdown:
+        write_tables(args.markdown, args.results, args.out)
+        print(args.markdown)
     return 0
+
+
+BEGIN, END = "<!-- report:begin -->", "<!-- report:end -->"
+
+
+def write_tables(markdown: Path, paths: list[Path], png: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from run import table_lines  # bench/run.py: the same table a run prints
+
+    text = markdown.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{markdown}: no {BEGIN} ... {END} block to fill")
+    block = [BEGIN, "", f"![tokens/s by variant]({os.path.relpath(png, markdown.parent)})", ""]
+    for path in paths:
+        data = json.loads(path.read_text())
+        gpus = data.get("gpus")
+        block += [f"**{path.stem}**: bf16 GEMM {data['gemm_tflops']:.0f} TFLOP/s, {data['samples']} samples"
+                  + (f", GPUs {gpus}" if gpus else "") + (f"; `{data['command']}`" if data.get("command") else ""),
+                  "", *table_lines(data["summary"]), ""]
+    head, rest = text.split(BEGIN, 1)
+    markdown.write_text(head + "\n".join(block) + END + rest.split(END, 1)[1])
 
 
 if __name__ == "__main__":

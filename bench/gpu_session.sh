@@ -5,8 +5,8 @@
 # every variant `rounds` times over all the machine's GPUs (a scale-out variant takes two), within BUDGET seconds
 # (default 500: the device tool allows 600 per call); ONCE lists variants to run in the first round only. With
 # CHECK_VARLEN=1, bench/check_varlen.py runs first on GPU 0.
-# Everything lands in $OUT as few files (the device tool brings back at most 8): results.json, runs.json, the varlen
-# check, the profiles and one archive of every log.
+# Everything lands in $OUT as few files (the device tool brings back at most 8): results.json, runs.json, the run's
+# RESULTS.md and results.png, the varlen check, the profiles and one archive of every log.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 VARIANTS=${1:?variants}
@@ -29,7 +29,7 @@ budget=$(( ${BUDGET:-500} - (SECONDS - start) ))
 python3 bench/run.py --out /tmp/b/run --samples "$SAMPLES" --rounds "$ROUNDS" --variants "$VARIANTS" \
   --budget "$budget" --once "${ONCE:-}" > /tmp/b/run.txt 2>&1
 
-cp /tmp/b/run/results.json /tmp/b/run/runs.json "$OUT/" 2>/dev/null
+cp /tmp/b/run/results.json /tmp/b/run/runs.json /tmp/b/run/RESULTS.md /tmp/b/run/results.png "$OUT/" 2>/dev/null
 [ -d /tmp/b/run/profile ] && tar czf "$OUT/profiles.tgz" -C /tmp/b/run profile
 tar czf "$OUT/logs.tgz" -C /tmp/b --exclude='runs' --exclude='profile' --exclude='*.safetensors' .
 grep -v '^{' /tmp/b/run.txt | tail -30

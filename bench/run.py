@@ -9,13 +9,15 @@ lengths lognormal(median 256, sigma 0.9) clipped to [16, 4096], numpy default_rn
 then runs each variant through the job's own CLI (loading path, data path, trainer) in rounds (A B C, then C B A),
 after warming the GPU. The runs are spread over the GPUs (`--gpus`), each starting as soon as as many GPUs as it needs
 are free, so that a round's variants and the two rounds of one variant run on different GPUs of the same host. Prints
-a table and writes results.json (kept in bench/data/; bench/chart.py draws RESULTS.md's PNG chart from such files on
-the development machine, where matplotlib is; RESULTS.md's tables are written by hand).
+a table and writes results.json (kept in bench/data/), and, where matplotlib is (the GPU machine has it), the run's
+RESULTS.md table and results.png chart; `bench/chart.py --markdown bench/RESULTS.md` puts the tables of several
+such files into bench/RESULTS.md and redraws its chart.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -307,9 +309,24 @@ def main() -> int:
     results = schedule(tasks, gpus, run, start_by=end - 60)
     summary = summarize(results, tflops)
     (args.out / "results.json").write_text(json.dumps({"gemm_tflops": tflops, "samples": args.samples, "gpus": gpus,
+                                                       "command": " ".join(["bench/run.py", *sys.argv[1:]]),
                                                        "runs": results, "summary": summary}, indent=2))
     print_table(summary, tflops)
+    report(args.out)
     return 0
+
+
+def report(out: Path) -> None:
+    """RESULTS.md and results.png for this run in `out` (bench/chart.py --markdown merges them into bench/RESULTS.md),
+    where matplotlib is installed (the GPU machine has it)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        print("no matplotlib here: draw the chart with bench/chart.py", flush=True)
+        return
+    sys.path.insert(0, str(Path(__file__).parent))
+    import chart
+
+    (out / "RESULTS.md").write_text(f"# Results of {out.name}\n\n{chart.BEGIN}\n{chart.END}\n")
+    chart.main([str(out / "results.json"), "--out", str(out / "results.png"), "--markdown", str(out / "RESULTS.md")])
 
 
 def visible_gpus() -> int:
@@ -353,21 +370,28 @@ def summarize(results: list[dict], tflops: float) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict], tflops: float) -> None:
-    print(f"\nbf16 GEMM {tflops:.0f} TFLOP/s\n")
-    print("| variant | GPUs | tokens/s (median of n, spread) | steady tokens/s | x guide | x peer | x 1 GPU | "
-          "peak GiB/GPU (reserved) | MFU/GPU | load s | tokens/step |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+def table_lines(rows: list[dict]) -> list[str]:
+    """The summary as a markdown table (printed at the end of a run; bench/chart.py puts it in RESULTS.md)."""
+    lines = ["| variant | GPUs | tokens/s (median of n, spread) | steady tokens/s | x guide | x peer | x 1 GPU | "
+             "peak GiB/GPU (reserved) | MFU/GPU | load s | tokens/step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    f = lambda v: f"{v:.2f}" if v else "-"  # noqa: E731
     for r in rows:
         if r.get("failed"):
-            print(f"| {r['variant']} | | failed | | | | | | | | |")
+            lines.append(f"| {r['variant']} | | failed | | | | | | | | |")
             continue
-        f = lambda v: f"{v:.2f}" if v else "-"  # noqa: E731
-        gpus = r.get("processes", 1)
+        gpus = r.get("processes") or 1
         steady = f"{r['steady_tokens_per_s']:,.0f}" if r.get("steady_tokens_per_s") else "-"
-        print(f"| {r['variant']} | {gpus} | {r['tokens_per_s']:,.0f} (n={r['runs']}, ±{r['spread']:,.0f}) | {steady} | "
-              f"{f(r['x_guide'])} | {f(r['x_peer'])} | {f(r['x_1gpu'])} | {r['peak_gib']} ({r['reserved_gib']}) | "
-              f"{100 * r['mfu'] / gpus:.1f}% | {r['load_s']} | {r['tokens_per_step']:,.0f} |")
+        lines.append(
+            f"| {r['variant']} | {gpus} | {r['tokens_per_s']:,.0f} (n={r.get('runs', 1)}, ±{r['spread']:,.0f}) | "
+            f"{steady} | {f(r.get('x_guide'))} | {f(r.get('x_peer'))} | {f(r.get('x_1gpu'))} | "
+            f"{r['peak_gib']:.1f} ({r['reserved_gib']:.1f}) | {100 * r['mfu'] / gpus:.1f}% | {r['load_s']:.1f} | "
+            f"{r['tokens_per_step']:,.0f} |")
+    return lines
+
+
+def print_table(rows: list[dict], tflops: float) -> None:
+    print(f"\nbf16 GEMM {tflops:.0f} TFLOP/s\n")
+    print("\n".join(table_lines(rows)))
 
 
 if __name__ == "__main__":
