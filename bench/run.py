@@ -17,6 +17,7 @@ such files into bench/RESULTS.md and redraws its chart.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -168,7 +169,7 @@ def run_variant(name: str, round_: int, gpus: list[int], model: Path, data: dict
         env["BENCH_GPU_GIB"] = gib
         env["PYTHONPATH"] = f"{ROOT / 'bench' / 'gpucap'}:{env['PYTHONPATH']}"
     log_path = out / f"{run_id}.log"
-    row = {"variant": name, "round": round_, "gpus": gpus}
+    row = {"variant": name, "round": round_, "gpus": gpus, "settings": variant_env(name)}
     with open(log_path, "w") as log:
         deadline = time.monotonic() + timeout
 
@@ -178,12 +179,14 @@ def run_variant(name: str, round_: int, gpus: list[int], model: Path, data: dict
 
         if runner == "unsloth":  # the peer, on its own packages (bench/README.md)
             env["PYTHONPATH"] = f"{os.environ.get('BENCH_UNSLOTH_SITE', '/tmp/site-unsloth')}:{env['PYTHONPATH']}"
+            env["UNSLOTH_COMPILE_LOCATION"] = f"/tmp/unsloth_compiled_cache/{run_id}"  # runs side by side
             result = out / "unsloth" / run_id
             code = run([sys.executable, "bench/unsloth_peer.py", "--model", str(model), "--data", env["FT_DATASET"],
                         "--out", str(result), "--dropout", env.get("FT_LORA_DROPOUT", "0.1"),
                         "--pack-tokens", env.get("FT_MICRO_BATCH_TOKENS", "4096"),
                         "--gradient-checkpointing", unsloth_gc]).wait()
-            return {**row, "exit": code, **(json.loads((result / "result.json").read_text()) if code == 0 else {})}
+            written = result / "result.json"  # its error too, when it failed
+            return {**row, **(json.loads(written.read_text()) if written.exists() else {}), "exit": code}
         if runner == "profile":  # torch profiler over a few steady steps of the job (bench/profile_step.py)
             code = run([sys.executable, "bench/profile_step.py", "--out", str(out / "profile" / run_id)]).wait()
             return {**row, "exit": code, "profile": True}
@@ -194,7 +197,8 @@ def run_variant(name: str, round_: int, gpus: list[int], model: Path, data: dict
                          FT_NPROC_PER_NODE="1", CUDA_VISIBLE_DEVICES=str(gpu), MASTER_ADDR="127.0.0.1",
                          MASTER_PORT=str(29500 + 7 * gpus[0] + round_), NCCL_SOCKET_IFNAME="lo",
                          FT_WORK_DIR=f"/tmp/bench-work/{run_id}-{i}") for i, gpu in enumerate(gpus[:nodes])]
-            code = max(p.wait() for p in procs)
+            codes = [p.wait() for p in procs]
+            code = next((c for c in codes if c != 0), 0)
     if code != 0:
         return {**row, "exit": code}
     manifest = json.loads((out / "runs" / run_id / "manifest.json").read_text())
@@ -210,7 +214,9 @@ def run_variant(name: str, round_: int, gpus: list[int], model: Path, data: dict
 
 
 class Waiter:
-    """A process whose wait ends at a deadline: past it, its whole process group is killed and the exit is 124."""
+    """A process whose wait ends at a deadline: past it, the process and every process it started are killed (torchrun
+    starts its workers in sessions of their own, out of the launcher's process group) and the exit is 124. The GPUs
+    are free again when wait() returns."""
 
     def __init__(self, proc: subprocess.Popen, deadline: float):
         self.proc, self.deadline = proc, deadline
@@ -219,9 +225,31 @@ class Waiter:
         try:
             return self.proc.wait(timeout=max(1.0, self.deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            tree = [self.proc.pid, *descendants(self.proc.pid)]
+            for pid in tree:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self.proc.wait()
+            for _ in range(100):  # orphans are reaped by init: wait until they are gone
+                if not any(Path(f"/proc/{pid}").exists() for pid in tree[1:]):
+                    break
+                time.sleep(0.1)
             return 124
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def steady_rate(log_path: Path) -> float | None:
@@ -255,7 +283,7 @@ def schedule(tasks: list[tuple[str, int]], gpus: list[int], run, start_by: float
         need = min(gpus_needed(name), len(gpus))
         with cond:
             left = None if start_by == float("inf") else max(0.0, start_by - time.monotonic())
-            if not cond.wait_for(lambda: len(free) >= need, timeout=left):
+            if not cond.wait_for(lambda: len(free) >= need, timeout=left) or time.monotonic() >= start_by:
                 results.append({"variant": name, "round": round_, "exit": "skipped"})
                 continue
             mine = [free.pop(0) for _ in range(need)]
@@ -272,7 +300,7 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--variants", default="guide,trl-packed,unsloth,fast,lean")
-    p.add_argument("--once", default="", help="variants (also in --variants or not) run in the first round only")
+    p.add_argument("--once", default="", help="more variants, not in --variants, run in the first round only")
     p.add_argument("--gpus", default=None, help="GPU ids to spread the runs over (default: every visible GPU)")
     p.add_argument("--budget", type=float, default=float("inf"),
                    help="seconds: start no run after this much, and kill any run still going at it")
@@ -289,16 +317,25 @@ def main() -> int:
     names, once = args.variants.split(","), [n for n in args.once.split(",") if n]
     if unknown := [n for n in names + once if n.removesuffix("-d0") not in VARIANTS]:
         p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)} (each also with -d0)")
+    if len(set(names + once)) < len(names + once):  # one run id per variant and round
+        p.error("a variant is named twice in --variants and --once")
+    if too_big := [n for n in names + once if gpus_needed(n) > len(gpus)]:
+        p.error(f"{too_big} need {max(map(gpus_needed, too_big))} GPUs; --gpus has {len(gpus)}")
+    # Runs side by side share the host's cores (torchrun's workers get their share from the job's launcher).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(gpus))))
     # Rounds interleaved (A B C A B C), the second in reverse order so that no variant always follows the same one.
     tasks = [(n, r) for r in range(args.rounds) for n in (names if r % 2 == 0 else names[::-1])]
-    tasks[len(names):len(names)] = [(n, 0) for n in once if n not in names]
+    tasks[len(names):len(names)] = [(n, 0) for n in once]
     progress = []
 
     end = time.monotonic() + args.budget
     # A run that starts early may last until the budget's end; a late one must leave time for the rest of the call.
 
     def run(name: str, round_: int, mine: list[int]) -> dict:
-        row = run_variant(name, round_, mine, model, data, args.out, timeout=min(900, end - time.monotonic()))
+        try:
+            row = run_variant(name, round_, mine, model, data, args.out, timeout=min(900, end - time.monotonic()))
+        except Exception as e:  # the bench's own failure: recorded like a failed run
+            row = {"variant": name, "round": round_, "gpus": mine, "exit": -1, "error": repr(e)}
         with lock:
             progress.append(row)
             print(json.dumps(row), flush=True)
@@ -335,8 +372,10 @@ def visible_gpus() -> int:
     return torch.cuda.device_count()
 
 
-def memory_class(name: str) -> tuple[bool, bool]:
-    return "-24gb" in name, name.endswith("-d0")
+def comparison_class(name: str) -> tuple[bool, bool, bool]:
+    """Variants compare with peers of the same memory cap and dropout; `lean` trains other data (2048-token samples)
+    and more LoRA targets, so it compares with the guide's recipe only."""
+    return "-24gb" in name, name.endswith("-d0"), name.startswith("lean")
 
 
 def summarize(results: list[dict], tflops: float) -> list[dict]:
@@ -344,8 +383,11 @@ def summarize(results: list[dict], tflops: float) -> list[dict]:
     for name in dict.fromkeys(r["variant"] for r in results):
         ok = [r for r in results if r["variant"] == name and r["exit"] == 0 and "tokens_per_s" in r]
         if not ok:
-            if not any(r.get("profile") for r in results if r["variant"] == name):
-                rows.append({"variant": name, "failed": True})
+            mine = [r for r in results if r["variant"] == name]
+            if not any(r.get("profile") for r in mine):
+                cut = all(r["exit"] in (124, "skipped") for r in mine)  # by the time budget, not by the variant
+                rows.append({"variant": name, "failed": True, "why": "cut by the time budget" if cut else
+                             "failed (exit " + ", ".join(str(r["exit"]) for r in mine) + ")"})
             continue
         rates = [r["tokens_per_s"] for r in ok]
         med = statistics.median(rates)
@@ -360,10 +402,10 @@ def summarize(results: list[dict], tflops: float) -> list[dict]:
     for r in rows:
         if "tokens_per_s" not in r:
             continue
-        # like with like: the peers' variants of the same memory class and dropout
-        peers = [rate[v] for v in rate if v.startswith(PEERS) and memory_class(v) == memory_class(r["variant"])]
-        r["x_guide"] = r["tokens_per_s"] / rate["guide"] if "guide" in rate else None
-        r["x_peer"] = r["tokens_per_s"] / max(peers) if peers else None
+        peers = [rate[v] for v in rate if v.startswith(PEERS) and comparison_class(v) == comparison_class(r["variant"])]
+        single = r.get("processes", 1) == 1  # several GPUs compare with one GPU (x_1gpu), not with a peer
+        r["x_guide"] = r["tokens_per_s"] / rate["guide"] if "guide" in rate and single else None
+        r["x_peer"] = r["tokens_per_s"] / max(peers) if peers and single else None
         # scale-out: speed-up over one GPU with the same global batch (ideal: the number of GPUs)
         one = rate.get("1gpu-ga2")
         r["x_1gpu"] = r["tokens_per_s"] / one if one and r.get("processes", 1) > 1 else None
@@ -377,7 +419,7 @@ def table_lines(rows: list[dict]) -> list[str]:
     f = lambda v: f"{v:.2f}" if v else "-"  # noqa: E731
     for r in rows:
         if r.get("failed"):
-            lines.append(f"| {r['variant']} | | failed | | | | | | | | |")
+            lines.append(f"| {r['variant']} | | {r.get('why', 'failed')} | | | | | | | | |")
             continue
         gpus = r.get("processes") or 1
         steady = f"{r['steady_tokens_per_s']:,.0f}" if r.get("steady_tokens_per_s") else "-"

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +26,18 @@ class Fetched:
 
     uri: str
     path: Path
-    _revision: str | Future[str]
+    _revision: str | Future[str] | None  # None: not computed in this process (rank 0 alone writes the manifest)
 
     @property
-    def revision(self) -> str:
-        return self._revision.result() if isinstance(self._revision, Future) else self._revision
+    def revision(self) -> str | None:
+        if not isinstance(self._revision, Future):
+            return self._revision
+        try:
+            return self._revision.result()
+        except OSError as e:
+            # The files were read for training; only their fingerprint is lost (one vanished or became unreadable).
+            log.get().warning("could not hash the source's files", uri=self.uri, error=first_line(e))
+            return f"unknown ({first_line(e)})"
 
 
 def fetch_model(cfg: Settings) -> Fetched:
@@ -98,16 +106,23 @@ def _fetch(source: Storage, setting: str, cache: Path, patterns: list[str]) -> P
     return path
 
 
-_hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="content-hash")
-
-
-def _revision(source: Storage, path: Path) -> str | Future[str]:
+def _revision(source: Storage, path: Path) -> str | Future[str] | None:
     if isinstance(source, HubStorage) and source.commit:
         return source.commit
     if not distributed.is_main():
-        return "sha256:(hashed by rank 0)"  # only rank 0 writes the manifest
-    # Hashing a 7B model's 13 GB takes ~10 s: it runs beside loading and training, and the manifest waits for it.
-    return _hasher.submit(lambda: "sha256:" + content_hash(path))
+        return None
+    # Hashing a 7B model's 13 GB takes ~10 s: it runs beside loading and training, in a daemon thread (an early exit
+    # does not wait for it), and the manifest waits for it.
+    future: Future[str] = Future()
+
+    def work() -> None:
+        try:
+            future.set_result("sha256:" + content_hash(path))
+        except BaseException as e:  # noqa: BLE001 -- handed to whoever reads the revision
+            future.set_exception(e)
+
+    threading.Thread(target=work, name="content-hash", daemon=True).start()
+    return future
 
 
 def content_hash(path: Path) -> str:

@@ -110,8 +110,9 @@ def _size_micro_batch(cfg: Settings, placement: Placement, model_config, liger: 
     forced = cfg.gradient_checkpointing
     if placement.device != "cuda":
         return cfg.micro_batch_tokens or cfg.batch_size * cfg.max_seq_length, bool(forced)
-    if cfg.profile == "lean":
-        return cfg.micro_batch_tokens or max(LEAN_MICRO_BATCH_TOKENS, cfg.max_seq_length), forced is not False
+    if cfg.profile == "lean":  # sdpa's block mask grows with the square of the micro-batch: its cap holds there too
+        lean = LEAN_MICRO_BATCH_TOKENS if attention in MAX_MICRO_BATCH_TOKENS else SDPA_MAX_MICRO_BATCH_TOKENS
+        return cfg.micro_batch_tokens or max(lean, cfg.max_seq_length), forced is not False
     import torch
 
     free = free_gpu_bytes()

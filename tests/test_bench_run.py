@@ -45,15 +45,39 @@ def test_runs_share_the_gpus_without_overlap_and_two_gpu_runs_get_two(bench):
 
 def test_a_failing_run_is_a_row_and_runs_past_the_start_deadline_are_skipped(bench):
     def run(name, round_, gpus):
+        time.sleep(0.3)
         if name == "fast-varlen":
             raise RuntimeError("no such variant")
-        time.sleep(0.3)
         return {"variant": name, "round": round_, "exit": 0}
 
-    results = bench.schedule([("fast-varlen", 0), ("fast", 0), ("lean", 0)], [0], run, start_by=time.monotonic() + 0.15)
+    # fast-varlen takes GPU 0; ddp-2gpu waits for two until the deadline; lean then finds GPU 1 free, but too late
+    results = bench.schedule([("fast-varlen", 0), ("ddp-2gpu", 0), ("lean", 0)], [0, 1], run,
+                             start_by=time.monotonic() + 0.15)
     by = {r["variant"]: r for r in results}
     assert by["fast-varlen"]["exit"] == -1 and "no such variant" in by["fast-varlen"]["error"]
-    assert by["fast"]["exit"] == 0 and by["lean"]["exit"] == "skipped"
+    assert by["ddp-2gpu"]["exit"] == by["lean"]["exit"] == "skipped"
+
+
+def test_a_run_past_its_deadline_is_killed_with_every_process_it_started(bench, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pids = tmp_path / "pids"
+    # A launcher whose worker leaves its process group, as torchrun's workers do.
+    script = ("import os, subprocess, sys, time\n"
+              "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)\n"
+              f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{w.pid}}')\n"
+              "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    started = time.monotonic()
+    while not pids.exists() or not pids.read_text():
+        time.sleep(0.05)
+    launcher, worker = map(int, pids.read_text().split())
+    assert bench.descendants(launcher) == [worker]
+    assert bench.Waiter(proc, deadline=started + 1.5).wait() == 124
+    assert time.monotonic() - started < 20
+    assert not Path(f"/proc/{worker}").exists() and not Path(f"/proc/{launcher}").exists()
 
 
 def test_gpus_needed_and_dropout_zero_variants(bench):
@@ -71,8 +95,10 @@ def test_ratios_compare_like_with_like(bench):
     results = (runs("guide", 3000, 3200) + runs("trl-packed", 7000, 8000) + runs("unsloth", 9000, 9400)
                + runs("fast", 15000, 16000) + runs("trl-packed-24gb", 6000) + runs("unsloth-24gb", 5000)
                + runs("unsloth-24gb-2k", 6500) + runs("fast-24gb", 12000) + runs("unsloth-d0", 10000) + runs("fast-d0", 16000)
-               + runs("1gpu-ga2", 16000) + runs("ddp-2gpu", 30000, processes=2)
-               + [{"variant": "lean", "round": 0, "exit": 1}])
+               + runs("1gpu-ga2", 16000) + runs("ddp-2gpu", 30000, processes=2) + runs("lean-8k", 9000)
+               + [{"variant": "lean", "round": 0, "exit": 1}, {"variant": "lean", "round": 1, "exit": 124}]
+               + [{"variant": "fsdp-2gpu", "round": 0, "exit": 124}, {"variant": "fsdp-2gpu", "round": 1,
+                                                                       "exit": "skipped"}])
     rows = {r["variant"]: r for r in bench.summarize(results, tflops=790)}
     assert rows["fast"]["tokens_per_s"] == 15500 and rows["fast"]["spread"] == 1000 and rows["fast"]["runs"] == 2
     assert rows["fast"]["x_peer"] == pytest.approx(15500 / 9200)  # the fastest peer: Unsloth's median
@@ -80,5 +106,8 @@ def test_ratios_compare_like_with_like(bench):
     assert rows["fast-24gb"]["x_peer"] == pytest.approx(12000 / 6500)  # against the capped peers only
     assert rows["fast-d0"]["x_peer"] == pytest.approx(16000 / 10000)
     assert rows["ddp-2gpu"]["x_1gpu"] == pytest.approx(30000 / 16000) and rows["fast"]["x_1gpu"] is None
-    assert rows["lean"] == {"variant": "lean", "failed": True}
+    assert rows["ddp-2gpu"]["x_peer"] is None and rows["ddp-2gpu"]["x_guide"] is None  # two GPUs against one: no
+    assert rows["lean-8k"]["x_peer"] is None and rows["lean-8k"]["x_guide"] == pytest.approx(9000 / 3100)
+    assert rows["lean"] == {"variant": "lean", "failed": True, "why": "failed (exit 1, 124)"}
+    assert rows["fsdp-2gpu"]["why"] == "cut by the time budget"
     assert rows["fast"]["mfu"] == pytest.approx(4 * bench.N_PARAMS * 15500 / 790e12)

@@ -27,3 +27,27 @@ def test_unavailable_is_retriable_and_input_is_not():
 
     retriable = {e.name: e.retriable for e in EXIT_CODES}
     assert retriable[UnavailableError.exit_name] and not retriable[InputError.exit_name]
+
+
+def test_a_local_source_is_hashed_in_the_background_and_its_revision_is_that_hash(tmp_path):
+    from job.fetch import Fetched, _revision, content_hash
+
+    (tmp_path / "a.json").write_text("{}")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_text("b")
+    fetched = Fetched("local", tmp_path, _revision(LocalStorage(str(tmp_path)), tmp_path))
+    assert fetched.revision == "sha256:" + content_hash(tmp_path)
+    (tmp_path / "a.json").write_text("{ }")  # the hash is of the content
+    assert content_hash(tmp_path) != fetched.revision.removeprefix("sha256:")
+
+
+def test_an_unreadable_source_costs_its_fingerprint_not_the_run(tmp_path, monkeypatch, capsys):
+    import job.fetch as fetch
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path / "model.safetensors"))
+
+    monkeypatch.setattr(fetch, "content_hash", unreadable)
+    fetched = fetch.Fetched("s3://models/tiny/", tmp_path, fetch._revision(LocalStorage(str(tmp_path)), tmp_path))
+    assert fetched.revision.startswith("unknown (") and "Permission denied" in fetched.revision
+    assert "could not hash the source's files" in capsys.readouterr().out

@@ -76,6 +76,22 @@ def test_gpu_micro_batch_sizing(monkeypatch, attention, free_gib, max_len, expec
     assert (p.micro_batch_tokens, p.gradient_checkpointing, p.attention) == (*expected, attention)
 
 
+@pytest.mark.parametrize("attention, max_len, expected", [
+    ("varlen", 2048, 8192),  # measured: 8.2 GiB peak for a 7B model, all-linear (bench/RESULTS.md run 8)
+    ("sdpa", 2048, 4096),    # without the varlen kernel, sdpa's dense block mask keeps its own cap
+    ("sdpa", 8192, 8192),    # one whole sample at least
+])
+def test_lean_micro_batches_and_checkpointing(monkeypatch, attention, max_len, expected):
+    from transformers import LlamaConfig
+
+    fake_gpu(monkeypatch, 14)
+    config = LlamaConfig(hidden_size=4096, num_hidden_layers=32, vocab_size=32000, intermediate_size=11008)
+    config._attn_implementation = attention
+    p = plan(settings(profile="lean", max_seq_length=max_len, use_liger=False), Placement("cuda", torch.bfloat16),
+             config)
+    assert (p.micro_batch_tokens, p.gradient_checkpointing, p.packing) == (expected, True, True)
+
+
 def fake_gpu(monkeypatch, free_gib: float, fraction: float = 1.0, reserved_gib: float = 0.0) -> None:
     """An H200 (141 GiB) with `free_gib` free, this process capped at `fraction` of it, `reserved_gib` already held."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (int(free_gib * 2**30), 141 * 2**30))
