@@ -5,8 +5,8 @@
     python bench/chart.py bench/data/2026-11-28-run{6,7,8}.json --out bench/results.png --markdown bench/RESULTS.md
 
 One bar per variant and file, grouped by file (ratios only compare within one file: one benchmark run); the epoch
-figure as the bar, the steady figure (warm-up left out), where the file has it, as a tick. Runs on the development
-machine (matplotlib is a test tool here, not on the GPU machine).
+figure as the bar, the steady figure (warm-up left out), where the file has it, as a tick. Drawing needs matplotlib
+(a test tool on the development machine; the GPU machine has it too); the tables do not.
 """
 
 from __future__ import annotations
@@ -72,12 +72,26 @@ def main(argv: list[str] | None = None) -> int:
 BEGIN, END = "<!-- report:begin -->", "<!-- report:end -->"
 
 
+def table_lines(rows: list[dict]) -> list[str]:
+    """run.py's summary rows as a markdown table (run.py prints it at the end of a run)."""
+    lines = ["| variant | GPUs | tokens/s (median of n, spread) | steady tokens/s | x guide | x peer | x 1 GPU | "
+             "peak GiB/GPU (reserved) | MFU/GPU | load s | tokens/step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    f = lambda v: f"{v:.2f}" if v else "-"  # noqa: E731
+    for r in rows:
+        if r.get("failed"):
+            lines.append(f"| {r['variant']} | | {r.get('why', 'failed')} | | | | | | | | |")
+            continue
+        gpus = r.get("processes") or 1
+        steady = f"{r['steady_tokens_per_s']:,.0f}" if r.get("steady_tokens_per_s") else "-"
+        lines.append(
+            f"| {r['variant']} | {gpus} | {r['tokens_per_s']:,.0f} (n={r.get('runs', 1)}, ±{r['spread']:,.0f}) | "
+            f"{steady} | {f(r.get('x_guide'))} | {f(r.get('x_peer'))} | {f(r.get('x_1gpu'))} | "
+            f"{r['peak_gib']:.1f} ({r['reserved_gib']:.1f}) | {100 * r['mfu'] / gpus:.1f}% | {r['load_s']:.1f} | "
+            f"{r['tokens_per_step']:,.0f} |")
+    return lines
+
+
 def write_tables(markdown: Path, paths: list[Path], png: Path) -> None:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from run import table_lines  # bench/run.py: the same table a run prints
-
     text = markdown.read_text()
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{markdown}: no {BEGIN} ... {END} block to fill")

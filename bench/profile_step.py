@@ -180,8 +180,7 @@ def main() -> int:
 
     def build_trainer(*a, **kw):
         trainer = build(*a, **kw)
-        if os.environ.get("RANK", "0") == "0":
-            trainer.add_callback(callback)
+        trainer.add_callback(callback)
         return trainer
 
     train.build_trainer = build_trainer

@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import chart  # noqa: E402 -- bench/chart.py: the table RESULTS.md holds (matplotlib only when drawing)
 N_PARAMS = 6.61e9  # Llama-2-7b; a LoRA step costs about 4N FLOPs per token (forward 2N, input gradients 2N)
 
 SCALE = {"FT_PROFILE": "fast", "FT_MICRO_BATCH_TOKENS": "8192", "FT_GRADIENT_ACCUMULATION_STEPS": "2",
@@ -261,11 +263,13 @@ def steady_rate(log_path: Path) -> float | None:
     return statistics.median(rates) if rates else None
 
 
-def schedule(tasks: list[tuple[str, int]], gpus: list[int], run, start_by: float = float("inf")) -> list[dict]:
+def schedule(tasks: list[tuple[str, int]], gpus: list[int], run, start_by: float = float("inf"),
+             done=lambda row: None) -> list[dict]:
     """Run `tasks` (variant, round) in order on a pool of GPUs, each as soon as as many GPUs as it needs are free
     (first come, first served: a two-GPU task waits for two rather than being overtaken). `run(name, round, gpus)`
-    returns the task's result row; rows come back in the order the tasks finished. Tasks that could not start before
-    `start_by` (time.monotonic()) are skipped (exit "skipped"), so that a time-limited call still writes results."""
+    returns the task's result row (a task that raises gets a row with exit -1), which `done(row)` also gets as soon as
+    the task ends; rows come back in the order the tasks finished. Tasks that could not start before `start_by`
+    (time.monotonic()) are skipped (exit "skipped"), so that a time-limited call still writes results."""
     free, results, cond = list(gpus), [], threading.Condition()
 
     def work(name: str, round_: int, mine: list[int]) -> None:
@@ -273,6 +277,7 @@ def schedule(tasks: list[tuple[str, int]], gpus: list[int], run, start_by: float
             row = run(name, round_, mine)
         except Exception as e:  # a broken variant must not stop the others
             row = {"variant": name, "round": round_, "gpus": mine, "exit": -1, "error": repr(e)}
+        done(row)
         with cond:
             results.append(row)
             free.extend(mine)
@@ -332,18 +337,17 @@ def main() -> int:
     # A run that starts early may last until the budget's end; a late one must leave time for the rest of the call.
 
     def run(name: str, round_: int, mine: list[int]) -> dict:
-        try:
-            row = run_variant(name, round_, mine, model, data, args.out, timeout=min(900, end - time.monotonic()))
-        except Exception as e:  # the bench's own failure: recorded like a failed run
-            row = {"variant": name, "round": round_, "gpus": mine, "exit": -1, "error": repr(e)}
+        return run_variant(name, round_, mine, model, data, args.out, timeout=min(900, end - time.monotonic()))
+
+    lock = threading.Lock()
+
+    def record(row: dict) -> None:
         with lock:
             progress.append(row)
             print(json.dumps(row), flush=True)
             (args.out / "runs.json").write_text(json.dumps(progress, indent=2))  # kept if the call is cut short
-        return row
 
-    lock = threading.Lock()
-    results = schedule(tasks, gpus, run, start_by=end - 60)
+    results = schedule(tasks, gpus, run, start_by=end - 60, done=record)
     summary = summarize(results, tflops)
     (args.out / "results.json").write_text(json.dumps({"gemm_tflops": tflops, "samples": args.samples, "gpus": gpus,
                                                        "command": " ".join(["bench/run.py", *sys.argv[1:]]),
@@ -359,9 +363,6 @@ def report(out: Path) -> None:
     if importlib.util.find_spec("matplotlib") is None:
         print("no matplotlib here: draw the chart with bench/chart.py", flush=True)
         return
-    sys.path.insert(0, str(Path(__file__).parent))
-    import chart
-
     (out / "RESULTS.md").write_text(f"# Results of {out.name}\n\n{chart.BEGIN}\n{chart.END}\n")
     chart.main([str(out / "results.json"), "--out", str(out / "results.png"), "--markdown", str(out / "RESULTS.md")])
 
@@ -412,28 +413,9 @@ def summarize(results: list[dict], tflops: float) -> list[dict]:
     return rows
 
 
-def table_lines(rows: list[dict]) -> list[str]:
-    """The summary as a markdown table (printed at the end of a run; bench/chart.py puts it in RESULTS.md)."""
-    lines = ["| variant | GPUs | tokens/s (median of n, spread) | steady tokens/s | x guide | x peer | x 1 GPU | "
-             "peak GiB/GPU (reserved) | MFU/GPU | load s | tokens/step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    f = lambda v: f"{v:.2f}" if v else "-"  # noqa: E731
-    for r in rows:
-        if r.get("failed"):
-            lines.append(f"| {r['variant']} | | {r.get('why', 'failed')} | | | | | | | | |")
-            continue
-        gpus = r.get("processes") or 1
-        steady = f"{r['steady_tokens_per_s']:,.0f}" if r.get("steady_tokens_per_s") else "-"
-        lines.append(
-            f"| {r['variant']} | {gpus} | {r['tokens_per_s']:,.0f} (n={r.get('runs', 1)}, ±{r['spread']:,.0f}) | "
-            f"{steady} | {f(r.get('x_guide'))} | {f(r.get('x_peer'))} | {f(r.get('x_1gpu'))} | "
-            f"{r['peak_gib']:.1f} ({r['reserved_gib']:.1f}) | {100 * r['mfu'] / gpus:.1f}% | {r['load_s']:.1f} | "
-            f"{r['tokens_per_step']:,.0f} |")
-    return lines
-
-
 def print_table(rows: list[dict], tflops: float) -> None:
     print(f"\nbf16 GEMM {tflops:.0f} TFLOP/s\n")
-    print("\n".join(table_lines(rows)))
+    print("\n".join(chart.table_lines(rows)))
 
 
 if __name__ == "__main__":

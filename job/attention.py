@@ -64,7 +64,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout=
     # [batch, heads, seq, dim] -> [tokens, heads, dim]; key/value heads repeated for grouped-query attention
     # (torch 2.11's kernel has no enable_gqa).
     q, k, v = (t.transpose(1, 2).reshape(batch * seq, t.shape[1], t.shape[3]) for t in (query, key, value))
-    k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
+    if k.shape[1] != heads:
+        k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
     kept, cu_q, cu_k, max_q, max_k = sequences(batch, seq, query.device, attention_mask, kwargs)
     if kept is not None:
         q, k, v = q[kept], k[kept], v[kept]

@@ -256,10 +256,7 @@ def any_rank(*flags: bool) -> list[bool]:
     import torch
     import torch.distributed as dist
 
-    # A process group that init() did not set up (no CPU group): on the default group's device.
-    device = "cpu" if _flag_group is not None or dist.get_backend() != "nccl" else \
-        torch.device("cuda", torch.cuda.current_device())
-    t = torch.tensor([1 if f else 0 for f in flags], device=device)
+    t = torch.tensor([1 if f else 0 for f in flags])
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_flag_group)
     return [bool(v) for v in t.tolist()]
 

@@ -69,11 +69,11 @@ def resolve_attention(cfg: Settings, placement: Placement) -> str:
     from job import attention
 
     name = cfg.attention
+    kernel = attention.kernel_available(placement.dtype) if placement.device == "cuda" else None
     if name == "auto":
-        gpu_kernel = placement.device == "cuda" and attention.kernel_available(placement.dtype)
-        name = attention.NAME if cfg.packs and gpu_kernel else "sdpa"
+        name = attention.NAME if cfg.packs and kernel else "sdpa"
     if name == attention.NAME:
-        if placement.device == "cuda" and not attention.kernel_available(placement.dtype):
+        if kernel is False:
             raise ConfigError([f"FT_ATTENTION=varlen: needs torch >= 2.11's varlen flash kernel, an Ampere or newer "
                                f"GPU and bf16/fp16 (torch {torch.__version__}, {placement.dtype_name}); use auto or sdpa"])
         attention.register()

@@ -19,7 +19,7 @@ from job.model import Placement
 # the square of its length: on an H200 with a 7B model, 4096-token micro-batches trained fastest (8,175 tokens/s
 # against 6,697 at 8192 and 5,078 at 16384). torch's varlen kernel (job/attention.py, FT_ATTENTION=auto on a GPU)
 # attends within each sample only: 15,643 tokens/s at 8192 and 16,091 at 16384 (bench/RESULTS.md).
-MAX_MICRO_BATCH_TOKENS = {"varlen": 16384}
+VARLEN_MAX_MICRO_BATCH_TOKENS = 16384
 SDPA_MAX_MICRO_BATCH_TOKENS = 4096
 LEAN_MICRO_BATCH_TOKENS = 8192  # with checkpointing: 8.2 GiB peak for a 7B model, all-linear LoRA (bench/RESULTS.md)
 SAFETY = 1.5  # allocator fragmentation, LoRA buffers, optimizer temporaries, the estimate's own error
@@ -111,12 +111,10 @@ def _size_micro_batch(cfg: Settings, placement: Placement, model_config, liger: 
     if placement.device != "cuda":
         return cfg.micro_batch_tokens or cfg.batch_size * cfg.max_seq_length, bool(forced)
     if cfg.profile == "lean":  # sdpa's block mask grows with the square of the micro-batch: its cap holds there too
-        lean = LEAN_MICRO_BATCH_TOKENS if attention in MAX_MICRO_BATCH_TOKENS else SDPA_MAX_MICRO_BATCH_TOKENS
+        lean = LEAN_MICRO_BATCH_TOKENS if attention == "varlen" else SDPA_MAX_MICRO_BATCH_TOKENS
         return cfg.micro_batch_tokens or max(lean, cfg.max_seq_length), forced is not False
-    import torch
-
     free = free_gpu_bytes()
-    cap = MAX_MICRO_BATCH_TOKENS.get(attention, SDPA_MAX_MICRO_BATCH_TOKENS)
+    cap = VARLEN_MAX_MICRO_BATCH_TOKENS if attention == "varlen" else SDPA_MAX_MICRO_BATCH_TOKENS
     sizes = [cfg.micro_batch_tokens] if cfg.micro_batch_tokens else \
         [cap >> i for i in range(7) if cap >> i >= cfg.max_seq_length] \
         or [cfg.max_seq_length]  # samples longer than the cap: one sample per micro-batch

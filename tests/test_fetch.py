@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 import pytest
 
 from job.errors import InputError, UnavailableError
@@ -36,6 +38,7 @@ def test_a_local_source_is_hashed_in_the_background_and_its_revision_is_that_has
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.txt").write_text("b")
     fetched = Fetched("local", tmp_path, _revision(LocalStorage(str(tmp_path)), tmp_path))
+    assert isinstance(fetched._revision, Future)  # computed beside loading, read when the manifest is written
     assert fetched.revision == "sha256:" + content_hash(tmp_path)
     (tmp_path / "a.json").write_text("{ }")  # the hash is of the content
     assert content_hash(tmp_path) != fetched.revision.removeprefix("sha256:")
