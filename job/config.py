@@ -113,11 +113,16 @@ class Settings(BaseSettings):
     # --- training ----------------------------------------------------------------------------------------------
     num_train_epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
-    batch_size: int = Field(4, gt=0, description="Samples per device per micro-batch (training and evaluation).")
+    batch_size: int = Field(
+        4, gt=0, description="Samples per micro-batch in the guide's terms (its per_device_train_batch_size): an "
+        "optimizer step trains FT_BATCH_SIZE x FT_GRADIENT_ACCUMULATION_STEPS samples over all processes, whatever the "
+        "profile, the GPU, its free memory or the process count. The `guide` profile also computes each step in padded "
+        "micro-batches of this many samples."
+    )
     gradient_accumulation_steps: int = Field(
-        1, gt=0, description="Micro-batches per optimizer step, as on one process. With N processes the job divides it "
-        "by N (else the micro-batch) so that an optimizer step sees the same global batch; when neither divides, it "
-        "stops with an error naming both settings."
+        1, gt=0, description="Multiplies FT_BATCH_SIZE into the samples per optimizer step (the global batch, over "
+        "all processes). How a step is computed (micro-batches, accumulation, processes) is the profile's business; "
+        "with N processes the global batch must be a multiple of N."
     )
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.001, ge=0, description="AdamW weight decay.")
@@ -132,23 +137,40 @@ class Settings(BaseSettings):
     seed: int = Field(42, description="Seed for data order, LoRA initialisation and dropout.")
     logging_steps: int = Field(25, gt=0, description="Log (and write TensorBoard scalars) every N optimizer steps.")
     eval_steps: int = Field(25, gt=0, description="Evaluate every N optimizer steps.")
-    group_by_length: bool = Field(True, description="Batch samples of similar length together (less padding).")
 
-    # --- speed: the profile sets these unless they are given -----------------------------------------------------
+    group_by_length: bool = Field(
+        True, description="Put samples of similar length in the same optimizer steps (the guide's group_by_length; "
+        "groups of 50 steps, shuffled). Part of the data order: the same in every profile."
+    )
+    packing: bool = Field(
+        False, description="Bin-pack samples (best-fit decreasing, never splitting a sample) into rows of up to "
+        "FT_PACKING_LENGTH tokens, each row counting as one sample of FT_BATCH_SIZE. This changes the recipe: an "
+        "optimizer step holds several times more tokens and an epoch has that many times fewer steps (the log and the "
+        "manifest say how many against the unpacked recipe), so the model may learn less per epoch. Off by default."
+    )
+    packing_length: int | None = Field(
+        None, gt=0, description="Tokens per packed row with FT_PACKING=true; default FT_MAX_SEQ_LENGTH."
+    )
+
+    # --- speed: how a step is computed; the profile sets these unless they are given ----------------------------
     profile: Literal["fast", "lean", "guide"] = Field(
         "fast",
-        description="`fast`: padding-free packing, Liger kernels on a GPU, micro-batches and gradient checkpointing "
-        "sized from free GPU memory. `lean`: the same with gradient checkpointing and small micro-batches, for 16-24 GB "
-        "GPUs. `guide`: the guide's recipe (no packing, padded batches of FT_BATCH_SIZE, checkpointing on).",
+        description="How the hardware computes each optimizer step, never what it trains (samples per step, steps per "
+        "epoch and data order are the same in every profile). `fast`: padding-free steps, micro-batches sized from "
+        "free GPU memory, gradient checkpointing only when they would not fit, Liger kernels on a GPU. `lean`: the "
+        "same with gradient checkpointing and micro-batches of 8192 tokens, for 16-24 GB GPUs. `guide`: the guide's "
+        "computation: padded micro-batches of FT_BATCH_SIZE samples, gradient checkpointing, no Liger.",
     )
-    packing: bool | None = Field(
-        None, description="Pack samples into micro-batches of FT_MICRO_BATCH_TOKENS tokens without padding; samples "
-        "never attend to each other. Default: on, except in the `guide` profile."
+    padding_free: bool | None = Field(
+        None, description="Flatten each micro-batch's samples into one row with position ids restarting at each "
+        "sample: no padding, and samples never attend to each other. Default: on, except in the `guide` profile."
     )
     micro_batch_tokens: int | None = Field(
-        None, gt=0, description="Tokens per packed micro-batch and process (at least FT_MAX_SEQ_LENGTH). Default "
-        "(`fast`): the largest that fits in free GPU memory, up to 16384 with the varlen kernel or 4096 with sdpa; "
-        "8192 (`lean`); FT_BATCH_SIZE x FT_MAX_SEQ_LENGTH on the CPU."
+        None, gt=0, description="Most tokens per padding-free micro-batch and process. A step whose samples hold more "
+        "is split at sample boundaries into micro-batches whose gradients are accumulated, the loss normalised over "
+        "the whole step's tokens, so the update is that of the unsplit step. At least one sample (FT_MAX_SEQ_LENGTH, "
+        "or FT_PACKING_LENGTH). Default (`fast`): the largest that fits in free GPU memory, up to 16384 with the "
+        "varlen kernel or 4096 with sdpa; 8192 (`lean`); FT_BATCH_SIZE x FT_MAX_SEQ_LENGTH on the CPU."
     )
     gradient_checkpointing: bool | None = Field(
         None, description="Recompute activations in the backward pass to save memory. Default: on in `lean` and "
@@ -160,9 +182,9 @@ class Settings(BaseSettings):
     )
     attention: Literal["auto", "varlen", "sdpa", "flex_attention", "eager"] = Field(
         "auto", description="Attention implementation. `varlen`: torch's variable-length flash attention (torch >= "
-        "2.11, Ampere or newer GPU, bf16/fp16), which attends within each packed sample and builds no mask; on the CPU "
-        "a per-sample reference. `sdpa`, `flex_attention`, `eager`: packed samples are kept apart by a block mask over "
-        "the whole micro-batch. Default: `varlen` when packing on a GPU that has it, else `sdpa`."
+        "2.11, Ampere or newer GPU, bf16/fp16), which attends within each sample of a padding-free row and builds no "
+        "mask; on the CPU a per-sample reference. `sdpa`, `flex_attention`, `eager`: the samples of a padding-free row "
+        "are kept apart by a block mask. Default: `varlen` on a GPU that has it, else `sdpa`."
     )
 
     # --- outputs -----------------------------------------------------------------------------------------------
@@ -273,9 +295,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _micro_batch_holds_a_sample(self) -> Settings:
-        if self.micro_batch_tokens is not None and self.micro_batch_tokens < self.max_seq_length:
-            raise ValueError(f"FT_MICRO_BATCH_TOKENS={self.micro_batch_tokens}: must hold one whole sample of "
+        if self.packing_length is not None and self.packing_length < self.max_seq_length:
+            raise ValueError(f"FT_PACKING_LENGTH={self.packing_length}: must hold one whole sample of "
                              f"FT_MAX_SEQ_LENGTH={self.max_seq_length} tokens")
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < self.row_length:
+            what = "packed row of FT_PACKING_LENGTH" if self.packing else "sample of FT_MAX_SEQ_LENGTH"
+            raise ValueError(f"FT_MICRO_BATCH_TOKENS={self.micro_batch_tokens}: must hold one whole {what}="
+                             f"{self.row_length} tokens")
         return self
 
     @model_validator(mode="after")
@@ -293,9 +319,14 @@ class Settings(BaseSettings):
         return ",".join(names)
 
     @property
-    def packs(self) -> bool:
-        """Whether samples are packed: FT_PACKING, else every profile but `guide`."""
-        return self.packing if self.packing is not None else self.profile != "guide"
+    def row_length(self) -> int:
+        """Most tokens of one training row: a sample (FT_MAX_SEQ_LENGTH), or a packed row (FT_PACKING_LENGTH)."""
+        return (self.packing_length or self.max_seq_length) if self.packing else self.max_seq_length
+
+    @property
+    def global_batch(self) -> int:
+        """Samples (packed rows with FT_PACKING) per optimizer step, over all processes: the recipe's step."""
+        return self.batch_size * self.gradient_accumulation_steps
 
     @property
     def target_modules(self) -> list[str] | str | None:
@@ -354,7 +385,9 @@ PLATFORM_JOB_IDS = ("AWS_BATCH_JOB_ID", "CLOUD_RUN_EXECUTION", "BATCH_JOB_UID")
 NOT_FINGERPRINTED = {"run_id", "overwrite", "log_format", "log_level", "work_dir", "termination_log",
                      "termination_grace_seconds", "require_gpu", "save_steps", "save_minutes", "keep_checkpoints",
                      "checkpoint_uri", "hub_private", "hub_revision", "tb_sync_seconds", "storage_attempts",
-                     "storage_timeout_seconds", "storage_deadline_seconds", "attention",
+                     "storage_timeout_seconds", "storage_deadline_seconds",
+                     # how a step is computed, not what it trains: a run may resume under another plan (another GPU)
+                     "profile", "padding_free", "micro_batch_tokens", "gradient_checkpointing", "use_liger", "attention",
                      # where and on how many processes it runs: the global batch is kept, and every node must agree
                      "nproc_per_node", "nnodes", "node_rank", "dist_timeout_seconds"}
 

@@ -64,14 +64,14 @@ def quantization_config(cfg: Settings, placement: Placement):
 
 
 def resolve_attention(cfg: Settings, placement: Placement) -> str:
-    """FT_ATTENTION with `auto` decided: torch's varlen kernel for packed micro-batches on a GPU that has it (no
-    quadratic block mask), else sdpa. `varlen` is registered with transformers before the model loads."""
+    """FT_ATTENTION with `auto` decided: torch's varlen kernel on a GPU that has it (padding-free rows without a
+    quadratic block mask; padded rows unpadded), else sdpa. `varlen` is registered with transformers before the model loads."""
     from job import attention
 
     name = cfg.attention
     kernel = attention.kernel_available(placement.dtype) if placement.device == "cuda" else None
     if name == "auto":
-        name = attention.NAME if cfg.packs and kernel else "sdpa"
+        name = attention.NAME if kernel else "sdpa"  # every profile but `guide` is padding-free
     if name == attention.NAME:
         if kernel is False:
             raise ConfigError([f"FT_ATTENTION=varlen: needs torch >= 2.11's varlen flash kernel, an Ampere or newer "

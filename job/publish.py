@@ -129,9 +129,11 @@ def hub_id(uri: str, kind: str) -> str | None:
 
 
 def _batches(cfg: Settings, training: dict[str, Any]) -> str:
-    if training.get("packing"):
-        return f"packed micro-batches of {training['micro_batch_tokens']} tokens x {cfg.gradient_accumulation_steps}"
-    return f"batch {cfg.batch_size} x {cfg.gradient_accumulation_steps}"
+    step = f"{cfg.global_batch} samples per step (batch {cfg.batch_size} x {cfg.gradient_accumulation_steps})"
+    if cfg.packing:
+        return (f"{cfg.global_batch} packed rows of up to {cfg.row_length} tokens per step (FT_PACKING: "
+                f"{training.get('steps_per_epoch')} steps per epoch, {training.get('unpacked_steps_per_epoch')} unpacked)")
+    return step
 
 
 def _fmt(v: Any) -> str:

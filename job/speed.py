@@ -1,8 +1,9 @@
-"""How a run uses its hardware: packing, micro-batch size, gradient checkpointing, fused kernels.
+"""How a run computes each optimizer step on its hardware: padding-free micro-batches, their size, gradient
+checkpointing, fused kernels. Never what a step trains on: that is the recipe (job/steps.py keeps it).
 
 The profile (FT_PROFILE) gives the defaults; an explicit setting always wins. Sizes on a GPU come from the memory
 left once the model is loaded and an estimate of activation memory per token, so the same settings fill an H200
-and still fit a 24 GB card. bench/NOTES.md says where the estimate comes from and how it compares to measurements.
+and still fit a 24 GB card, and both compute the same steps. bench/NOTES.md says where the estimate comes from and how it compares to measurements.
 """
 
 from __future__ import annotations
@@ -27,19 +28,24 @@ SAFETY = 1.5  # allocator fragmentation, LoRA buffers, optimizer temporaries, th
 
 @dataclass(frozen=True)
 class SpeedPlan:
-    packing: bool
-    micro_batch_tokens: int | None  # packed: tokens per micro-batch and process; None: padded batches
+    """How one process computes its part of each optimizer step. The step itself (FT_BATCH_SIZE x
+    FT_GRADIENT_ACCUMULATION_STEPS samples over all processes, in the sampler's order) is the recipe's and is the
+    same in every plan; job/steps.py cuts it into the micro-batches described here."""
+
+    padding_free: bool  # micro-batches flattened into one row with position ids; else padded rows
+    micro_batch_tokens: int | None  # padding-free: most tokens per micro-batch (a step above it is split)
+    micro_batch_size: int | None  # padded: samples per micro-batch (the guide's per_device_train_batch_size)
+    step_samples: int  # samples (or packed rows) per optimizer step and process
+    eval_batch_size: int  # samples per evaluation batch and process
     gradient_checkpointing: bool
     liger: bool
     attention: str
-    batch_size: int = 1  # padded: samples per micro-batch and process
-    accumulation: int = 1  # micro-batches per optimizer step and process
     processes: int = 1
 
     @property
     def global_batch(self) -> int:
-        """Samples (padded) or at most tokens (packed) per optimizer step, over every process."""
-        return (self.micro_batch_tokens or self.batch_size) * self.accumulation * self.processes
+        """Samples (or packed rows) per optimizer step, over every process: FT_BATCH_SIZE x accumulation."""
+        return self.step_samples * self.processes
 
 
 def liger_available() -> bool:
@@ -58,39 +64,33 @@ def activation_bytes_per_token(model_config, checkpointing: bool, liger: bool) -
 
 
 def plan(cfg: Settings, placement: Placement, model_config, processes: int = 1) -> SpeedPlan:
+    """The plan for this hardware. Raises ConfigError when the global batch cannot be split evenly over the
+    processes, or Liger is asked for where it cannot run."""
     gpu = placement.device == "cuda"
     attention = getattr(model_config, "_attn_implementation", None) or cfg.attention  # as resolved at load
     if cfg.use_liger and not (gpu and liger_available()):
         raise ConfigError(["FT_USE_LIGER=true: Liger's kernels need a CUDA GPU and the liger-kernel package"])
     liger = cfg.use_liger if cfg.use_liger is not None else cfg.profile != "guide" and gpu and liger_available()
-    if not cfg.packs:
+    if cfg.global_batch % processes:
+        raise ConfigError([f"FT_GRADIENT_ACCUMULATION_STEPS={cfg.gradient_accumulation_steps}: the global batch of "
+                           f"{cfg.global_batch} samples (FT_BATCH_SIZE={cfg.batch_size} x "
+                           f"{cfg.gradient_accumulation_steps}) cannot be split evenly over {processes} processes; "
+                           f"make it a multiple of {processes}"])
+    step = cfg.global_batch // processes
+    padding_free = cfg.padding_free if cfg.padding_free is not None else cfg.profile != "guide"
+    if not padding_free:
         ckpt = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else cfg.profile != "fast"
-        batch, accumulation = split_global_batch(cfg, cfg.batch_size, processes, 1, "FT_BATCH_SIZE")
-        return _logged(SpeedPlan(False, None, ckpt, liger, attention, batch, accumulation, processes))
-    tokens, ckpt = _size_micro_batch(cfg, placement, model_config, liger, attention)
-    tokens, accumulation = split_global_batch(cfg, tokens, processes, cfg.max_seq_length, "FT_MICRO_BATCH_TOKENS")
-    return _logged(SpeedPlan(True, tokens, ckpt, liger, attention, 1, accumulation, processes))
-
-
-def split_global_batch(cfg: Settings, micro: int, processes: int, smallest: int, setting: str) -> tuple[int, int]:
-    """The per-process micro-batch and accumulation that keep one process's global batch (micro x
-    FT_GRADIENT_ACCUMULATION_STEPS) on `processes` processes: the fewest accumulation steps, with a micro-batch no
-    larger than `micro` (what fits) and no smaller than `smallest`."""
-    total = micro * cfg.gradient_accumulation_steps
-    for accumulation in range(1, cfg.gradient_accumulation_steps + 1):
-        per_process, rest = divmod(total, accumulation * processes)
-        if not rest and smallest <= per_process <= micro:
-            return per_process, accumulation
-    raise ConfigError([f"FT_GRADIENT_ACCUMULATION_STEPS={cfg.gradient_accumulation_steps}: the global batch of {total} "
-                       f"({setting}={micro} x {cfg.gradient_accumulation_steps}) cannot be split evenly over "
-                       f"{processes} processes; make it a multiple of {processes}"])
+        micro = min(cfg.batch_size, step)
+        return _logged(SpeedPlan(False, None, micro, step, cfg.batch_size, ckpt, liger, attention, processes))
+    tokens, ckpt = _size_micro_batch(cfg, placement, model_config, liger, attention, step)
+    return _logged(SpeedPlan(True, tokens, None, step, max(1, tokens // cfg.row_length), ckpt, liger, attention,
+                             processes))
 
 
 def _logged(p: SpeedPlan) -> SpeedPlan:
     if p.processes > 1:
-        log.get().info("global batch kept across processes", processes=p.processes, accumulation=p.accumulation,
-                       **({"micro_batch_tokens": p.micro_batch_tokens} if p.packing else {"batch_size": p.batch_size}),
-                       global_batch=p.global_batch, unit="tokens" if p.packing else "samples")
+        log.get().info("global batch kept across processes", processes=p.processes, step_samples=p.step_samples,
+                       global_batch=p.global_batch)
     return p
 
 
@@ -105,19 +105,22 @@ def free_gpu_bytes() -> int:
     return int(min(free, fraction * total - torch.cuda.memory_reserved()))
 
 
-def _size_micro_batch(cfg: Settings, placement: Placement, model_config, liger: bool,
-                      attention: str) -> tuple[int, bool]:
-    forced = cfg.gradient_checkpointing
+def _size_micro_batch(cfg: Settings, placement: Placement, model_config, liger: bool, attention: str,
+                      step_samples: int) -> tuple[int, bool]:
+    """Tokens per padding-free micro-batch, and whether to checkpoint. Never more than a whole step can hold
+    (`step_samples` rows of FT_MAX_SEQ_LENGTH), so a small step is one micro-batch, computed without checkpointing
+    wherever that fits."""
+    forced, row = cfg.gradient_checkpointing, cfg.row_length
     if placement.device != "cuda":
-        return cfg.micro_batch_tokens or cfg.batch_size * cfg.max_seq_length, bool(forced)
+        return cfg.micro_batch_tokens or cfg.batch_size * row, bool(forced)
     if cfg.profile == "lean":  # sdpa's block mask grows with the square of the micro-batch: its cap holds there too
         lean = LEAN_MICRO_BATCH_TOKENS if attention == "varlen" else SDPA_MAX_MICRO_BATCH_TOKENS
-        return cfg.micro_batch_tokens or max(lean, cfg.max_seq_length), forced is not False
+        return cfg.micro_batch_tokens or max(min(lean, step_samples * row), row), forced is not False
     free = free_gpu_bytes()
-    cap = VARLEN_MAX_MICRO_BATCH_TOKENS if attention == "varlen" else SDPA_MAX_MICRO_BATCH_TOKENS
+    cap = min(VARLEN_MAX_MICRO_BATCH_TOKENS if attention == "varlen" else SDPA_MAX_MICRO_BATCH_TOKENS,
+              step_samples * row)
     sizes = [cfg.micro_batch_tokens] if cfg.micro_batch_tokens else \
-        [cap >> i for i in range(7) if cap >> i >= cfg.max_seq_length] \
-        or [cfg.max_seq_length]  # samples longer than the cap: one sample per micro-batch
+        [cap >> i for i in range(7) if cap >> i >= row] or [row]  # rows longer than the cap: one per micro-batch
     if forced is not None:
         options = [(tokens, forced) for tokens in sizes]
     else:

@@ -23,6 +23,33 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
     global_step: int = 0
     train_seconds: float = 0.0
+    steps: dict[str, int] = field(default_factory=dict)  # the recipe's steps per epoch (and without packing)
+
+
+def recipe_rows(cfg: Settings, samples, speed: SpeedPlan, result: TrainResult):
+    """The rows an epoch trains on: the samples, or with FT_PACKING the packed rows. Logs (and records in
+    `result.steps`) the optimizer steps an epoch takes, and with packing how many it would take unpacked."""
+    from job.steps import pack, steps_per_epoch
+
+    rows = pack(samples, cfg.row_length) if cfg.packing else samples
+    result.steps = {"global_batch": speed.global_batch, "steps_per_epoch": steps_per_epoch(len(rows), speed.global_batch)}
+    if cfg.packing:
+        result.steps["unpacked_steps_per_epoch"] = steps_per_epoch(len(samples), speed.global_batch)
+        log.get().warning(
+            "FT_PACKING=true changes the recipe: each packed row counts as one sample of FT_BATCH_SIZE",
+            samples=len(samples), packed_rows=len(rows), packing_length=cfg.row_length, **result.steps)
+    else:
+        log.get().info("optimizer steps", samples=len(rows), **result.steps)
+    return rows
+
+
+def final_eval_loss(trainer) -> float:
+    """Eval loss of the trained adapter: the trainer's own evaluation when it ran at the last step (FT_EVAL_STEPS
+    divides the step count), else one more evaluation."""
+    last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
+    if last is not None and last.get("step") == trainer.state.global_step:
+        return last["eval_loss"]
+    return trainer.evaluate()["eval_loss"]
 
 
 def effective_optim(cfg: Settings, placement: Placement, fsdp: bool = False) -> str:
@@ -48,10 +75,11 @@ def sft_config(cfg: Settings, placement: Placement, output_dir: Path, has_eval: 
         output_dir=str(output_dir),
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps or -1,
-        # Packed: one micro-batch is one bin of `micro_batch_tokens` tokens; else FT_BATCH_SIZE padded samples.
-        per_device_train_batch_size=1 if speed.packing else speed.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=speed.accumulation,
+        # One dataloader batch is one optimizer step's samples on this process (job/steps.py computes it in
+        # micro-batches): the step is the recipe's whatever the plan, and transformers' accumulation stays at 1.
+        per_device_train_batch_size=speed.step_samples,
+        per_device_eval_batch_size=speed.eval_batch_size,
+        gradient_accumulation_steps=1,
         # Under FSDP, FSDP checkpoints activations itself (fsdp_arguments); the Trainer's would wrap layers twice.
         gradient_checkpointing=speed.gradient_checkpointing and not fsdp,
         use_liger_kernel=speed.liger,
@@ -79,10 +107,12 @@ def sft_config(cfg: Settings, placement: Placement, output_dir: Path, has_eval: 
         logging_nan_inf_filter=False,  # a NaN must reach DivergenceGuard, not be averaged away
         report_to="none",  # TensorBoard is attached explicitly, with its directory
         disable_tqdm=not console,
-        train_sampling_strategy="group_by_length" if cfg.group_by_length and not speed.packing else "random",
-        max_length=speed.micro_batch_tokens if speed.packing else cfg.max_seq_length,
-        packing=speed.packing,
-        eval_packing=False,  # evaluation stays per sample, so eval loss compares across profiles
+        train_sampling_strategy="random",  # FT_GROUP_BY_LENGTH: StepTrainer groups over the global step
+        # Samples come tokenized, truncated and (FT_PACKING) packed by the job; the collator is job/steps.py's.
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,
+        packing=False,
+        padding_free=False,
         dataloader_pin_memory=on_gpu,
         ddp_backend=("nccl" if on_gpu else "gloo") if speed.processes > 1 else None,
         ddp_timeout=int(cfg.dist_timeout_seconds),
@@ -115,17 +145,25 @@ def build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, checkpoin
                   speed: SpeedPlan):
     from transformers.integrations import TensorBoardCallback
     from transformers.trainer_callback import PrinterCallback
-    from trl import SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    trainer = SFTTrainer(
+    from job.steps import StepCollator, StepTrainer
+
+    # Padding-free: samples flattened into one row, position ids restarting at each; else rows padded with the pad
+    # token (labels -100). Evaluation batches use it as it is; training steps through StepCollator.
+    collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=speed.padding_free)
+    trainer = StepTrainer(
         model=model,
         args=sft_config(cfg, placement, checkpoint_dir, eval_ds is not None, console, speed),
+        data_collator=collate,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=lora_config(cfg),
         callbacks=[TensorBoardCallback(writer), ProgressLog(), *callbacks],
     )
+    trainer.step_collator = StepCollator(collate, speed.micro_batch_tokens, speed.micro_batch_size)
+    trainer.global_batch, trainer.group_by_length = speed.global_batch, cfg.group_by_length
     trainer.remove_callback(PrinterCallback)  # prints raw dicts; ProgressLog logs them as events
     if placement.dtype != torch.bfloat16:
         # trl keeps a quantized model's LoRA weights in bf16 (as the QLoRA paper does with bf16 compute). Computing
@@ -151,9 +189,10 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
     writer = SummaryWriter(log_dir=str(stage / "tensorboard"), flush_secs=max(5, int(cfg.tb_sync_seconds))) \
         if distributed.is_main() else None
     callbacks = [SaveTimer(cfg.save_minutes), CheckpointMirror(checkpoints), GracefulStop(stopper), guard]
+    result = TrainResult()
+    train_ds = recipe_rows(cfg, train_ds, speed, result)
     trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, scratch / "checkpoints", writer,
                             callbacks, console, speed)
-    result = TrainResult()
     try:
         resume = checkpoints.restore_everywhere(scratch / "resume")
         fsdp = uses_fsdp(cfg, speed)
@@ -177,11 +216,12 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
                                                       if "eval_loss" in e)
         stopped_early(trainer, guard, stopper, checkpoints)
         if eval_ds is not None:
-            result.metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+            result.metrics["eval_loss_after"] = final_eval_loss(trainer)
     except torch.OutOfMemoryError as e:
         raise OutOfMemoryError(
-            f"out of GPU memory ({str(e).splitlines()[0][:200]}); lower FT_BATCH_SIZE, FT_MAX_SEQ_LENGTH or "
-            "FT_MICRO_BATCH_TOKENS, or set FT_GRADIENT_CHECKPOINTING=true"
+            f"out of GPU memory ({str(e).splitlines()[0][:200]}); lower FT_MICRO_BATCH_TOKENS (the same steps in "
+            "smaller micro-batches), use FT_PROFILE=lean or FT_GRADIENT_CHECKPOINTING=true, or shorten "
+            "FT_MAX_SEQ_LENGTH"
         ) from None
     finally:
         if writer is not None:

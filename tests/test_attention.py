@@ -223,7 +223,5 @@ def test_auto_resolution(monkeypatch):
     monkeypatch.setattr(attention, "kernel_available", lambda dtype: True)
     assert resolve_attention(settings(), GPU) == "varlen"
     assert resolve_attention(settings(profile="lean"), GPU) == "varlen"
-    assert resolve_attention(settings(profile="guide"), GPU) == "sdpa"  # padded batches
-    assert resolve_attention(settings(packing=False), GPU) == "sdpa"
-    assert resolve_attention(settings(profile="guide", packing=True), GPU) == "varlen"
+    assert resolve_attention(settings(profile="guide"), GPU) == "varlen"  # padded rows, unpadded for the kernel
     assert resolve_attention(settings(attention="sdpa"), GPU) == "sdpa"

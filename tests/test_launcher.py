@@ -107,37 +107,32 @@ def test_exit_code_is_the_cause_not_its_echo():
     assert distributed.exit_code_of({0: failure(0, -6, 4), 1: failure(1, inp, 5)}) == inp
 
 
-@pytest.mark.parametrize("micro, accum, processes, smallest, expected", [
-    (8, 1, 2, 1, (4, 1)),       # the micro-batch halves
-    (4096, 2, 2, 1024, (4096, 1)),  # the accumulation halves first
-    (4096, 1, 4, 1024, (1024, 1)),
-    (4, 6, 4, 1, (3, 2)),       # 24 samples = 3 x 2 x 4
-    (8, 3, 1, 1, (8, 3)),       # one process: as asked
+@pytest.mark.parametrize("batch, accum, processes, padding_free, expected", [
+    (8, 1, 2, False, (4, 4)),   # the guide's padded micro-batches: 4 samples per process
+    (4, 6, 4, False, (6, 4)),   # 24 samples = 6 per process, padded micro-batches of at most 4
+    (4, 2, 2, True, (4, None)),  # padding-free: each process's 4 samples in micro-batches by tokens
+    (8, 3, 1, True, (24, None)),  # one process: the whole step
 ])
-def test_global_batch_is_kept(micro, accum, processes, smallest, expected):
-    cfg = settings(gradient_accumulation_steps=accum)
-    per_process, accumulation = speed.split_global_batch(cfg, micro, processes, smallest, "FT_BATCH_SIZE")
-    assert (per_process, accumulation) == expected
-    assert per_process * accumulation * processes == micro * accum
-
-
-def test_global_batch_that_cannot_be_split_is_a_clear_error():
-    with pytest.raises(ConfigError, match=r"FT_GRADIENT_ACCUMULATION_STEPS=1: the global batch of 3 .*FT_BATCH_SIZE=3"):
-        speed.split_global_batch(settings(), 3, 2, 1, "FT_BATCH_SIZE")
-    # packed: a micro-batch may not shrink below one whole sample
-    with pytest.raises(ConfigError, match="cannot be split evenly over 4 processes"):
-        speed.split_global_batch(settings(), 2048, 4, 1024, "FT_MICRO_BATCH_TOKENS")
-
-
-def test_plan_reports_the_split(tiny_model):
+def test_global_batch_is_kept(tiny_model, batch, accum, processes, padding_free, expected):
     from transformers import AutoConfig
 
     from job.model import Placement
     import torch
 
-    cfg = settings(batch_size=8, max_seq_length=128, packing=False)
-    plan = speed.plan(cfg, Placement("cpu", torch.float32), AutoConfig.from_pretrained(tiny_model), processes=2)
-    assert (plan.batch_size, plan.accumulation, plan.processes, plan.global_batch) == (4, 1, 2, 8)
+    cfg = settings(batch_size=batch, gradient_accumulation_steps=accum, max_seq_length=128, padding_free=padding_free)
+    plan = speed.plan(cfg, Placement("cpu", torch.float32), AutoConfig.from_pretrained(tiny_model), processes)
+    assert (plan.step_samples, plan.micro_batch_size) == expected
+    assert plan.global_batch == batch * accum
+
+
+def test_global_batch_that_cannot_be_split_is_a_clear_error(tiny_model):
+    from transformers import AutoConfig
+
+    from job.model import Placement
+    import torch
+
+    with pytest.raises(ConfigError, match=r"FT_GRADIENT_ACCUMULATION_STEPS=1: the global batch of 3 .*FT_BATCH_SIZE=3"):
+        speed.plan(settings(batch_size=3), Placement("cpu", torch.float32), AutoConfig.from_pretrained(tiny_model), 2)
 
 
 @pytest.mark.parametrize("visible, expected", [(None, "0"), ("3,5", "3"), ("GPU-aa,GPU-bb", "GPU-aa"), ("", "")])

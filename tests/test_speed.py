@@ -1,4 +1,5 @@
-"""The speed plan, and that packing changes nothing but speed: isolated samples, the same loss and updates."""
+"""The speed plan: how a step is computed changes with the hardware, the step never does; padding-free rows keep
+samples apart."""
 
 from __future__ import annotations
 
@@ -19,26 +20,28 @@ def settings(**kw) -> Settings:
     return Settings.model_construct(**{**Settings().model_dump(), **kw})
 
 
-def test_fast_profile_packs_on_the_cpu_with_batch_times_length_tokens(tiny_model):
+def test_fast_profile_is_padding_free_on_the_cpu_with_batch_times_length_tokens(tiny_model):
     from transformers import AutoConfig
 
     p = plan(settings(batch_size=4, max_seq_length=256), CPU, AutoConfig.from_pretrained(tiny_model))
-    assert (p.packing, p.micro_batch_tokens, p.liger, p.gradient_checkpointing) == (True, 1024, False, False)
+    assert (p.padding_free, p.micro_batch_tokens, p.liger, p.gradient_checkpointing) == (True, 1024, False, False)
+    assert (p.step_samples, p.global_batch, p.eval_batch_size) == (4, 4, 4)
 
 
-def test_guide_profile_pads_batches_and_checkpoints(tiny_model):
+def test_guide_profile_pads_micro_batches_of_the_batch_size_and_checkpoints(tiny_model):
     from transformers import AutoConfig
 
-    p = plan(settings(profile="guide"), CPU, AutoConfig.from_pretrained(tiny_model))
-    assert (p.packing, p.micro_batch_tokens, p.gradient_checkpointing) == (False, None, True)
+    p = plan(settings(profile="guide", gradient_accumulation_steps=3), CPU, AutoConfig.from_pretrained(tiny_model))
+    assert (p.padding_free, p.micro_batch_tokens, p.micro_batch_size, p.gradient_checkpointing) == (False, None, 4, True)
+    assert p.global_batch == 12  # one dataloader batch per optimizer step; job/steps.py cuts it in three
 
 
 def test_explicit_settings_win_over_the_profile(tiny_model):
     from transformers import AutoConfig
 
-    p = plan(settings(profile="guide", packing=True, micro_batch_tokens=2048, gradient_checkpointing=False), CPU,
+    p = plan(settings(profile="guide", padding_free=True, micro_batch_tokens=2048, gradient_checkpointing=False), CPU,
              AutoConfig.from_pretrained(tiny_model))
-    assert (p.packing, p.micro_batch_tokens, p.gradient_checkpointing) == (True, 2048, False)
+    assert (p.padding_free, p.micro_batch_tokens, p.gradient_checkpointing) == (True, 2048, False)
 
 
 def test_impossible_combinations_are_config_errors(tiny_model):
@@ -49,31 +52,40 @@ def test_impossible_combinations_are_config_errors(tiny_model):
         plan(settings(use_liger=True), CPU, config)
 
 
-
-def test_a_micro_batch_smaller_than_a_sample_is_refused_with_the_settings(monkeypatch):
+@pytest.mark.parametrize("env, message", [
+    ({"FT_MICRO_BATCH_TOKENS": "512"}, "FT_MICRO_BATCH_TOKENS=512: must hold one whole sample of FT_MAX_SEQ_LENGTH=1024"),
+    ({"FT_PACKING": "true", "FT_PACKING_LENGTH": "4096", "FT_MICRO_BATCH_TOKENS": "2048"},
+     "FT_MICRO_BATCH_TOKENS=2048: must hold one whole packed row of FT_PACKING_LENGTH=4096"),
+    ({"FT_PACKING_LENGTH": "512"}, "FT_PACKING_LENGTH=512: must hold one whole sample of FT_MAX_SEQ_LENGTH=1024"),
+])
+def test_a_micro_batch_smaller_than_a_row_is_refused_with_the_settings(monkeypatch, env, message):
     from job.config import load_settings
 
-    monkeypatch.setenv("FT_MICRO_BATCH_TOKENS", "512")
-    with pytest.raises(ConfigError, match="FT_MICRO_BATCH_TOKENS=512: must hold one whole sample of FT_MAX_SEQ_LEN"):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match=message):
         load_settings()
 
 
-@pytest.mark.parametrize("attention, free_gib, max_len, expected", [
-    ("sdpa", 130, 1024, (4096, False)),    # an H200: sdpa's cap, without checkpointing
-    ("sdpa", 16, 1024, (4096, True)),      # a 24 GB card after the model: checkpointing at the cap
-    ("sdpa", 130, 8192, (8192, False)),    # samples longer than the cap: one sample per micro-batch
-    ("varlen", 130, 1024, (16384, False)),  # no block mask: the larger cap
-    ("varlen", 60, 1024, (8192, False)),    # the largest that fits without checkpointing first
-    ("varlen", 16, 1024, (16384, True)),    # then checkpointing with the largest micro-batch that fits
+@pytest.mark.parametrize("attention, free_gib, max_len, batch, expected", [
+    ("sdpa", 130, 1024, 64, (4096, False)),     # an H200: sdpa's cap, without checkpointing
+    ("sdpa", 16, 1024, 64, (4096, True)),       # a 24 GB card after the model: checkpointing at the cap
+    ("sdpa", 130, 8192, 64, (8192, False)),     # samples longer than the cap: one sample per micro-batch
+    ("varlen", 130, 1024, 64, (16384, False)),  # no block mask: the larger cap
+    ("varlen", 60, 1024, 64, (8192, False)),    # the largest that fits without checkpointing first
+    ("varlen", 16, 1024, 64, (16384, True)),    # then checkpointing with the largest micro-batch that fits
+    ("varlen", 130, 1024, 4, (4096, False)),    # the guide's 4 samples: never more than a whole step holds
 ])
-def test_gpu_micro_batch_sizing(monkeypatch, attention, free_gib, max_len, expected):
+def test_gpu_micro_batch_sizing(monkeypatch, attention, free_gib, max_len, batch, expected):
     from transformers import LlamaConfig
 
     fake_gpu(monkeypatch, free_gib)
     config = LlamaConfig(hidden_size=4096, num_hidden_layers=32, vocab_size=32000, intermediate_size=11008)
     config._attn_implementation = attention  # as resolved when the model was loaded
-    p = plan(settings(max_seq_length=max_len, use_liger=False), Placement("cuda", torch.bfloat16), config)
+    p = plan(settings(max_seq_length=max_len, batch_size=batch, use_liger=False), Placement("cuda", torch.bfloat16),
+             config)
     assert (p.micro_batch_tokens, p.gradient_checkpointing, p.attention) == (*expected, attention)
+    assert p.step_samples == batch  # the plan never changes the step
 
 
 @pytest.mark.parametrize("attention, max_len, expected", [
@@ -87,9 +99,9 @@ def test_lean_micro_batches_and_checkpointing(monkeypatch, attention, max_len, e
     fake_gpu(monkeypatch, 14)
     config = LlamaConfig(hidden_size=4096, num_hidden_layers=32, vocab_size=32000, intermediate_size=11008)
     config._attn_implementation = attention
-    p = plan(settings(profile="lean", max_seq_length=max_len, use_liger=False), Placement("cuda", torch.bfloat16),
-             config)
-    assert (p.micro_batch_tokens, p.gradient_checkpointing, p.packing) == (expected, True, True)
+    p = plan(settings(profile="lean", max_seq_length=max_len, batch_size=16, use_liger=False),
+             Placement("cuda", torch.bfloat16), config)
+    assert (p.micro_batch_tokens, p.gradient_checkpointing, p.padding_free) == (expected, True, True)
 
 
 def fake_gpu(monkeypatch, free_gib: float, fraction: float = 1.0, reserved_gib: float = 0.0) -> None:
@@ -119,7 +131,7 @@ def test_activation_estimate_for_a_7b_model():
     assert activation_bytes_per_token(config, checkpointing=False, liger=False) == full + 4 * 32000
 
 
-def test_packed_samples_do_not_attend_to_each_other(tiny_model):
+def test_samples_of_a_padding_free_row_do_not_attend_to_each_other(tiny_model):
     """Three samples in one padding-free row (position ids restart at each) give each sample's own logits."""
     model = load_model(tiny_model, settings(quantization="none"), CPU).eval()
     samples = [torch.randint(3, 500, (1, n)) for n in (13, 7, 21)]
@@ -131,3 +143,54 @@ def test_packed_samples_do_not_attend_to_each_other(tiny_model):
     for s, logits in zip(samples, alone):
         torch.testing.assert_close(packed[:, start:start + s.shape[1]], logits, rtol=1e-4, atol=1e-4)
         start += s.shape[1]
+
+
+@pytest.mark.parametrize("lengths, tokens, samples, expected", [
+    ([10, 20, 30, 40], 60, None, [[0, 1, 2], [3]]),  # up to 60 tokens, in order
+    ([10, 20, 30, 40], 100, None, [[0, 1, 2, 3]]),  # the whole step fits: one micro-batch
+    ([70, 10, 10], 60, None, [[0], [1, 2]]),  # a sample above the budget is a micro-batch of its own
+    ([5] * 10, None, 4, [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]),  # padded: FT_BATCH_SIZE samples each
+])
+def test_a_step_is_cut_into_micro_batches_in_order(lengths, tokens, samples, expected):
+    from job.steps import StepCollator
+
+    collator = StepCollator(lambda features: features, tokens, samples)
+    assert [list(g) for g in collator.groups(lengths)] == expected
+    step = collator([{"input_ids": [0] * n} for n in lengths])["micro_batches"]
+    assert [len(mb) for mb in step] == [len(g) for g in expected]
+
+
+@pytest.mark.parametrize("processes", [1, 2, 4])
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_the_samples_of_each_step_do_not_depend_on_the_process_count(tokenizer, processes, group_by_length):
+    """accelerate shards a dataloader of per-process batches (global batch / processes) round-robin; the samples
+    of step k over all processes are the same as on one process, so a run on 4 GPUs trains what one GPU trains."""
+    from types import SimpleNamespace
+
+    from accelerate.data_loader import prepare_data_loader
+    from datasets import Dataset
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from job.steps import StepTrainer
+
+    lengths = [3 + (i * 37) % 50 for i in range(96)]  # 12 whole steps of 8
+    ds = Dataset.from_dict({"input_ids": [list(range(n)) for n in lengths], "idx": list(range(96))})
+    trainer = StepTrainer.__new__(StepTrainer)  # the sampler needs no model
+    trainer.global_batch, trainer.group_by_length, trainer.train_dataset = 8, group_by_length, ds
+    trainer.args = SimpleNamespace(data_seed=None, seed=42)
+
+    def sampler():  # each process builds its own, as each runs its own Trainer
+        return trainer._get_train_sampler(ds) if group_by_length else \
+            RandomSampler(ds, generator=torch.Generator().manual_seed(42))
+
+    def steps(processes: int) -> list[set[int]]:
+        shards = [list(prepare_data_loader(
+            DataLoader(ds, batch_size=8 // processes, sampler=sampler(), collate_fn=lambda f: [x["idx"] for x in f]),
+            num_processes=processes, process_index=rank, put_on_device=False, even_batches=False))
+            for rank in range(processes)]
+        return [set().union(*(shard[k] for shard in shards)) for k in range(len(shards[0]))]
+
+    assert steps(processes) == steps(1)
+    if group_by_length:  # and grouping did group: the steps' lengths spread less than random steps' do
+        spread = sum(max(lengths[i] for i in s) - min(lengths[i] for i in s) for s in steps(1))
+        assert spread < 12 * 47 // 2

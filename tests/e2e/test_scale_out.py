@@ -27,9 +27,10 @@ STEPS = 12
 
 
 def settings(model: Path, **extra: str) -> dict[str, str]:
-    # Padded batches in a fixed order and no dropout: one process and two see the very same samples per step.
+    # No dropout: one process and two see the very same samples per step (length-grouped, padding-free, the
+    # default), so they train the same adapter.
     return demo_env(model, **{"FT_RUN_ID": "dist", "FT_MAX_STEPS": str(STEPS), "FT_BATCH_SIZE": "8",
-                              "FT_PACKING": "false", "FT_GROUP_BY_LENGTH": "false", "FT_LORA_DROPOUT": "0",
+                              "FT_LORA_DROPOUT": "0",
                               "FT_LOGGING_STEPS": "1", "FT_EVAL_STEPS": "100", "FT_DIST_TIMEOUT_SECONDS": "60",
                               **extra})
 
@@ -131,7 +132,7 @@ def test_two_processes_on_one_node_train_as_one(single, tiny_model, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     evs = events(proc)
     split = next(e for e in evs if e["event"] == "global batch kept across processes")
-    assert (split["processes"], split["batch_size"], split["accumulation"], split["global_batch"]) == (2, 4, 1, 8)
+    assert (split["processes"], split["step_samples"], split["global_batch"]) == (2, 4, 8)
     assert_same_training(evs, single)
     assert_one_result_set(tmp_path / "out")
     assert [e["rank"] for e in evs if e["event"] == "published"] == [0]

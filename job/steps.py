@@ -1,0 +1,152 @@
+"""An optimizer step as the recipe defines it, computed as the speed plan says.
+
+The recipe: an optimizer step trains FT_BATCH_SIZE x FT_GRADIENT_ACCUMULATION_STEPS samples over all processes, in
+the sampler's order, and an epoch has ceil(samples / that) steps. The training dataloader therefore yields one batch
+per optimizer step and process (the step's samples divided evenly over the processes), and transformers' own
+gradient accumulation stays at 1: which samples make step k never depends on the plan, the GPU or the process count.
+
+The plan: `StepCollator` cuts a step into micro-batches (padding-free rows of at most `micro_batch_tokens` tokens,
+or the guide's padded micro-batches of FT_BATCH_SIZE samples) and `StepTrainer.training_step` runs forward and
+backward on each, every micro-batch's loss summed over its tokens and divided by the trained tokens of the whole
+step over every process (the `num_items_in_batch` normalisation of transformers' Trainer, which trl's SFTTrainer
+applies). A split step and an unsplit one give the same gradient, up to floating-point summation order.
+
+Evaluation reports the per-token mean over the whole evaluation set (summed losses over summed tokens), so the
+figure does not depend on how the evaluation samples are batched or padded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from trl import SFTTrainer
+
+IGNORE = -100
+
+
+class StepCollator:
+    """One optimizer step's samples (this process's share) -> {"micro_batches": [batch, ...]}.
+
+    `collate` turns a list of samples into one batch (trl's DataCollatorForLanguageModeling: padding-free, one row
+    [1, tokens] with position_ids and cu_seq_lens; or padded rows [samples, longest]). Samples stay in order; a
+    micro-batch takes samples while it holds at most `max_tokens` tokens (padding-free) or `max_samples` samples
+    (padded). A sample longer than `max_tokens` is a micro-batch of its own."""
+
+    def __init__(self, collate, max_tokens: int | None = None, max_samples: int | None = None):
+        if (max_tokens is None) == (max_samples is None):
+            raise ValueError("give exactly one of max_tokens (padding-free) and max_samples (padded)")
+        self.collate, self.max_tokens, self.max_samples = collate, max_tokens, max_samples
+
+    def groups(self, lengths: list[int]) -> list[range]:
+        """Consecutive index ranges of the step's samples, one per micro-batch."""
+        groups, start, tokens = [], 0, 0
+        for i, n in enumerate(lengths):
+            full = (tokens + n > self.max_tokens) if self.max_tokens else (i - start == self.max_samples)
+            if i > start and full:
+                groups.append(range(start, i))
+                start, tokens = i, 0
+            tokens += n
+        groups.append(range(start, len(lengths)))
+        return groups
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        groups = self.groups([len(f["input_ids"]) for f in features])
+        return {"micro_batches": [self.collate([features[i] for i in group]) for group in groups]}
+
+
+def trained_tokens(batch: dict[str, Any]) -> torch.Tensor:
+    """Tokens whose loss counts in a causal-LM batch: labels other than -100 after the one-token shift (the first
+    label of a row predicts nothing; a padding-free row marks each sample's first label -100 already)."""
+    return batch["labels"][..., 1:].ne(IGNORE).sum()
+
+
+class StepTrainer(SFTTrainer):
+    """trl's SFTTrainer, fed one batch per optimizer step (see the module's docstring). Set `step_collator`,
+    `global_batch` and `group_by_length` before training."""
+
+    step_collator: StepCollator | None = None
+    global_batch: int = 1
+    group_by_length: bool = False
+    _eval_tally: torch.Tensor | None = None
+
+    def get_train_dataloader(self):
+        # Evaluation keeps the plain collator (one batch per call); training batches are whole steps.
+        collate, self.data_collator = self.data_collator, self.step_collator
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = collate
+
+    def _get_train_sampler(self, train_dataset=None):
+        """The guide's group_by_length over the global step (transformers groups by its per-process batch, which
+        would change the data order with the process count); else transformers' seeded random order."""
+        if not self.group_by_length:
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        # Seeded on its own: every process draws the same order whatever else consumed the global RNG.
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return LengthGroupedSampler(self.global_batch, lengths=[len(ids) for ids in dataset["input_ids"]],
+                                    generator=torch.Generator().manual_seed(seed))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Forward and backward over each micro-batch of one optimizer step; returns the step's loss (this
+        process's share of the per-token mean, as transformers reports it)."""
+        micro_batches = inputs["micro_batches"]
+        tokens = sum(trained_tokens(mb) for mb in micro_batches).to(self.args.device)
+        if self.accelerator.num_processes > 1:
+            tokens = self.accelerator.reduce(tokens, reduction="sum")
+        loss = torch.zeros((), device=self.args.device)
+        for i, batch in enumerate(micro_batches):
+            # Gradients are reduced across processes once per step, after the last micro-batch (as transformers
+            # does between its accumulation steps).
+            last = i == len(micro_batches) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                loss = loss + super().training_step(model, batch, num_items_in_batch=tokens)
+        return loss
+
+    def floating_point_ops(self, inputs) -> float:
+        if "micro_batches" in inputs:
+            return sum(super(StepTrainer, self).floating_point_ops(mb) for mb in inputs["micro_batches"])
+        return super().floating_point_ops(inputs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if self._eval_tally is not None and not model.training:  # a per-token mean over this batch: weigh it back
+            n = trained_tokens(inputs).to(self._eval_tally.device)
+            self._eval_tally += torch.stack([loss.detach().double() * n, n.double()])
+        return (loss, outputs) if return_outputs else loss
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """transformers' loop, with `<prefix>_loss` replaced by the per-token mean over every evaluation sample
+        (transformers averages per-batch means weighted by rows, which a padding-free row of many samples breaks).
+        Under several processes, accelerate may repeat a few samples to even out the last batches."""
+        self._eval_tally = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+            tally = self._eval_tally
+        finally:
+            self._eval_tally = None
+        if self.accelerator.num_processes > 1:
+            tally = self.accelerator.reduce(tally, reduction="sum")
+        if tally[1] > 0:
+            output.metrics[f"{metric_key_prefix}_loss"] = (tally[0] / tally[1]).item()
+        return output
+
+
+def steps_per_epoch(rows: int, global_batch: int) -> int:
+    """Optimizer steps in one pass over `rows` samples (or packed rows): ceil(rows / global batch)."""
+    return -(-rows // global_batch)
+
+
+def pack(dataset, length: int):
+    """FT_PACKING: the samples bin-packed into rows of at most `length` tokens with trl's best-fit-decreasing
+    packer (no sample is split; each row keeps its samples' lengths in `seq_lengths`, from which the collator
+    restarts position ids). Each row then counts as one sample of FT_BATCH_SIZE."""
+    from trl.data_utils import pack_dataset
+
+    return pack_dataset(dataset, length, strategy="bfd")

@@ -1,0 +1,85 @@
+"""The recipe is what is trained: every plan takes the same optimizer steps over the same samples and ends at the same
+adapter; only FT_PACKING (the user's explicit choice) changes the steps, and says so."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_run import demo_env, events, run_job
+
+# 40 samples, 4 held out; 36 in steps of 8 (batch 4 x accumulation 2): 5 steps, the last one of 4 samples. Dropout
+# off: its random masks are drawn per micro-batch shape, which is the plan's business.
+COMMON = dict(FT_MAX_SAMPLES="40", FT_EVAL_FRACTION="0.1", FT_NUM_TRAIN_EPOCHS="1", FT_LOGGING_STEPS="1",
+              FT_EVAL_STEPS="2", FT_LORA_DROPOUT="0", FT_BATCH_SIZE="4", FT_GRADIENT_ACCUMULATION_STEPS="2",
+              FT_MAX_SEQ_LENGTH="64")
+PLANS = {
+    "guide": {"FT_PROFILE": "guide"},  # padded micro-batches of 4 samples, accumulated twice, checkpointing
+    "fast": {"FT_PROFILE": "fast"},  # one padding-free micro-batch per step
+    "split": {"FT_PROFILE": "fast", "FT_MICRO_BATCH_TOKENS": "64"},  # a micro-batch per sample or two
+    "lean": {"FT_PROFILE": "lean", "FT_MICRO_BATCH_TOKENS": "128"},
+}
+
+
+def train(tiny_model, tmp_path, name: str, **extra: str) -> dict:
+    from safetensors.torch import load_file
+
+    proc = run_job(demo_env(tiny_model, FT_RUN_ID=name, **COMMON, **extra), tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = events(proc)
+    return {
+        "manifest": json.loads((tmp_path / "out" / name / "manifest.json").read_text()),
+        "losses": [e["loss"] for e in log if e["event"] == "train step"],
+        "evals": [e for e in log if e["event"] == "eval"],
+        "adapter": load_file(tmp_path / "out" / name / "adapter" / "adapter_model.safetensors"),
+        "log": log,
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("recipe")
+    return {name: train(tiny_model, tmp, name, **extra) for name, extra in PLANS.items()}
+
+
+def test_every_plan_takes_the_recipes_steps(runs):
+    for name, run in runs.items():
+        training = run["manifest"]["training"]
+        assert (training["steps"], training["steps_per_epoch"], training["global_batch"]) == (5, 5, 8), name
+        assert len(run["losses"]) == 5, name
+    assert runs["split"]["manifest"]["training"]["micro_batch_tokens"] == 64
+    assert runs["guide"]["manifest"]["training"]["padding_free"] is False
+
+
+def test_padding_free_and_split_steps_train_what_padded_steps_train(runs):
+    """The same per-step losses and the same adapter, within float32 noise, however a step is computed."""
+    reference = runs["guide"]
+    assert reference["losses"][-1] < reference["losses"][0]  # it learns, so equal losses mean something
+    for name in ("fast", "split", "lean"):
+        assert runs[name]["losses"] == pytest.approx(reference["losses"], rel=1e-4), name
+        for key, weight in reference["adapter"].items():
+            torch.testing.assert_close(runs[name]["adapter"][key], weight, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_evaluation_is_one_per_token_mean_however_it_is_batched(runs):
+    """Padded batches of 4 (guide), padding-free rows of up to 4096 (fast) or 64 tokens (split): one eval loss.
+    Mid-run evaluations follow FT_EVAL_STEPS, and the last step's evaluation is not repeated."""
+    metrics = {name: run["manifest"]["metrics"] for name, run in runs.items()}
+    for name, m in metrics.items():
+        assert m["eval_loss_before"] == pytest.approx(metrics["guide"]["eval_loss_before"], rel=1e-5), name
+        assert m["eval_loss_after"] == pytest.approx(metrics["guide"]["eval_loss_after"], rel=1e-4), name
+        assert [e["step"] for e in runs[name]["evals"]] == [0, 2, 4, 5], name
+    assert metrics["guide"]["eval_loss_after"] < metrics["guide"]["eval_loss_before"]
+
+
+def test_packing_is_an_explicit_recipe_change_that_says_so(tiny_model, tmp_path):
+    run = train(tiny_model, tmp_path, "packed", FT_PACKING="true", FT_PACKING_LENGTH="256")
+    training = run["manifest"]["training"]
+    # 36 samples of ~24 tokens fill 4-5 rows of 256 tokens: one step instead of five.
+    assert training["unpacked_steps_per_epoch"] == 5
+    assert training["steps_per_epoch"] == training["steps"] == 1
+    warning = next(e for e in run["log"] if "FT_PACKING=true changes the recipe" in e["event"])
+    assert (warning["samples"], warning["steps_per_epoch"], warning["unpacked_steps_per_epoch"]) == (36, 1, 5)
+    card = (tmp_path / "out" / "packed" / "README.md").read_text()
+    assert "1 steps per epoch, 5 unpacked" in card
