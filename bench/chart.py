@@ -75,11 +75,12 @@ BEGIN, END = "<!-- report:begin -->", "<!-- report:end -->"
 def table_lines(rows: list[dict]) -> list[str]:
     """run.py's summary rows as a markdown table (run.py prints it at the end of a run)."""
     lines = ["| variant | GPUs | tokens/s (median of n, spread) | steady tokens/s | x guide | x peer | x 1 GPU | "
-             "peak GiB/GPU (reserved) | MFU/GPU | load s | tokens/step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak GiB/GPU (reserved) | MFU/GPU | load s | tokens/step | epoch s (evals in) | start to published s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v: f"{v:.2f}" if v else "-"  # noqa: E731
     for r in rows:
         if r.get("failed"):
-            lines.append(f"| {r['variant']} | | {r.get('why', 'failed')} | | | | | | | | |")
+            lines.append(f"| {r['variant']} | | {r.get('why', 'failed')} | | | | | | | | | | |")
             continue
         gpus = r.get("processes") or 1
         steady = f"{r['steady_tokens_per_s']:,.0f}" if r.get("steady_tokens_per_s") else "-"
@@ -87,8 +88,12 @@ def table_lines(rows: list[dict]) -> list[str]:
             f"| {r['variant']} | {gpus} | {r['tokens_per_s']:,.0f} (n={r.get('runs', 1)}, ±{r['spread']:,.0f}) | "
             f"{steady} | {f(r.get('x_guide'))} | {f(r.get('x_peer'))} | {f(r.get('x_1gpu'))} | "
             f"{r['peak_gib']:.1f} ({r['reserved_gib']:.1f}) | {100 * r['mfu'] / gpus:.1f}% | {r['load_s']:.1f} | "
-            f"{r['tokens_per_step']:,.0f} |")
+            f"{r['tokens_per_step']:,.0f} | {seconds(r.get('seconds'))} | {seconds(r.get('e2e_s'))} |")
     return lines
+
+
+def seconds(v: float | None) -> str:
+    return f"{v:,.0f}" if v else "-"
 
 
 def write_tables(markdown: Path, paths: list[Path], png: Path) -> None:

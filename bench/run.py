@@ -34,47 +34,58 @@ sys.path.insert(0, str(ROOT / "bench"))
 import chart  # noqa: E402 -- bench/chart.py: the table RESULTS.md holds (matplotlib only when drawing)
 N_PARAMS = 6.61e9  # Llama-2-7b; a LoRA step costs about 4N FLOPs per token (forward 2N, input gradients 2N)
 
-SCALE = {"FT_PROFILE": "fast", "FT_MICRO_BATCH_TOKENS": "8192", "FT_GRADIENT_ACCUMULATION_STEPS": "2",
-         "FT_ATTENTION": "varlen"}
+def packed(tokens: int) -> dict[str, str]:
+    """FT_PACKING's bigger steps: one packed row of up to `tokens` tokens per optimizer step (what FT_MICRO_BATCH_TOKENS
+    meant before the recipe was made invariant; runs 1-8 in RESULTS.md measured these)."""
+    return {"FT_PACKING": "true", "FT_PACKING_LENGTH": str(tokens), "FT_BATCH_SIZE": "1"}
+
+
+# The guide's recipe, which every variant of the main table trains: 4 samples per optimizer step in a random order
+# (the peers have no group_by_length over the global batch), 10% held out and evaluated every 25 steps.
+RECIPE = {"FT_BATCH_SIZE": "4", "FT_EVAL_FRACTION": "0.1", "FT_EVAL_STEPS": "25", "FT_GROUP_BY_LENGTH": "false"}
+SCALE = {"FT_PROFILE": "fast", **packed(8192), "FT_GRADIENT_ACCUMULATION_STEPS": "2", "FT_ATTENTION": "varlen"}
 
 # Each variant is the job's settings; everything else is the workload's (LoRA r=64 alpha=16 dropout=0.1 on q,v).
 VARIANTS = {
-    # The guide's recipe: fp16, no autocast, no packing, no checkpointing, micro-batch 4, paged AdamW 32-bit.
-    "guide": {"FT_PROFILE": "guide", "FT_COMPUTE_DTYPE": "fp16", "FT_GRADIENT_CHECKPOINTING": "false",
-              "FT_BATCH_SIZE": "4", "FT_GROUP_BY_LENGTH": "false"},
-    # The best plain transformers + trl configuration: bf16 + trl's padding-free packing, no Liger, sdpa with its
-    # block mask (FT_ATTENTION's default, auto, would pick the job's varlen kernel on the GPU).
-    "trl-packed": {"FT_PROFILE": "fast", "FT_USE_LIGER": "false", "FT_MICRO_BATCH_TOKENS": "4096",
-                   "FT_GRADIENT_CHECKPOINTING": "false", "FT_ATTENTION": "sdpa"},
-    # Unsloth (bench/unsloth_peer.py, on its own packages): the same LoRA, trl's packing at 4096 tokens, bf16.
+    # --- at the guide's recipe (issue 12): the main table ---
+    # The guide's computation: fp16, no autocast, padded micro-batches of 4, sdpa, no checkpointing, paged AdamW.
+    "guide": {**RECIPE, "FT_PROFILE": "guide", "FT_COMPUTE_DTYPE": "fp16", "FT_GRADIENT_CHECKPOINTING": "false",
+              "FT_ATTENTION": "sdpa"},
+    # Plain transformers + peft + trl (bench/peer.py): padding_free with Liger's kernels at batch 4, bf16, sdpa.
+    "trl-pf": {**RECIPE, "_runner": "trl"},
+    # Unsloth (bench/peer.py, on its own packages) at batch 4, padding-free.
+    "unsloth-b4": {**RECIPE, "_runner": "unsloth", "_batch": "4"},
+    "fast": {**RECIPE, "FT_PROFILE": "fast"},  # the job's default
+    "lean-b4": {**RECIPE, "FT_PROFILE": "lean"},
+    # --- the explicit bigger-step setting (FT_PACKING): other recipes, fewer optimizer steps ---
+    "packed-16k": {"FT_PROFILE": "fast", **packed(16384)},  # what the `fast` default trained before issue 12
+    "trl-packed": {**packed(4096), "FT_USE_LIGER": "false", "FT_GRADIENT_CHECKPOINTING": "false",
+                   "FT_ATTENTION": "sdpa"},
+    # Unsloth with trl's packing at 4096 tokens per step.
     "unsloth": {"_runner": "unsloth", "FT_MICRO_BATCH_TOKENS": "4096"},
-    "fast": {"FT_PROFILE": "fast"},
     # A torch profiler trace of a few steady steps of `fast` (bench/profile_step.py): where the time goes.
     "profile-fast": {"FT_PROFILE": "fast", "_runner": "profile"},
-    "fast-flex": {"FT_PROFILE": "fast", "FT_ATTENTION": "flex_attention"},
-    # sdpa at 4096 and 8192 tokens, as measured in RESULTS.md run 2.
-    "fast-4k": {"FT_PROFILE": "fast", "FT_MICRO_BATCH_TOKENS": "4096", "FT_ATTENTION": "sdpa"},
-    "packed-8k": {"FT_PROFILE": "fast", "FT_USE_LIGER": "false", "FT_MICRO_BATCH_TOKENS": "8192",
-                  "FT_GRADIENT_CHECKPOINTING": "false", "FT_ATTENTION": "sdpa"},
-    # torch's varlen flash attention (job/attention.py): no block mask, so larger micro-batches should not cost more
-    # attention per token. fast-varlen is fast-4k with the kernel; the larger ones test lifting the 4096 cap.
-    "fast-varlen": {"FT_PROFILE": "fast", "FT_ATTENTION": "varlen", "FT_MICRO_BATCH_TOKENS": "4096"},
-    "fast-varlen-8k": {"FT_PROFILE": "fast", "FT_ATTENTION": "varlen", "FT_MICRO_BATCH_TOKENS": "8192"},
-    "fast-varlen-16k": {"FT_PROFILE": "fast", "FT_ATTENTION": "varlen", "FT_MICRO_BATCH_TOKENS": "16384"},
-    "lean": {"FT_PROFILE": "lean", "FT_MAX_SEQ_LENGTH": "2048", "FT_LORA_TARGET_MODULES": "all-linear"},
-    "lean-8k": {"FT_PROFILE": "lean", "FT_MAX_SEQ_LENGTH": "2048", "FT_LORA_TARGET_MODULES": "all-linear",
-                "FT_MICRO_BATCH_TOKENS": "8192"},
+    "fast-flex": {"FT_PROFILE": "fast", **packed(4096), "FT_ATTENTION": "flex_attention"},
+    "fast-4k": {"FT_PROFILE": "fast", **packed(4096), "FT_ATTENTION": "sdpa"},
+    "packed-8k": {"FT_PROFILE": "fast", "FT_USE_LIGER": "false", **packed(8192), "FT_GRADIENT_CHECKPOINTING": "false",
+                  "FT_ATTENTION": "sdpa"},
+    "fast-varlen": {"FT_PROFILE": "fast", "FT_ATTENTION": "varlen", **packed(4096)},
+    "fast-varlen-8k": {"FT_PROFILE": "fast", "FT_ATTENTION": "varlen", **packed(8192)},
+    "fast-varlen-16k": {"FT_PROFILE": "fast", "FT_ATTENTION": "varlen", **packed(16384)},
+    "lean": {"FT_PROFILE": "lean", "FT_MAX_SEQ_LENGTH": "2048", "FT_LORA_TARGET_MODULES": "all-linear",
+             **packed(8192)},
     # A 24 GB-class card simulated on the H200 (bench/gpucap): the job sizing itself to the cap, and the peers set up
     # to fit it (at 4096 tokens without checkpointing both peak at ~24.5 GiB and run out of memory): trl at 2048
     # tokens, Unsloth with its own offloaded gradient checkpointing at 4096, or at 2048 without.
-    "trl-packed-24gb": {"FT_PROFILE": "fast", "FT_USE_LIGER": "false", "FT_MICRO_BATCH_TOKENS": "2048",
-                        "FT_GRADIENT_CHECKPOINTING": "false", "FT_ATTENTION": "sdpa", "_gpu_gib": "24"},
+    "trl-packed-24gb": {**packed(2048), "FT_USE_LIGER": "false", "FT_GRADIENT_CHECKPOINTING": "false",
+                        "FT_ATTENTION": "sdpa", "_gpu_gib": "24"},
     "unsloth-24gb": {"_runner": "unsloth", "FT_MICRO_BATCH_TOKENS": "4096", "_unsloth_gc": "unsloth", "_gpu_gib": "24"},
     "unsloth-24gb-2k": {"_runner": "unsloth", "FT_MICRO_BATCH_TOKENS": "2048", "_gpu_gib": "24"},
-    "fast-24gb": {"FT_PROFILE": "fast", "_gpu_gib": "24"},
-    # Scale-out (issue 5), all with the same global batch of 2 x 8192 tokens per optimizer step: one GPU accumulates
-    # two micro-batches, two GPUs take one each (the job halves the accumulation). "_nodes" launches that many
-    # single-GPU nodes on this host, meeting over loopback through the multi-node (c10d rendezvous) path.
+    "fast-24gb": {"FT_PROFILE": "fast", **packed(16384), "_gpu_gib": "24"},
+    "fast-24gb-b4": {**RECIPE, "FT_PROFILE": "fast", "_gpu_gib": "24"},
+    # Scale-out (issue 5), all with the same global batch of 2 packed rows of 8192 tokens per optimizer step: one GPU
+    # computes them one after the other, two GPUs take one each. "_nodes" launches that many single-GPU nodes on this
+    # host, meeting over loopback through the multi-node (c10d rendezvous) path.
     "1gpu-ga2": {**SCALE, "FT_NPROC_PER_NODE": "1"},
     "ddp-2gpu": {**SCALE, "FT_NPROC_PER_NODE": "2"},
     "fsdp-2gpu": {**SCALE, "FT_NPROC_PER_NODE": "2", "FT_STRATEGY": "fsdp"},
@@ -138,7 +149,7 @@ def gemm_tflops() -> float:
     return 2 * 8192**3 * 10 / (time.perf_counter() - start) / 1e12
 
 
-PEERS = ("trl-packed", "unsloth")  # "x peer" divides by the fastest of these, in the same memory class
+PEERS = ("trl-packed", "unsloth", "trl-pf")  # "x peer" divides by the fastest of these of the same recipe class
 
 
 def variant_env(name: str) -> dict[str, str]:
@@ -166,7 +177,7 @@ def run_variant(name: str, round_: int, gpus: list[int], model: Path, data: dict
            "PYTHONPATH": f"{os.environ.get('PYTHONPATH', '')}:{ROOT}", **variant_env(name)}
     env["FT_DATASET"] = str(data[int(env["FT_MAX_SEQ_LENGTH"])])
     nodes = int(env.pop("_nodes", "1"))
-    runner, unsloth_gc = env.pop("_runner", "job"), env.pop("_unsloth_gc", "none")
+    runner, unsloth_gc, batch = env.pop("_runner", "job"), env.pop("_unsloth_gc", "none"), env.pop("_batch", "0")
     if gib := env.pop("_gpu_gib", None):
         env["BENCH_GPU_GIB"] = gib
         env["PYTHONPATH"] = f"{ROOT / 'bench' / 'gpucap'}:{env['PYTHONPATH']}"
@@ -179,16 +190,22 @@ def run_variant(name: str, round_: int, gpus: list[int], model: Path, data: dict
             return Waiter(subprocess.Popen(cmd, env={**env, **extra}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                            start_new_session=True), deadline)
 
-        if runner == "unsloth":  # the peer, on its own packages (bench/README.md)
-            env["PYTHONPATH"] = f"{os.environ.get('BENCH_UNSLOTH_SITE', '/tmp/site-unsloth')}:{env['PYTHONPATH']}"
-            env["UNSLOTH_COMPILE_LOCATION"] = f"/tmp/unsloth_compiled_cache/{run_id}"  # runs side by side
-            result = out / "unsloth" / run_id
-            code = run([sys.executable, "bench/unsloth_peer.py", "--model", str(model), "--data", env["FT_DATASET"],
-                        "--out", str(result), "--dropout", env.get("FT_LORA_DROPOUT", "0.1"),
-                        "--pack-tokens", env.get("FT_MICRO_BATCH_TOKENS", "4096"),
+        started = time.monotonic()
+        if runner in ("unsloth", "trl"):  # the peers (bench/peer.py); Unsloth on its own packages (bench/README.md)
+            if runner == "unsloth":
+                env["PYTHONPATH"] = f"{os.environ.get('BENCH_UNSLOTH_SITE', '/tmp/site-unsloth')}:{env['PYTHONPATH']}"
+                env["UNSLOTH_COMPILE_LOCATION"] = f"/tmp/unsloth_compiled_cache/{run_id}"  # runs side by side
+            else:
+                batch = env.get("FT_BATCH_SIZE", "4")
+            result = out / "peer" / run_id
+            code = run([sys.executable, "bench/peer.py", "--engine", runner, "--model", str(model),
+                        "--data", env["FT_DATASET"], "--out", str(result), "--dropout", env.get("FT_LORA_DROPOUT", "0.1"),
+                        "--pack-tokens", env.get("FT_MICRO_BATCH_TOKENS", "4096"), "--batch-size", batch,
+                        "--eval-fraction", env.get("FT_EVAL_FRACTION", "0"), "--eval-steps", env.get("FT_EVAL_STEPS", "25"),
                         "--gradient-checkpointing", unsloth_gc]).wait()
             written = result / "result.json"  # its error too, when it failed
-            return {**row, **(json.loads(written.read_text()) if written.exists() else {}), "exit": code}
+            return {**row, **(json.loads(written.read_text()) if written.exists() else {}), "exit": code,
+                    "e2e_s": round(time.monotonic() - started, 1)}
         if runner == "profile":  # torch profiler over a few steady steps of the job (bench/profile_step.py)
             code = run([sys.executable, "bench/profile_step.py", "--out", str(out / "profile" / run_id)]).wait()
             return {**row, "exit": code, "profile": True}
@@ -201,18 +218,19 @@ def run_variant(name: str, round_: int, gpus: list[int], model: Path, data: dict
                          FT_WORK_DIR=f"/tmp/bench-work/{run_id}-{i}") for i, gpu in enumerate(gpus[:nodes])]
             codes = [p.wait() for p in procs]
             code = next((c for c in codes if c != 0), 0)
+    e2e = round(time.monotonic() - started, 1)  # start to published, model load and evaluations included
     if code != 0:
         return {**row, "exit": code}
     manifest = json.loads((out / "runs" / run_id / "manifest.json").read_text())
     t, d, m = manifest["training"], manifest["data"], manifest["metrics"]
-    return {**row, "exit": 0, "tokens_per_s": d["trained_tokens"] / t["seconds"], "seconds": t["seconds"],
+    return {**row, "exit": 0, "tokens_per_s": d["trained_tokens"] / t["seconds"], "seconds": t["seconds"], "e2e_s": e2e,
             "load_s": t["load_seconds"], "steps": t["steps"], "tokens_per_step": d["trained_tokens"] / t["steps"],
             "peak_gib": m.get("peak_gpu_mem_gib"), "reserved_gib": m.get("peak_gpu_reserved_gib"),
             "steady_tokens_per_s": steady_rate(log_path),
             "eval_loss": [m.get("eval_loss_before"), m.get("eval_loss_after")] if "eval_loss_after" in m else None,
             "processes": manifest["placement"].get("processes", 1), "strategy": manifest["placement"].get("strategy"),
-            "plan": {k: t.get(k) for k in ("packing", "micro_batch_tokens", "gradient_checkpointing", "liger",
-                                           "attention", "accumulation")}}
+            "plan": {k: t.get(k) for k in ("padding_free", "micro_batch_tokens", "micro_batch_size", "gradient_checkpointing",
+                                           "liger", "attention", "global_batch", "steps_per_epoch")}}
 
 
 class Waiter:
@@ -304,7 +322,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--variants", default="guide,trl-packed,unsloth,fast,lean")
+    p.add_argument("--variants", default="guide,trl-pf,unsloth-b4,fast")
     p.add_argument("--once", default="", help="more variants, not in --variants, run in the first round only")
     p.add_argument("--gpus", default=None, help="GPU ids to spread the runs over (default: every visible GPU)")
     p.add_argument("--budget", type=float, default=float("inf"),
@@ -373,10 +391,12 @@ def visible_gpus() -> int:
     return torch.cuda.device_count()
 
 
-def comparison_class(name: str) -> tuple[bool, bool, bool]:
-    """Variants compare with peers of the same memory cap and dropout; `lean` trains other data (2048-token samples)
-    and more LoRA targets, so it compares with the guide's recipe only."""
-    return "-24gb" in name, name.endswith("-d0"), name.startswith("lean")
+def comparison_class(name: str) -> tuple[bool, bool, bool, bool]:
+    """Variants compare only with peers of the same recipe (the guide's 4 samples per step, or the bigger packed
+    steps), memory cap and dropout; `lean` (packed, 2048-token samples, all-linear) compares with none."""
+    env = variant_env(name)
+    recipe = all(env.get(k) == v for k, v in RECIPE.items())
+    return "-24gb" in name, name.endswith("-d0"), name == "lean" or name.startswith("lean-8k"), recipe
 
 
 def summarize(results: list[dict], tflops: float) -> list[dict]:
@@ -397,6 +417,8 @@ def summarize(results: list[dict], tflops: float) -> list[dict]:
                      "steady_tokens_per_s": statistics.median(steady) if steady else None,
                      "mfu": 4 * N_PARAMS * med / (tflops * 1e12),
                      **{k: max(r.get(k) or 0 for r in ok) for k in ("peak_gib", "reserved_gib")},
+                     **{k: statistics.median(r[k] for r in ok) if all(r.get(k) for r in ok) else None
+                        for k in ("seconds", "e2e_s")},
                      **{k: ok[-1].get(k) for k in ("load_s", "tokens_per_step", "steps", "plan", "eval_loss")},
                      "processes": ok[-1].get("processes", 1)})
     rate = {r["variant"]: r["tokens_per_s"] for r in rows if "tokens_per_s" in r}
@@ -405,7 +427,8 @@ def summarize(results: list[dict], tflops: float) -> list[dict]:
             continue
         peers = [rate[v] for v in rate if v.startswith(PEERS) and comparison_class(v) == comparison_class(r["variant"])]
         single = r.get("processes", 1) == 1  # several GPUs compare with one GPU (x_1gpu), not with a peer
-        r["x_guide"] = r["tokens_per_s"] / rate["guide"] if "guide" in rate and single else None
+        same = comparison_class(r["variant"]) == comparison_class("guide")
+        r["x_guide"] = r["tokens_per_s"] / rate["guide"] if "guide" in rate and single and same else None
         r["x_peer"] = r["tokens_per_s"] / max(peers) if peers and single else None
         # scale-out: speed-up over one GPU with the same global batch (ideal: the number of GPUs)
         one = rate.get("1gpu-ga2")

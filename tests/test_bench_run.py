@@ -92,22 +92,27 @@ def test_ratios_compare_like_with_like(bench):
         return [{"variant": name, "round": i, "exit": 0, "tokens_per_s": r, "processes": processes, "peak_gib": 1.0,
                  "reserved_gib": 2.0, "load_s": 3.0, "tokens_per_step": 4096, "steps": 10} for i, r in enumerate(rates)]
 
-    results = (runs("guide", 3000, 3200) + runs("trl-packed", 7000, 8000) + runs("unsloth", 9000, 9400)
-               + runs("fast", 15000, 16000) + runs("trl-packed-24gb", 6000) + runs("unsloth-24gb", 5000)
-               + runs("unsloth-24gb-2k", 6500) + runs("fast-24gb", 12000) + runs("unsloth-d0", 10000) + runs("fast-d0", 16000)
-               + runs("1gpu-ga2", 16000) + runs("ddp-2gpu", 30000, processes=2) + runs("lean-8k", 9000)
+    results = (runs("guide", 3000, 3200) + runs("trl-pf", 3300, 3500) + runs("unsloth-b4", 3900, 4100)
+               + runs("fast", 4400, 4600) + runs("packed-16k", 15000, 16000) + runs("trl-packed", 7000, 8000)
+               + runs("unsloth", 9000, 9400) + runs("trl-packed-24gb", 6000) + runs("unsloth-24gb", 5000)
+               + runs("unsloth-24gb-2k", 6500) + runs("fast-24gb", 12000) + runs("unsloth-d0", 10000)
+               + runs("fast-varlen-16k-d0", 16000) + runs("1gpu-ga2", 16000) + runs("ddp-2gpu", 30000, processes=2)
+               + runs("fast-24gb-b4", 4000)
                + [{"variant": "lean", "round": 0, "exit": 1}, {"variant": "lean", "round": 1, "exit": 124}]
                + [{"variant": "fsdp-2gpu", "round": 0, "exit": 124}, {"variant": "fsdp-2gpu", "round": 1,
                                                                        "exit": "skipped"}])
     rows = {r["variant"]: r for r in bench.summarize(results, tflops=790)}
-    assert rows["fast"]["tokens_per_s"] == 15500 and rows["fast"]["spread"] == 1000 and rows["fast"]["runs"] == 2
-    assert rows["fast"]["x_peer"] == pytest.approx(15500 / 9200)  # the fastest peer: Unsloth's median
-    assert rows["fast"]["x_guide"] == pytest.approx(15500 / 3100)
+    assert rows["fast"]["tokens_per_s"] == 4500 and rows["fast"]["spread"] == 200 and rows["fast"]["runs"] == 2
+    # At the guide's recipe, against the guide and the fastest peer of the same recipe (Unsloth at batch 4) only.
+    assert rows["fast"]["x_peer"] == pytest.approx(4500 / 4000)
+    assert rows["fast"]["x_guide"] == pytest.approx(4500 / 3100)
+    # The bigger packed steps are another recipe: against the packed peers, never against the guide.
+    assert rows["packed-16k"]["x_peer"] == pytest.approx(15500 / 9200) and rows["packed-16k"]["x_guide"] is None
     assert rows["fast-24gb"]["x_peer"] == pytest.approx(12000 / 6500)  # against the capped peers only
-    assert rows["fast-d0"]["x_peer"] == pytest.approx(16000 / 10000)
+    assert rows["fast-24gb-b4"]["x_peer"] is None  # no capped peer at the guide's recipe in this run
+    assert rows["fast-varlen-16k-d0"]["x_peer"] == pytest.approx(16000 / 10000)
     assert rows["ddp-2gpu"]["x_1gpu"] == pytest.approx(30000 / 16000) and rows["fast"]["x_1gpu"] is None
     assert rows["ddp-2gpu"]["x_peer"] is None and rows["ddp-2gpu"]["x_guide"] is None  # two GPUs against one: no
-    assert rows["lean-8k"]["x_peer"] is None and rows["lean-8k"]["x_guide"] == pytest.approx(9000 / 3100)
     assert rows["lean"] == {"variant": "lean", "failed": True, "why": "failed (exit 1, 124)"}
     assert rows["fsdp-2gpu"]["why"] == "cut by the time budget"
-    assert rows["fast"]["mfu"] == pytest.approx(4 * bench.N_PARAMS * 15500 / 790e12)
+    assert rows["fast"]["mfu"] == pytest.approx(4 * bench.N_PARAMS * 4500 / 790e12)
