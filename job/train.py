@@ -123,7 +123,7 @@ def build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, checkpoin
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        peft_config=lora_config(cfg),
+        peft_config=lora_config(cfg, model),
         callbacks=[TensorBoardCallback(writer), ProgressLog(), *callbacks],
     )
     trainer.remove_callback(PrinterCallback)  # prints raw dicts; ProgressLog logs them as events
