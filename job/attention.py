@@ -131,12 +131,13 @@ def reference_varlen_attn(q, k, v, cu_q, cu_k, scale, window_size=CAUSAL):
     bounds = zip(cu_q.tolist(), cu_q.tolist()[1:], cu_k.tolist(), cu_k.tolist()[1:])
     outs = []
     for qs, qe, ks, ke in bounds:
-        # Query and key lengths are equal here (a KV cache is refused): offsets i - j within the sequence.
-        offset = torch.arange(qe - qs, device=q.device)[:, None] - torch.arange(ke - ks, device=q.device)[None]
-        visible = ((offset <= left) | (left < 0)) & ((-offset <= right) | (right < 0))
+        visible = None
+        if (left, right) not in (CAUSAL, FULL):  # a window; query and key lengths are equal (no KV cache)
+            offset = torch.arange(qe - qs, device=q.device)[:, None] - torch.arange(ke - ks, device=q.device)[None]
+            visible = ((offset <= left) | (left < 0)) & ((-offset <= right) | (right < 0))
         outs.append(F.scaled_dot_product_attention(q[qs:qe].transpose(0, 1), k[ks:ke].transpose(0, 1),
                                                    v[ks:ke].transpose(0, 1), attn_mask=visible,
-                                                   scale=scale).transpose(0, 1))
+                                                   is_causal=(left, right) == CAUSAL, scale=scale).transpose(0, 1))
     return torch.cat(outs)
 
 
