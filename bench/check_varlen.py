@@ -201,7 +201,7 @@ def time_attention(shape: dict, dtype, device: str, tokens: int, repeats: int, u
         if use_kernel:
             out = attention.varlen_attn(*flat, cu, cu, m, m, window_size=attention.CAUSAL)
         else:
-            out = attention.reference_varlen_attn(*flat, cu, cu, None, True)
+            out = attention.reference_varlen_attn(*flat, cu, cu, None, attention.CAUSAL)
         out.backward(grad)
 
     return {"sdpa": {"ms": elapsed_ms(sdpa, repeats, device)}, attention.NAME: {"ms": elapsed_ms(varlen, repeats, device)}}

@@ -105,7 +105,11 @@ class Settings(BaseSettings):
     lora_target_modules: str = Field(
         "auto",
         description="Modules that get adapters: `auto` (peft's default per architecture: q_proj,v_proj on Llama, as "
-        "in the guide), `all-linear`, or a comma-separated list of module names.",
+        "in the guide; for an architecture peft has none for, the attention input projections, such as Phi-3's fused "
+        "qkv_proj), `all-linear`, or a comma-separated list of module names, where `attention` and `mlp` stand for "
+        "every linear layer of the model's attention or MLP blocks (`attention,mlp`: qkv_proj, o_proj, gate_up_proj, "
+        "down_proj on Phi-3). A name that matches no linear layer of the model, or the LM head, is refused before "
+        "training with the names that exist.",
     )
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
@@ -184,7 +188,9 @@ class Settings(BaseSettings):
         "auto", description="Attention implementation. `varlen`: torch's variable-length flash attention (torch >= "
         "2.11, Ampere or newer GPU, bf16/fp16), which attends within each sample of a padding-free row and builds no "
         "mask; on the CPU a per-sample reference. `sdpa`, `flex_attention`, `eager`: the samples of a padding-free row "
-        "are kept apart by a block mask. Default: `varlen` on a GPU that has it, else `sdpa`."
+        "are kept apart by a block mask. Default: `varlen` on a GPU that has it when the model's attention is what it "
+        "computes (sliding windows included); else `sdpa`, or `eager` for a model without sdpa support (Gemma-2's "
+        "logit soft-capping). The log says which and why."
     )
 
     # --- outputs -----------------------------------------------------------------------------------------------

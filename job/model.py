@@ -63,30 +63,56 @@ def quantization_config(cfg: Settings, placement: Placement):
     )
 
 
-def resolve_attention(cfg: Settings, placement: Placement) -> str:
-    """FT_ATTENTION with `auto` decided: torch's varlen kernel on a GPU that has it (padding-free rows without a
-    quadratic block mask; padded rows unpadded), else sdpa. `varlen` is registered with transformers before the model loads."""
+def choose_attention(cfg: Settings, placement: Placement, config) -> tuple[str | None, str]:
+    """FT_ATTENTION decided for this model (its transformers config) and placement: (implementation, why).
+
+    `auto`: varlen on a CUDA GPU whose torch has the kernel, when the model's attention is what varlen computes
+    (training is padding-free, so varlen always applies); otherwise sdpa where the model class supports it, else
+    eager (Gemma-2's soft-capping). None leaves the choice to transformers (a model that could not be inspected).
+    An explicit choice the model cannot take is a ConfigError, before any weight is loaded."""
     from job import attention
 
-    name = cfg.attention
-    kernel = attention.kernel_available(placement.dtype) if placement.device == "cuda" else None
-    if name == "auto":
-        name = attention.NAME if kernel else "sdpa"  # every profile but `guide` is padding-free
-    if name == attention.NAME:
-        if kernel is False:
+    found = attention.inspect(config, cfg.trust_remote_code)
+    model = found.model_class.__name__ if found.model_class else config.model_type
+    fallback = "sdpa" if found.supports_sdpa else "eager" if found.model_class else None
+    if cfg.attention == attention.NAME:
+        if found.incompatible:
+            raise ConfigError([f"FT_ATTENTION=varlen: {model} cannot use it ({found.incompatible}); use auto"])
+        if placement.device == "cuda" and not attention.kernel_available(placement.dtype):
             raise ConfigError([f"FT_ATTENTION=varlen: needs torch >= 2.11's varlen flash kernel, an Ampere or newer "
                                f"GPU and bf16/fp16 (torch {torch.__version__}, {placement.dtype_name}); use auto or sdpa"])
+        return attention.NAME, "requested" + ("" if placement.device == "cuda" else " (the per-sample CPU reference)")
+    if cfg.attention == "sdpa" and found.model_class and not found.supports_sdpa:
+        raise ConfigError([f"FT_ATTENTION=sdpa: {model} does not support sdpa; use auto or eager"])
+    if cfg.attention != "auto":
+        return cfg.attention, "requested"
+    if found.incompatible:
+        return fallback, f"{model} needs what varlen cannot compute: {found.incompatible}"
+    if placement.device != "cuda":
+        return fallback, "on the CPU"
+    if not attention.kernel_available(placement.dtype):
+        return fallback, f"no varlen kernel here (torch {torch.__version__}, {placement.dtype_name})"
+    return attention.NAME, f"{model}'s attention is what varlen computes"
+
+
+def resolve_attention(cfg: Settings, placement: Placement, config) -> str | None:
+    """`choose_attention`, logged in one line, with varlen registered with transformers when chosen."""
+    from job import attention
+
+    name, why = choose_attention(cfg, placement, config)
+    if name == attention.NAME:
         attention.register()
-    log.get().info("attention", implementation=name, requested=cfg.attention)
+    log.get().info("attention", implementation=name or "transformers' default", requested=cfg.attention, why=why)
     return name
 
 
 def load_model(path: Path, cfg: Settings, placement: Placement):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     log.get().info("loading model", path=str(path), quantization=cfg.quantization, device=placement.device,
                    dtype=placement.dtype_name)
     try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             path,
             quantization_config=quantization_config(cfg, placement),
@@ -95,7 +121,7 @@ def load_model(path: Path, cfg: Settings, placement: Placement):
             device_map={"": torch.cuda.current_device() if placement.device == "cuda" else "cpu"},
             trust_remote_code=cfg.trust_remote_code,
             use_safetensors=True,
-            attn_implementation=resolve_attention(cfg, placement),
+            attn_implementation=resolve_attention(cfg, placement, config),
         )
     except ValueError as e:
         if "trust_remote_code" in str(e):
@@ -114,14 +140,99 @@ def load_model(path: Path, cfg: Settings, placement: Placement):
     return model
 
 
-def lora_config(cfg: Settings):
+# Output projections of attention blocks: `auto` adapts the input projections, as peft's defaults do (q_proj,v_proj).
+ATTENTION_OUTPUTS = {"o_proj", "out_proj", "dense", "c_proj", "wo", "o", "out"}
+GROUPS = {"attention": ("Attention",), "mlp": ("MLP", "Mlp", "FeedForward")}  # parent class names, by substring
+
+
+def adaptable_modules(model) -> dict[str, str]:
+    """Every module of `model` that LoRA can adapt (linear layers, quantized or not, GPT-2's Conv1D, embeddings),
+    as full name -> kind: `attention` or `mlp` (by its parent's class name), `output` (the LM head), or `other`."""
+    from transformers.pytorch_utils import Conv1D
+
+    output = model.get_output_embeddings()
+    found = {}
+    for parent_name, parent in model.named_modules():
+        kind = next((g for g, marks in GROUPS.items() if any(m in type(parent).__name__ for m in marks)), "other")
+        for name, child in parent.named_children():
+            if isinstance(child, (torch.nn.Linear, Conv1D, torch.nn.Embedding)):
+                full = f"{parent_name}.{name}" if parent_name else name
+                found[full] = "output" if child is output else kind
+    return found
+
+
+def _matches(target: str, full_name: str) -> bool:
+    """peft's rule for a name in target_modules: the module's full name, or its last dotted parts."""
+    return full_name == target or full_name.endswith("." + target)
+
+
+def resolve_targets(cfg: Settings, model) -> tuple[list[str] | str, str]:
+    """FT_LORA_TARGET_MODULES for this model (loaded, or built on the meta device): (what peft's LoraConfig
+    takes, why). `auto`: peft's default for the architecture, else the model's attention input projections
+    (fused qkv_proj / query_key_value included). In a list, `attention` and `mlp` stand for every linear layer of
+    the model's attention or MLP blocks (gate_up_proj, ...). A name that matches no adaptable module, or the LM
+    head (trl computes the loss from its weight, so an adapter there never trains), is a ConfigError listing the
+    names that exist."""
+    modules = adaptable_modules(model)
+    leaves = lambda kinds: sorted({n.rsplit(".", 1)[-1] for n, k in modules.items() if k in kinds})  # noqa: E731
+    setting = f"FT_LORA_TARGET_MODULES={cfg.lora_target_modules}"
+    valid = f"valid: auto, all-linear, attention, mlp or names from {', '.join(leaves({'attention', 'mlp', 'other'}))}"
+    if cfg.lora_target_modules == "all-linear":
+        return "all-linear", "requested"
+    if cfg.lora_target_modules == "auto":
+        default = _peft_default(model.config.model_type)
+        if default and all(any(_matches(t, n) for n in modules) for t in default):
+            return default, f"peft's default for {model.config.model_type}"
+        attention = leaves({"attention"})
+        chosen = [n for n in attention if n not in ATTENTION_OUTPUTS] or attention
+        if not chosen:
+            raise ConfigError([f"{setting}: no attention projection found in {type(model).__name__}; {valid}"])
+        return chosen, f"the attention input projections of {type(model).__name__} (peft has no default for it)"
+    chosen = []
+    for target in cfg.lora_target_modules.split(","):
+        if target in GROUPS:
+            chosen += leaves({target})
+            continue
+        kinds = {k for n, k in modules.items() if _matches(target, n)}
+        if not kinds:
+            raise ConfigError([f"{setting}: {type(model).__name__} has no linear module named {target!r}; {valid}"])
+        if "output" in kinds:
+            raise ConfigError([f"{setting}: {target!r} is the LM head, whose adapter would never train (trl computes "
+                               f"the loss from its weight directly); {valid}"])
+        chosen.append(target)
+    return list(dict.fromkeys(chosen)), "requested"
+
+
+def _peft_default(model_type: str) -> list[str] | None:
+    try:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+    except ImportError:  # a peft that moved it: the attention projections serve
+        return None
+    return list(defaults[model_type]) if defaults.get(model_type) else None
+
+
+def meta_model(config, trust_remote_code: bool = False):
+    """The model `config` describes, built on the meta device: its modules and names, no memory or weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def lora_config(cfg: Settings, model=None):
+    """peft's LoraConfig from the settings; with `model`, the targets are resolved for it (and logged), else
+    FT_LORA_TARGET_MODULES goes to peft as it is."""
     from peft import LoraConfig
 
+    targets = cfg.target_modules
+    if model is not None:
+        targets, why = resolve_targets(cfg, model)
+        log.get().info("lora targets", modules=targets, requested=cfg.lora_target_modules, why=why)
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules,
+        target_modules=targets,
         use_dora=cfg.use_dora,
         use_rslora=cfg.use_rslora,
         bias="none",

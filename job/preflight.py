@@ -11,7 +11,7 @@ from job import log
 from job.config import Settings
 from job.errors import ConfigError, InputError, first_line, storage_failure
 from job.fetch import MODEL_FILES, source_errors
-from job.model import Placement, resolve_placement
+from job.model import Placement, choose_attention, meta_model, resolve_placement, resolve_targets
 from job.storage import HubStorage, Storage, open_destination, open_source
 
 PROBE = ".finetune-job-write-probe"
@@ -38,6 +38,7 @@ def run(cfg: Settings, run_id: str) -> Placement:
         check_disk_for(model, Path(_hub_cache()))
     if cfg.quantization != "none":
         check_bitsandbytes(placement)
+    check_model_settings(cfg, model, placement)
     log.get().info("preflight passed", run_id=run_id, device=placement.device, dtype=placement.dtype_name)
     return placement
 
@@ -95,6 +96,28 @@ def check_disk_for(model: HubStorage, cache: Path) -> None:
     if need * 1.05 > free:
         raise InputError(f"FT_BASE_MODEL={model.uri}: needs {need / 2**30:.1f} GiB in {cache}, only "
                          f"{free / 2**30:.1f} GiB free (mount a larger volume at HF_HOME)")
+
+
+def check_model_settings(cfg: Settings, source: Storage, placement: Placement) -> None:
+    """FT_ATTENTION and FT_LORA_TARGET_MODULES against the model's architecture, read from its config.json alone
+    (the model is built on the meta device: no weights). Skipped, with a debug line, when config.json cannot be
+    read here (trusted remote code, an offline Hub cache without it); the same checks run again after load."""
+    import tempfile
+
+    from transformers import AutoConfig
+
+    if cfg.trust_remote_code:
+        return  # the config class is the model's own code, which only the fetch brings
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            source.get("config.json", Path(tmp) / "config.json")
+            config = AutoConfig.from_pretrained(tmp)
+            model = meta_model(config)
+        except Exception as e:  # noqa: BLE001 - whatever stops the early check, the load-time one remains
+            log.get().debug("model settings checked after load", reason=first_line(e))
+            return
+    choose_attention(cfg, placement, config)
+    resolve_targets(cfg, model)
 
 
 def check_bitsandbytes(placement: Placement) -> None:

@@ -159,7 +159,7 @@ def build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, checkpoin
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        peft_config=lora_config(cfg),
+        peft_config=lora_config(cfg, model),
         callbacks=[TensorBoardCallback(writer), ProgressLog(), *callbacks],
     )
     trainer.step_collator = StepCollator(collate, speed.micro_batch_tokens, speed.micro_batch_size)

@@ -158,7 +158,7 @@ def fake_kernel(calls: list):
         assert window_size == (-1, 0) and isinstance(window_size, tuple)  # what the kernel reads as causal
         assert max_q == int(cu_seq_q.diff().max())
         calls.append(scale)
-        return attention.reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, scale, True)
+        return attention.reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, scale, window_size)
     return varlen_attn
 
 
@@ -213,15 +213,20 @@ def test_a_ready_made_4d_mask_goes_to_sdpa():
     torch.testing.assert_close(attend(attention.varlen_attention_forward, module, q, k, v, block_mask(pos)), want)
 
 
-def test_auto_resolution(monkeypatch):
+def test_auto_resolution(monkeypatch, tiny_model):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_model)
     assert Settings().attention == "auto"
-    assert resolve_attention(settings(), CPU) == "sdpa"
-    assert resolve_attention(settings(attention="varlen"), CPU) == "varlen"  # the reference path
+    assert resolve_attention(settings(), CPU, config) == "sdpa"
+    assert resolve_attention(settings(attention="varlen"), CPU, config) == "varlen"  # the reference path
     assert not attention.kernel_available(torch.float32)
     with pytest.raises(ConfigError, match="FT_ATTENTION=varlen"):
-        resolve_attention(settings(attention="varlen"), GPU)  # no kernel here
+        resolve_attention(settings(attention="varlen"), GPU, config)  # no kernel here
+    assert resolve_attention(settings(), GPU, config) == "sdpa"
     monkeypatch.setattr(attention, "kernel_available", lambda dtype: True)
-    assert resolve_attention(settings(), GPU) == "varlen"
-    assert resolve_attention(settings(profile="lean"), GPU) == "varlen"
-    assert resolve_attention(settings(profile="guide"), GPU) == "varlen"  # padded rows, unpadded for the kernel
-    assert resolve_attention(settings(attention="sdpa"), GPU) == "sdpa"
+    # Every run is padding-free (one row per micro-batch, with position_ids): varlen whatever the profile.
+    for profile in ("fast", "lean", "guide"):
+        assert resolve_attention(settings(profile=profile), GPU, config) == "varlen"
+    assert resolve_attention(settings(packing=False), GPU, config) == "varlen"
+    assert resolve_attention(settings(attention="sdpa"), GPU, config) == "sdpa"
