@@ -23,6 +23,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from job.errors import ConfigError, first_line
+from job.storage.uri import uri_problem
 
 PREFIX = "FT_"
 CONFIG_FILE_VAR = "FT_CONFIG_FILE"
@@ -264,6 +265,21 @@ class Settings(BaseSettings):
             raise ValueError(f"must be one of {', '.join(OPTIMIZERS)}")
         return v
 
+    @field_validator("base_model", "dataset")
+    @classmethod
+    def _known_source_scheme(cls, v: str) -> str:
+        return _uri(v, "source")
+
+    @field_validator("output_uri")
+    @classmethod
+    def _known_destination_scheme(cls, v: str) -> str:
+        return _uri(v, "destination")
+
+    @field_validator("checkpoint_uri")
+    @classmethod
+    def _known_checkpoint_scheme(cls, v: str | None) -> str | None:
+        return None if v is None else _uri(v, "checkpoints")
+
     @field_validator("lr_scheduler_type")
     @classmethod
     def _known_scheduler(cls, v: str) -> str:
@@ -311,6 +327,14 @@ class Settings(BaseSettings):
         cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return init_settings, env_settings, _YamlSource(settings_cls)
+
+
+def _uri(value: str, kind: str) -> str:
+    """`value` when storage can read or write it as a `kind` of URI; a URI of an unknown scheme (ftp://, gs://) is
+    refused here rather than taken for a local folder named `ftp:`."""
+    if problem := uri_problem(value, kind):
+        raise ValueError(problem)
+    return value
 
 
 class _YamlSource(PydanticBaseSettingsSource):
