@@ -228,6 +228,12 @@ class Settings(BaseSettings):
         "finds its latest complete checkpoint there on start and resumes from it."
     )
     keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept at the checkpoint URI; older ones are pruned.")
+    on_data_change: Literal["fail", "restart"] = Field(
+        "fail", description="When checkpoints of this run id were trained on other data than FT_DATASET holds now (a "
+        "file edited in place, a new Hub commit or S3 object; each checkpoint carries the data's sha256, or its Hub "
+        "commit): `fail` stops before the model loads, with exit code 2, and keeps them; `restart` deletes them and "
+        "trains from step 0 on the new data. A training is never resumed on other data."
+    )
     termination_grace_seconds: float = Field(
         25.0, gt=0,
         description="Budget after SIGTERM to finish the step and save a checkpoint; keep it below the pod's "
@@ -377,7 +383,7 @@ PLATFORM_JOB_IDS = ("AWS_BATCH_JOB_ID", "CLOUD_RUN_EXECUTION", "BATCH_JOB_UID")
 # Settings that do not change what is trained, left out of the run-id fingerprint.
 NOT_FINGERPRINTED = {"run_id", "overwrite", "log_format", "log_level", "work_dir", "termination_log",
                      "termination_grace_seconds", "require_gpu", "save_steps", "save_minutes", "keep_checkpoints",
-                     "checkpoint_uri", "hub_private", "hub_revision", "tb_sync_seconds", "storage_attempts",
+                     "checkpoint_uri", "on_data_change", "hub_private", "hub_revision", "tb_sync_seconds", "storage_attempts",
                      "storage_timeout_seconds", "storage_deadline_seconds", "attention",
                      # where and on how many processes it runs: the global batch is kept, and every node must agree
                      "nproc_per_node", "nnodes", "node_rank", "dist_timeout_seconds"}

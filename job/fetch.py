@@ -60,7 +60,7 @@ def fetch_dataset(cfg: Settings) -> Fetched:
     if path.is_file() and path.suffix not in DATA_BUILDERS:
         raise ConfigError([f"FT_DATASET={cfg.dataset}: unsupported file type {path.suffix or '(none)'}; "
                            f"valid: {', '.join(DATA_BUILDERS)}"])
-    return Fetched(cfg.dataset, path, _revision(source, path))
+    return Fetched(cfg.dataset, path, _dataset_revision(source, path))
 
 
 @contextmanager
@@ -104,6 +104,21 @@ def _fetch(source: Storage, setting: str, cache: Path, patterns: list[str]) -> P
         raise InputError(f"{setting}={source.uri}: no such file or directory")
     log.get().info("source ready", setting=setting, uri=source.uri, path=str(path))
     return path
+
+
+def _dataset_revision(source: Storage, path: Path) -> str | None:
+    """The dataset's Hub commit, else a sha256 of its files, computed now (rank 0 only): it is also the data
+    fingerprint that checkpoints carry and a resume compares, and datasets are small next to a model. A file
+    downloaded from S3 is hashed too, rather than its ETag taken: the ETag of a multipart upload depends on the
+    uploader's part size, so the same data uploaded again would read as changed."""
+    if isinstance(source, HubStorage) and source.commit:
+        return source.commit
+    if not distributed.is_main():
+        return None
+    try:
+        return "sha256:" + content_hash(path)
+    except OSError as e:
+        raise InputError(f"FT_DATASET={source.uri}: cannot be read ({first_line(e)})") from None
 
 
 def _revision(source: Storage, path: Path) -> str | Future[str] | None:

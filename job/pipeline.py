@@ -25,12 +25,15 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
     with distributed.local_main_first():
         publish.check_destination(dest, run_id, cfg.overwrite)
         placement = preflight.run(cfg, run_id)
-        checkpoints = CheckpointStore(open_destination(preflight.checkpoint_uri(cfg, run_id), "FT_CHECKPOINT_URI"),
-                                      cfg.keep_checkpoints, settings_fingerprint(cfg))
         if distributed.local_rank() == 0:
             shutil.rmtree(scratch, ignore_errors=True)
         model_src = fetch.fetch_model(cfg)
         data_src = fetch.fetch_dataset(cfg)
+        checkpoints = CheckpointStore(open_destination(preflight.checkpoint_uri(cfg, run_id), "FT_CHECKPOINT_URI"),
+                                      cfg.keep_checkpoints, settings_fingerprint(cfg), data_src.revision,
+                                      cfg.on_data_change)
+        if distributed.is_main():
+            checkpoints.check_data()  # before the model loads: resuming on changed data is refused (or restarts)
         tokenizer = data.load_tokenizer(model_src.path, cfg)
         train_raw, eval_raw = data.load_splits(cfg, data_src.path)
     train_ds, eval_ds, stats = data.tokenize_splits(train_raw, eval_raw, tokenizer, cfg)

@@ -1,14 +1,21 @@
-"""Provenance through the real CLI: URIs of unknown schemes are configuration errors."""
+"""Provenance through the real CLI: checkpoints refuse to resume on changed data, and URIs of unknown schemes are
+configuration errors."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import subprocess
 
 import pytest
-from test_run import demo_env, events, run_job
+from test_run import demo_env, events, interrupt_at, run_job
 
-from conftest import ROOT
+from conftest import DATA, ROOT
 from job.errors import CODE_BY_NAME
+
+QUICK = {"FT_MAX_STEPS": "2", "FT_BATCH_SIZE": "2", "FT_MAX_SEQ_LENGTH": "64", "FT_MAX_SAMPLES": "16",
+         "FT_EVAL_FRACTION": "0", "FT_LOGGING_STEPS": "1", "FT_SAVE_STEPS": "1"}
 
 
 def the_error(proc: subprocess.CompletedProcess) -> str:
@@ -30,3 +37,42 @@ def test_an_unknown_scheme_is_refused_by_check_and_run_and_nothing_is_written(ti
     assert "Traceback" not in message
     assert (tmp_path / "termination-log").read_text().startswith("config: ")
     assert not (ROOT / uri.split("/")[0]).exists() and not (tmp_path / "work").exists()
+
+
+# --- 6: checkpoints and changed data -----------------------------------------------------------------------------
+
+def test_resuming_on_edited_data_is_refused_and_restart_starts_over(tiny_model, tmp_path):
+    from job.fetch import content_hash
+
+    data = tmp_path / "train.jsonl"
+    shutil.copy(DATA / "sample-text.jsonl", data)
+    env = {**os.environ, "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
+           "FT_WORK_DIR": str(tmp_path / "work"), "FT_OUTPUT_URI": str(tmp_path / "out"), "FT_LOG_FORMAT": "json",
+           "FT_TERMINATION_LOG": str(tmp_path / "termination-log"), "OMP_NUM_THREADS": "2",
+           **demo_env(tiny_model, **{**QUICK, "FT_MAX_STEPS": "6", "FT_SAVE_STEPS": "2"}, FT_DATASET=str(data))}
+    assert interrupt_at(env, '"checkpoint mirrored"') == CODE_BY_NAME["interrupted"]
+    checkpoints = tmp_path / "out" / "demo" / "checkpoints"
+    step = json.loads((checkpoints / "latest").read_text())["step"]
+    before = "sha256:" + content_hash(data)
+    marker = json.loads((checkpoints / f"checkpoint-{step}" / "checkpoint.json").read_text())
+    assert marker["data"] == before
+
+    lines = data.read_text().splitlines(keepends=True)
+    data.write_text("".join(lines[1:]))  # edited in place: same name, same settings, other data
+    after = "sha256:" + content_hash(data)
+    refused = run_job(env, tmp_path)
+    assert refused.returncode == CODE_BY_NAME["config"], refused.stdout[-3000:]
+    error = the_error(refused)
+    assert error.startswith("FT_DATASET: ") and f"trained on other data ({before}; now {after})" in error
+    assert "FT_ON_DATA_CHANGE=restart" in error and "FT_RUN_ID" in error
+    assert not any(e["event"] == "loading model" for e in events(refused))  # refused before the model loads
+    assert (checkpoints / f"checkpoint-{step}" / "checkpoint.json").is_file()  # nothing deleted
+
+    again = run_job({**env, "FT_ON_DATA_CHANGE": "restart"}, tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:]
+    found = events(again)
+    assert any(e["event"].startswith("the data changed since the checkpoints were saved") for e in found)
+    assert not any(e["event"].startswith("resumed from step") for e in found)
+    assert min(e["step"] for e in found if e["event"] == "train step") == 1  # from the start, on the new data
+    manifest = json.loads((tmp_path / "out" / "demo" / "manifest.json").read_text())
+    assert manifest["dataset"]["revision"] == after and manifest["training"]["steps"] == 6
