@@ -14,6 +14,7 @@ from job.config import Settings
 from job.errors import ConfigError, InputError, UnavailableError, first_line
 from job.storage import HubStorage, Storage, StorageError, open_source
 from job.storage.base import file_sha256
+from job.storage.uri import local_path, scheme
 
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja", "tokenizer*"]
 DATA_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -52,6 +53,18 @@ def fetch_model(cfg: Settings) -> Fetched:
             "(pickled .bin files can run code)"
         )
     return Fetched(cfg.base_model, path, _revision(source, path))
+
+
+def model_name(cfg: Settings) -> str:
+    """FT_BASE_MODEL as a loader on another machine names it: a Hub id for `hf://org/name` (transformers and peft do
+    not read `hf://`), the path for a `file:` URI, else the value as given (a Hub id, an S3 URI, a local path).
+    Never the local copy's path (a cache snapshot), which exists on this machine only."""
+    uri = cfg.base_model
+    if uri.startswith("hf://"):
+        return uri.removeprefix("hf://").strip("/").removeprefix("models/")
+    if scheme(uri) == "file":
+        return str(local_path(uri))
+    return uri
 
 
 def fetch_dataset(cfg: Settings) -> Fetched:

@@ -40,6 +40,9 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
 
     load_start = time.monotonic()
     base = model.load_model(model_src.path, cfg, placement)
+    # peft writes this into adapter_config.json (base_model_name_or_path) of every checkpoint and of the adapter,
+    # so that loading the adapter elsewhere fetches the base model by the name the user gave, not our cache path.
+    base.name_or_path = base.config.name_or_path = fetch.model_name(cfg)
     load_seconds = time.monotonic() - load_start
     # Every process must train alike: rank 0's plan (sized from its free memory) for all.
     plan = distributed.broadcast(speed.plan(cfg, placement, base.config, distributed.world_size()))

@@ -71,3 +71,15 @@ def test_a_dataset_is_fingerprinted_at_fetch_and_a_model_in_the_background(tmp_p
     (model / "config.json").write_text("{}")
     (model / "model.safetensors").write_bytes(b"0")
     assert isinstance(fetch_model(Settings(base_model=str(model), work_dir=tmp_path / "work"))._revision, Future)
+
+
+@pytest.mark.parametrize("given, name", [
+    ("acme/tiny", "acme/tiny"), ("hf://acme/tiny", "acme/tiny"), ("hf://models/acme/tiny/", "acme/tiny"),
+    ("s3://models/tiny/", "s3://models/tiny/"), ("/data/model", "/data/model"), ("file:///data/my%20model",
+                                                                                   "/data/my model"),
+])
+def test_the_base_model_is_named_as_given_never_by_its_local_copy(given, name):
+    from job.config import Settings
+    from job.fetch import model_name
+
+    assert model_name(Settings(base_model=given)) == name

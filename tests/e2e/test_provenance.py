@@ -1,21 +1,27 @@
-"""Provenance through the real CLI: checkpoints refuse to resume on changed data, and URIs of unknown schemes are
-configuration errors."""
+"""Provenance through the real CLI: the adapter names its base model as the user did (and the model card's loading
+snippet works from a fresh cache, against a Hub on loopback), checkpoints refuse to resume on changed data, and URIs
+of unknown schemes are configuration errors."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from test_run import demo_env, events, interrupt_at, run_job
+from servers import FakeHub
+from test_run import demo_env, events, hub_cache, interrupt_at, run_job
 
 from conftest import DATA, ROOT
 from job.errors import CODE_BY_NAME
 
 QUICK = {"FT_MAX_STEPS": "2", "FT_BATCH_SIZE": "2", "FT_MAX_SEQ_LENGTH": "64", "FT_MAX_SAMPLES": "16",
          "FT_EVAL_FRACTION": "0", "FT_LOGGING_STEPS": "1", "FT_SAVE_STEPS": "1"}
+WRITE, READ = "hf_writeTOKENwriteTOKENwrite12", "hf_readTOKENreadTOKENreadTOK12"
 
 
 def the_error(proc: subprocess.CompletedProcess) -> str:
@@ -37,6 +43,70 @@ def test_an_unknown_scheme_is_refused_by_check_and_run_and_nothing_is_written(ti
     assert "Traceback" not in message
     assert (tmp_path / "termination-log").read_text().startswith("config: ")
     assert not (ROOT / uri.split("/")[0]).exists() and not (tmp_path / "work").exists()
+
+
+# --- 5: the base model as the user named it ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hub(tiny_model):
+    server = FakeHub({WRITE: "write", READ: "read"})
+    server.seed("model", "acme/tiny", {p.name: p.read_bytes() for p in tiny_model.iterdir()}, private=True)
+    yield server
+    server.stop()
+
+
+def card_snippet(card: str) -> str:
+    (code,) = re.findall(r"```python\n(.*?)```", card, re.S)
+    return code
+
+
+def run_elsewhere(code: str, hub: FakeHub, tmp: Path, cwd: Path) -> dict:
+    """Run the card's snippet as a user on another machine would: a new HF_HOME, the Hub reached over HTTP."""
+    check = ("\nimport json\nprint(json.dumps({'base': model.peft_config['default'].base_model_name_or_path, "
+             "'lora_b_trained': any(bool(p.abs().sum()) for n, p in model.named_parameters() if 'lora_B' in n), "
+             "'tokens': len(tokenizer('hello world').input_ids)}))\n")
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp), "HF_HOME": str(tmp / "elsewhere"), **hub.env(READ)}
+    proc = subprocess.run([sys.executable, "-c", code + check], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp / "elsewhere" / "hub" / "models--acme--tiny" / "snapshots").is_dir()  # downloaded by its name
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("destination", ["local", "hub"])
+def test_the_model_cards_loading_snippet_works_from_a_fresh_cache(hub, tmp_path, destination):
+    output = {"local": str(tmp_path / "out"), "hub": f"hf://acme/adapter-{destination}"}[destination]
+    env = {**demo_env(Path("unused"), **QUICK), **hub.env(WRITE), "FT_BASE_MODEL": "acme/tiny",
+           "FT_OUTPUT_URI": output, "FT_CHECKPOINT_URI": str(tmp_path / "checkpoints")}
+    proc = run_job(env, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Every adapter_config.json peft wrote, the checkpoints' included, names the base model as the user did.
+    saved = list((tmp_path / "work" / "demo").rglob("adapter_config.json"))
+    assert len(saved) >= 2 and any("checkpoint-" in str(p) for p in saved)
+    assert {json.loads(p.read_text())["base_model_name_or_path"] for p in saved} == {"acme/tiny"}
+
+    if destination == "hub":
+        files = hub.head("acme/adapter-hub").files
+        card, where = files["README.md"].decode(), tmp_path
+        assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == "acme/tiny"
+    else:
+        where = tmp_path / "copied-run"  # a copy of the run's folder, as `aws s3 sync` would leave it
+        shutil.copytree(tmp_path / "out" / "demo", where)
+        card = (where / "README.md").read_text()
+    got = run_elsewhere(card_snippet(card), hub, tmp_path, where)
+    assert got["base"] == "acme/tiny" and got["lora_b_trained"] and got["tokens"] > 0
+
+
+def test_several_processes_record_the_name_too(tiny_model, tmp_path):
+    """DDP (torchrun, two CPU processes): rank 0 gathers and saves; the model came from a warm Hub cache."""
+    hub_cache(tmp_path / "hf", "model", "acme/tiny-llama", list(tiny_model.iterdir()))
+    proc = run_job(demo_env(tiny_model, **QUICK, FT_BASE_MODEL="acme/tiny-llama", FT_NPROC_PER_NODE="2",
+                            OMP_NUM_THREADS="1", FT_PACKING="false"), tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    adapter = json.loads((tmp_path / "out" / "demo" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "acme/tiny-llama"
+    saved = list((tmp_path / "work" / "demo" / "checkpoints").rglob("adapter_config.json"))
+    assert saved and {json.loads(p.read_text())["base_model_name_or_path"] for p in saved} == {"acme/tiny-llama"}
 
 
 # --- 6: checkpoints and changed data -----------------------------------------------------------------------------
