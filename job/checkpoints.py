@@ -3,12 +3,16 @@
 Layout under the checkpoint URI (one per run id):
 
     checkpoint-120/...              the Trainer's checkpoint: adapter, optimizer, scheduler, RNG and trainer state
-    checkpoint-120/checkpoint.json  written after every other file of it: step and sha256 of each file
+    checkpoint-120/checkpoint.json  written after every other file of it: step, the fingerprints of the training
+                                    settings and of the data, and the sha256 of each file
     latest                          written after checkpoint.json: {"checkpoint": "checkpoint-120", "step": 120},
                                     for people and tools that look; resume takes the newest complete checkpoint
 
 A checkpoint without its checkpoint.json, or whose files do not match it, is incomplete: resume skips it for the
 previous complete one. Pruning removes checkpoint.json first, so a half-deleted checkpoint never looks complete.
+
+A checkpoint saved from other data (the dataset file edited in place, a new Hub commit) is not resumed: the run
+stops with a ConfigError, or with FT_ON_DATA_CHANGE=restart deletes the checkpoints and trains from step 0.
 """
 
 from __future__ import annotations
@@ -46,8 +50,13 @@ def write_json(store: Storage, key: str, data: dict) -> None:
 
 
 class CheckpointStore:
-    def __init__(self, store: Storage, keep: int, fingerprint: str | None = None):
-        self.store, self.keep, self.fingerprint = store, keep, fingerprint  # config.settings_fingerprint
+    """The checkpoints of one run id at one URI. `fingerprint` is config.settings_fingerprint, `data` the dataset's
+    revision (fetch.Fetched.revision); either None leaves that check out. `on_data_change` is FT_ON_DATA_CHANGE."""
+
+    def __init__(self, store: Storage, keep: int, fingerprint: str | None = None, data: str | None = None,
+                 on_data_change: str = "fail"):
+        self.store, self.keep, self.fingerprint = store, keep, fingerprint
+        self.data, self.on_data_change = data, on_data_change
         self.log = log.get()
 
     def steps(self) -> list[int]:
@@ -59,7 +68,7 @@ class CheckpointStore:
         """Upload a saved checkpoint, then its marker, then the `latest` pointer; prune old ones."""
         name = f"checkpoint-{step}"
         files = {p.relative_to(local).as_posix(): file_sha256(p) for p in sorted(local.rglob("*")) if p.is_file()}
-        marker = {"step": step, "settings": self.fingerprint, "files": files}
+        marker = {"step": step, "settings": self.fingerprint, "data": self.data, "files": files}
         (local / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         self.log.info("mirroring checkpoint", step=step, uri=self.store.describe(name), files=len(files))
         self.store.put_tree(local, name, skip={MARKER})
@@ -75,9 +84,31 @@ class CheckpointStore:
             self.store.delete(f"{name}/{MARKER}")
             self.store.delete_tree(name)
 
+    def check_data(self) -> None:
+        """Compare the data fingerprint of the newest checkpoint that has a marker with this run's: on a change,
+        raise ConfigError, or (FT_ON_DATA_CHANGE=restart) delete every checkpoint so that training starts over.
+        Cheap (one small file), so a run calls it before loading the model; restore() calls it again."""
+        for step in self.steps():
+            marker = read_json(self.store, f"checkpoint-{step}/{MARKER}")
+            if not marker:
+                continue
+            saved = marker.get("data")
+            if self.data is None or saved is None or saved == self.data:
+                return  # unknown on either side (a checkpoint of an older version): nothing to compare
+            where = self.store.describe(f"checkpoint-{step}")
+            if self.on_data_change != "restart":
+                raise ConfigError([f"FT_DATASET: {where} was trained on other data ({saved}; now {self.data}); "
+                                   "restore the data to resume, set FT_ON_DATA_CHANGE=restart to delete the "
+                                   "checkpoints and train from step 0, or choose another FT_RUN_ID"])
+            self.log.warning("the data changed since the checkpoints were saved; training starts over "
+                             "(FT_ON_DATA_CHANGE=restart)", step=step, uri=where, saved=saved, now=self.data)
+            self.clear()
+            return
+
     def restore(self, dest: Path) -> tuple[Path, int] | None:
         """Download the newest complete checkpoint into `dest`; None when there is none. The newest, rather than
         the one `latest` names: a run killed between a checkpoint's marker and the pointer loses nothing."""
+        self.check_data()
         for step in self.steps():
             local = dest / f"checkpoint-{step}"
             problem = self._download_verified(f"checkpoint-{step}", local)

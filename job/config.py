@@ -23,6 +23,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from job.errors import ConfigError, first_line
+from job.storage.uri import uri_problem
 
 PREFIX = "FT_"
 CONFIG_FILE_VAR = "FT_CONFIG_FILE"
@@ -255,6 +256,12 @@ class Settings(BaseSettings):
         "finds its latest complete checkpoint there on start and resumes from it."
     )
     keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept at the checkpoint URI; older ones are pruned.")
+    on_data_change: Literal["fail", "restart"] = Field(
+        "fail", description="When checkpoints of this run id were trained on other data than FT_DATASET holds now (a "
+        "file edited in place, a new Hub commit or S3 object; each checkpoint carries the data's sha256, or its Hub "
+        "commit): `fail` stops before the model loads, with exit code 2, and keeps them; `restart` deletes them and "
+        "trains from step 0 on the new data. A training is never resumed on other data."
+    )
     termination_grace_seconds: float = Field(
         25.0, gt=0,
         description="Budget after SIGTERM to finish the step and save a checkpoint; keep it below the pod's "
@@ -291,6 +298,21 @@ class Settings(BaseSettings):
         if v not in OPTIMIZERS:
             raise ValueError(f"must be one of {', '.join(OPTIMIZERS)}")
         return v
+
+    @field_validator("base_model", "dataset")
+    @classmethod
+    def _known_source_scheme(cls, v: str) -> str:
+        return _uri(v, "source")
+
+    @field_validator("output_uri")
+    @classmethod
+    def _known_destination_scheme(cls, v: str) -> str:
+        return _uri(v, "destination")
+
+    @field_validator("checkpoint_uri")
+    @classmethod
+    def _known_checkpoint_scheme(cls, v: str | None) -> str | None:
+        return None if v is None else _uri(v, "checkpoints")
 
     @field_validator("lr_scheduler_type")
     @classmethod
@@ -350,6 +372,14 @@ class Settings(BaseSettings):
         return init_settings, env_settings, _YamlSource(settings_cls)
 
 
+def _uri(value: str, kind: str) -> str:
+    """`value` when storage can read or write it as a `kind` of URI; a URI of an unknown scheme (ftp://, gs://) is
+    refused here rather than taken for a local folder named `ftp:`."""
+    if problem := uri_problem(value, kind):
+        raise ValueError(problem)
+    return value
+
+
 class _YamlSource(PydanticBaseSettingsSource):
     """Values from the YAML file named by FT_CONFIG_FILE; keys as `lora_r` or `FT_LORA_R`."""
 
@@ -390,8 +420,8 @@ PLATFORM_JOB_IDS = ("AWS_BATCH_JOB_ID", "CLOUD_RUN_EXECUTION", "BATCH_JOB_UID")
 # Settings that do not change what is trained, left out of the run-id fingerprint.
 NOT_FINGERPRINTED = {"run_id", "overwrite", "log_format", "log_level", "work_dir", "termination_log",
                      "termination_grace_seconds", "require_gpu", "save_steps", "save_minutes", "keep_checkpoints",
-                     "checkpoint_uri", "hub_private", "hub_revision", "tb_sync_seconds", "storage_attempts",
-                     "storage_timeout_seconds", "storage_deadline_seconds",
+                     "checkpoint_uri", "on_data_change", "hub_private", "hub_revision", "tb_sync_seconds",
+                     "storage_attempts", "storage_timeout_seconds", "storage_deadline_seconds",
                      # how a step is computed, not what it trains: a run may resume under another plan (another GPU)
                      "profile", "padding_free", "micro_batch_tokens", "gradient_checkpointing", "use_liger", "attention",
                      # where and on how many processes it runs: the global batch is kept, and every node must agree

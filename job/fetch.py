@@ -14,6 +14,7 @@ from job.config import Settings
 from job.errors import ConfigError, InputError, UnavailableError, first_line
 from job.storage import HubStorage, Storage, StorageError, open_source
 from job.storage.base import file_sha256
+from job.storage.uri import local_path, scheme
 
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja", "tokenizer*"]
 DATA_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -54,13 +55,25 @@ def fetch_model(cfg: Settings) -> Fetched:
     return Fetched(cfg.base_model, path, _revision(source, path))
 
 
+def model_name(cfg: Settings) -> str:
+    """FT_BASE_MODEL as a loader on another machine names it: a Hub id for `hf://org/name` (transformers and peft do
+    not read `hf://`), the path for a `file:` URI, else the value as given (a Hub id, an S3 URI, a local path).
+    Never the local copy's path (a cache snapshot), which exists on this machine only."""
+    uri = cfg.base_model
+    if uri.startswith("hf://"):
+        return uri.removeprefix("hf://").strip("/").removeprefix("models/")
+    if scheme(uri) == "file":
+        return str(local_path(uri))
+    return uri
+
+
 def fetch_dataset(cfg: Settings) -> Fetched:
     source = open_source(cfg.dataset, "FT_DATASET", "dataset", cfg.dataset_revision)
     path = _fetch(source, "FT_DATASET", cfg.work_dir / "dataset", DATA_FILES)
     if path.is_file() and path.suffix not in DATA_BUILDERS:
         raise ConfigError([f"FT_DATASET={cfg.dataset}: unsupported file type {path.suffix or '(none)'}; "
                            f"valid: {', '.join(DATA_BUILDERS)}"])
-    return Fetched(cfg.dataset, path, _revision(source, path))
+    return Fetched(cfg.dataset, path, _dataset_revision(source, path))
 
 
 @contextmanager
@@ -104,6 +117,21 @@ def _fetch(source: Storage, setting: str, cache: Path, patterns: list[str]) -> P
         raise InputError(f"{setting}={source.uri}: no such file or directory")
     log.get().info("source ready", setting=setting, uri=source.uri, path=str(path))
     return path
+
+
+def _dataset_revision(source: Storage, path: Path) -> str | None:
+    """The dataset's Hub commit, else a sha256 of its files, computed now (rank 0 only): it is also the data
+    fingerprint that checkpoints carry and a resume compares, and datasets are small next to a model. A file
+    downloaded from S3 is hashed too, rather than its ETag taken: the ETag of a multipart upload depends on the
+    uploader's part size, so the same data uploaded again would read as changed."""
+    if isinstance(source, HubStorage) and source.commit:
+        return source.commit
+    if not distributed.is_main():
+        return None
+    try:
+        return "sha256:" + content_hash(path)
+    except OSError as e:
+        raise InputError(f"FT_DATASET={source.uri}: cannot be read ({first_line(e)})") from None
 
 
 def _revision(source: Storage, path: Path) -> str | Future[str] | None:

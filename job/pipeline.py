@@ -25,18 +25,24 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
     with distributed.local_main_first():
         publish.check_destination(dest, run_id, cfg.overwrite)
         placement = preflight.run(cfg, run_id)
-        checkpoints = CheckpointStore(open_destination(preflight.checkpoint_uri(cfg, run_id), "FT_CHECKPOINT_URI"),
-                                      cfg.keep_checkpoints, settings_fingerprint(cfg))
         if distributed.local_rank() == 0:
             shutil.rmtree(scratch, ignore_errors=True)
         model_src = fetch.fetch_model(cfg)
         data_src = fetch.fetch_dataset(cfg)
+        checkpoints = CheckpointStore(open_destination(preflight.checkpoint_uri(cfg, run_id), "FT_CHECKPOINT_URI"),
+                                      cfg.keep_checkpoints, settings_fingerprint(cfg), data_src.revision,
+                                      cfg.on_data_change)
+        if distributed.is_main():
+            checkpoints.check_data()  # before the model loads: resuming on changed data is refused (or restarts)
         tokenizer = data.load_tokenizer(model_src.path, cfg)
         train_raw, eval_raw = data.load_splits(cfg, data_src.path)
     train_ds, eval_ds, stats = data.tokenize_splits(train_raw, eval_raw, tokenizer, cfg)
 
     load_start = time.monotonic()
     base = model.load_model(model_src.path, cfg, placement)
+    # peft writes this into adapter_config.json (base_model_name_or_path) of every checkpoint and of the adapter,
+    # so that loading the adapter elsewhere fetches the base model by the name the user gave, not our cache path.
+    base.name_or_path = base.config.name_or_path = fetch.model_name(cfg)
     load_seconds = time.monotonic() - load_start
     # Every process must train alike: rank 0's plan (sized from its free memory) for all.
     plan = distributed.broadcast(speed.plan(cfg, placement, base.config, distributed.world_size()))

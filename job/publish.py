@@ -108,17 +108,44 @@ A LoRA adapter for `{cfg.base_model}`, trained by [finetune-job](https://github.
 
 ## Use
 
-```python
-from peft import AutoPeftModelForCausalLM
-from transformers import AutoTokenizer
-
-model = AutoPeftModelForCausalLM.from_pretrained("<the run>/adapter")  # on the Hub: "<org>/<name>"
-tokenizer = AutoTokenizer.from_pretrained("<the run>/tokenizer")
-```
-
+{usage(cfg, run_id)}
 `manifest.json` beside this card holds the full configuration, package versions and a sha256 of every file.
 """
     return redact(body)
+
+
+def usage(cfg: Settings, run_id: str) -> str:
+    """The card's loading snippet: the adapter and tokenizer from the Hub repository (a Hub destination) or from a
+    copy of the run's folder; the base model by the name adapter_config.json records (fetch.model_name), which
+    AutoPeftModelForCausalLM loads itself unless it is an S3 URI."""
+    from job.fetch import model_name
+
+    if cfg.output_uri.startswith("hf://"):
+        where = cfg.output_uri.removeprefix("hf://").strip("/").removeprefix("models/")
+        revision = f", revision={cfg.hub_revision!r}" if cfg.hub_revision else ""
+        adapter, tokenizer, note = f'"{where}"{revision}', f'"{where}"{revision}', ""
+    else:
+        adapter, tokenizer = '"adapter"', '"tokenizer"'
+        note = f"In a copy of this run's folder (`{cfg.output_uri.rstrip('/')}/{run_id}`):\n\n"
+    base = model_name(cfg)
+    if base.startswith("s3://"):
+        return f"""{note}```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+base = AutoModelForCausalLM.from_pretrained("<a local copy of {base}>")
+model = PeftModel.from_pretrained(base, {adapter})
+tokenizer = AutoTokenizer.from_pretrained({tokenizer})
+```
+"""
+    return f"""{note}```python
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoTokenizer
+
+model = AutoPeftModelForCausalLM.from_pretrained({adapter})  # and the base model, {base}
+tokenizer = AutoTokenizer.from_pretrained({tokenizer})
+```
+"""
 
 
 def hub_id(uri: str, kind: str) -> str | None:

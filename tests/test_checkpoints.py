@@ -81,3 +81,47 @@ def test_a_checkpoint_saved_with_other_training_settings_is_refused(tmp_path):
     assert CheckpointStore(LocalStorage(str(tmp_path / "remote")), 2, "settings-a").restore(tmp_path / "r1")[1] == 10
     with pytest.raises(ConfigError, match="saved by this run id with other training settings"):
         CheckpointStore(LocalStorage(str(tmp_path / "remote")), 2, "settings-b").restore(tmp_path / "r2")
+
+
+def data_store(tmp_path: Path, data: str, on_data_change: str = "fail") -> CheckpointStore:
+    return CheckpointStore(LocalStorage(str(tmp_path / "remote")), 2, "settings", data, on_data_change)
+
+
+def test_checkpoints_carry_the_data_fingerprint_and_resume_on_the_same_data(tmp_path):
+    data_store(tmp_path, "sha256:aaa").mirror(fake_checkpoint(tmp_path, 10), 10)
+    assert json.loads((tmp_path / "remote" / "checkpoint-10" / MARKER).read_text())["data"] == "sha256:aaa"
+    assert data_store(tmp_path, "sha256:aaa").restore(tmp_path / "resume")[1] == 10
+
+
+def test_resuming_on_changed_data_is_refused_and_the_checkpoints_are_kept(tmp_path):
+    import pytest
+
+    from job.errors import ConfigError
+
+    data_store(tmp_path, "sha256:aaa").mirror(fake_checkpoint(tmp_path, 10), 10)
+    changed = data_store(tmp_path, "sha256:bbb")
+    with pytest.raises(ConfigError) as refused:
+        changed.check_data()
+    message = str(refused.value)
+    assert message.startswith("FT_DATASET: ") and "trained on other data (sha256:aaa; now sha256:bbb)" in message
+    assert "FT_ON_DATA_CHANGE=restart" in message and refused.value.exit_code == 2
+    with pytest.raises(ConfigError):
+        changed.restore(tmp_path / "resume")
+    assert (tmp_path / "remote" / "checkpoint-10" / MARKER).is_file()
+
+
+def test_changed_data_with_restart_deletes_the_checkpoints_and_starts_over(tmp_path):
+    old = data_store(tmp_path, "sha256:aaa")
+    for step in (10, 20):
+        old.mirror(fake_checkpoint(tmp_path, step), step)
+    new = data_store(tmp_path, "sha256:bbb", "restart")
+    assert new.restore(tmp_path / "resume") is None
+    assert not (tmp_path / "remote").exists()
+    # The new training's checkpoints are not pruned in favour of the old, higher-numbered ones: those are gone.
+    new.mirror(fake_checkpoint(tmp_path / "new", 5), 5)
+    assert data_store(tmp_path, "sha256:bbb").restore(tmp_path / "resume2")[1] == 5
+
+
+def test_a_checkpoint_without_a_data_fingerprint_still_resumes(tmp_path):
+    store(tmp_path).mirror(fake_checkpoint(tmp_path, 10), 10)  # an older version's marker: no "data"
+    assert data_store(tmp_path, "sha256:bbb").restore(tmp_path / "resume")[1] == 10

@@ -98,13 +98,54 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
 
 def test_config_command_prints_effective_settings_with_secrets_redacted(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "FT_LORA_R": "8", "HF_TOKEN": "hf_abcdefghijklmnopqrstuvwxyz0123",
-           "FT_BASE_MODEL": "https://user:hunter22@example.com/model hf_abcdefghijklmnopqrstuvwxyz0123"}
+           "FT_DATASET": "acme/hf_abcdefghijklmnopqrstuvwxyz0123"}
     proc = subprocess.run([sys.executable, "-m", "job", "config"], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert '"lora_r": 8' in proc.stdout
-    assert "hunter22" not in proc.stdout and "hf_abcdefghijklmnopqrstuvwxyz0123" not in proc.stdout
+    assert '"lora_r": 8' in proc.stdout and '"dataset": "acme/***"' in proc.stdout
+    assert "hf_abcdefghijklmnopqrstuvwxyz0123" not in proc.stdout
+    # A refused setting is quoted in the error, redacted too.
+    env["FT_BASE_MODEL"] = "https://user:hunter22@example.com/model hf_abcdefghijklmnopqrstuvwxyz0123"
+    proc = subprocess.run([sys.executable, "-m", "job", "config"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "FT_BASE_MODEL=https://***@example.com/model ***: https:// is not" in proc.stderr
+    assert "hunter22" not in proc.stdout + proc.stderr and "hf_abcdefghijklmnopqrstuvwxyz0123" not in proc.stderr
 
 
 def test_every_setting_is_documented():
     for name, field in Settings.model_fields.items():
         assert field.description and field.description.endswith((".", ")")), name
+
+
+@pytest.mark.parametrize("setting, value, expected", [
+    ("FT_OUTPUT_URI", "ftp://host/x", "ftp:// is not supported; use a local path, s3://bucket/prefix or hf://org/name"),
+    ("FT_OUTPUT_URI", "gs://bucket/x", "gs:// is not supported"),
+    ("FT_OUTPUT_URI", "az:/container/x", "az:// is not supported"),
+    ("FT_OUTPUT_URI", "S3://bucket/x", "write it as s3://bucket/prefix"),
+    ("FT_OUTPUT_URI", "s3:/bucket/x", "write it as s3://bucket/prefix"),
+    ("FT_OUTPUT_URI", "s3://", "an S3 URI names a bucket"),
+    ("FT_OUTPUT_URI", "hf://org/name/sub", "a Hub destination is a model repository"),
+    ("FT_OUTPUT_URI", "file://fileserver/share", "a file: URI names a path on this machine"),
+    ("FT_CHECKPOINT_URI", "https://example.com/ckpt", "https:// is not supported; use a local path or s3://bucket"),
+    ("FT_CHECKPOINT_URI", "hf://org/name", "checkpoints are not kept on the Hub"),
+    ("FT_DATASET", "gs://bucket/data.jsonl", "gs:// is not supported; use a local path, s3://bucket/prefix or a "
+                                             "Hugging Face Hub id"),
+    ("FT_BASE_MODEL", "ftp://host/model", "ftp:// is not supported"),
+])
+def test_a_uri_of_an_unknown_scheme_is_a_config_error_naming_the_setting(monkeypatch, setting, value, expected):
+    (line,) = problems(monkeypatch, **{setting: value})
+    assert line.startswith(f"{setting}={value}: ") and expected in line, line
+
+
+@pytest.mark.parametrize("value", ["results", "./results", "/data/out", "rel:dir/x", "C:\\out", "C:/out", "d:out",
+                                   "file:///data/out", "file:/data/out", "file://localhost/data/out",
+                                   "s3://bucket/prefix", "hf://org/name"])
+def test_local_paths_and_known_schemes_are_accepted(monkeypatch, value):
+    monkeypatch.setenv("FT_OUTPUT_URI", value)
+    assert load_settings().output_uri == value
+
+
+def test_a_file_uri_is_the_local_path_it_names(tmp_path):
+    from job.storage import LocalStorage, is_local, open_destination
+
+    dest = open_destination(f"file://{tmp_path}/my%20run")
+    assert isinstance(dest, LocalStorage) and dest.root == tmp_path / "my run" and is_local("file:/x")
+    assert not is_local("ftp://host/x")

@@ -54,3 +54,32 @@ def test_an_unreadable_source_costs_its_fingerprint_not_the_run(tmp_path, monkey
     fetched = fetch.Fetched("s3://models/tiny/", tmp_path, fetch._revision(LocalStorage(str(tmp_path)), tmp_path))
     assert fetched.revision.startswith("unknown (") and "Permission denied" in fetched.revision
     assert "could not hash the source's files" in capsys.readouterr().out
+
+
+def test_a_dataset_is_fingerprinted_at_fetch_and_a_model_in_the_background(tmp_path):
+    from job.config import Settings
+    from job.fetch import content_hash, fetch_dataset, fetch_model
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "a"}\n')
+    fetched = fetch_dataset(Settings(dataset=str(data), work_dir=tmp_path / "work"))
+    assert fetched._revision == "sha256:" + content_hash(data)  # a string now: checkpoints carry it
+    data.write_text('{"text": "b"}\n')
+    assert fetch_dataset(Settings(dataset=str(data), work_dir=tmp_path / "work")).revision != fetched.revision
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"0")
+    assert isinstance(fetch_model(Settings(base_model=str(model), work_dir=tmp_path / "work"))._revision, Future)
+
+
+@pytest.mark.parametrize("given, name", [
+    ("acme/tiny", "acme/tiny"), ("hf://acme/tiny", "acme/tiny"), ("hf://models/acme/tiny/", "acme/tiny"),
+    ("s3://models/tiny/", "s3://models/tiny/"), ("/data/model", "/data/model"), ("file:///data/my%20model",
+                                                                                   "/data/my model"),
+])
+def test_the_base_model_is_named_as_given_never_by_its_local_copy(given, name):
+    from job.config import Settings
+    from job.fetch import model_name
+
+    assert model_name(Settings(base_model=given)) == name

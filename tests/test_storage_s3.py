@@ -211,7 +211,7 @@ def test_denied_missing_and_bad_credentials_are_final(s3, tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("uri, message", [
     ("s3://Bad_Bucket/x", "is not a bucket name"),
-    ("gs://bucket/x", "gs:// is not supported as a destination"),
+    ("gs://bucket/x", "gs:// is not supported; use a local path, s3://bucket/prefix or hf://org/name"),
     ("hf://org/repo/sub/folder", "a Hub destination is a model repository"),
 ])
 def test_malformed_destinations_are_config_errors(uri, message):

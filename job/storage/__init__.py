@@ -1,6 +1,6 @@
 """Sources and destinations behind one interface, chosen by URI.
 
-    /data/model, ./model, file:///data/model   a local or mounted directory (or file)
+    /data/model, ./model, file:///data/model   a local or mounted directory (or file); C:\\data works too
     s3://bucket/prefix, s3://bucket/key        an S3 (or S3-compatible) prefix, or one object
     org/name, hf://org/name                    a Hugging Face Hub repository
     hf://datasets/org/name                     a Hub dataset repository (a dataset source may omit `datasets/`)
@@ -20,12 +20,12 @@ from job.storage.base import Storage, StorageError, StorageOptions
 from job.storage.hub import HubDestination, HubStorage
 from job.storage.local import LocalStorage
 from job.storage.s3 import S3Storage
+from job.storage.uri import scheme, uri_problem
 
 __all__ = ["Storage", "StorageError", "StorageOptions", "LocalStorage", "HubStorage", "HubDestination", "S3Storage",
-           "configure", "open_source", "open_destination", "is_local"]
+           "configure", "open_source", "open_destination", "is_local", "uri_problem"]
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-REMOTE_SCHEMES = ("s3://", "gs://", "az://", "http://", "https://")
 _options = StorageOptions()
 
 # The stores' HTTP clients log every request, credential and endpoint lookup at INFO: keep their warnings only.
@@ -40,17 +40,19 @@ def configure(options: StorageOptions) -> None:
 
 
 def is_local(uri: str) -> bool:
-    if uri.startswith("file://"):
-        return True
-    if uri.startswith(("hf://", *REMOTE_SCHEMES)):
-        return False
+    """Whether `uri` names a local path (or a `file:` URI) rather than a remote store or a Hub id."""
+    if (found := scheme(uri)) is not None:
+        return found == "file"
     # A Hub id (`org/name`) that also exists as a relative path is read from disk: the mounted volume wins.
     return not HUB_ID.match(uri) or Path(uri).expanduser().exists()
 
 
 def open_source(uri: str, setting: str, repo_type: str, revision: str | None = None,
                 options: StorageOptions | None = None) -> Storage:
-    """The storage a model (`repo_type="model"`) or dataset (`"dataset"`) is read from."""
+    """The storage a model (`repo_type="model"`) or dataset (`"dataset"`) is read from; ConfigError naming `setting`
+    for a URI it cannot be."""
+    if problem := uri_problem(uri, "source"):
+        raise ConfigError([f"{setting}={uri}: {problem}"])
     if is_local(uri):
         return LocalStorage(uri)
     if uri.startswith("s3://"):
@@ -63,24 +65,20 @@ def open_source(uri: str, setting: str, repo_type: str, revision: str | None = N
         return HubStorage(uri, repo_id, repo_type, revision)
     if HUB_ID.match(uri):
         return HubStorage(uri, uri, repo_type, revision)
-    raise ConfigError([f"{setting}={uri}: {uri.split('://')[0]}:// is not supported; use a local path, "
-                       "s3://bucket/prefix or a Hugging Face Hub id (org/name or hf://org/name)"])
+    raise AssertionError(f"uri_problem accepted {uri!r} but no store reads it")
 
 
 def open_destination(uri: str, setting: str = "FT_OUTPUT_URI", options: StorageOptions | None = None) -> Storage:
+    """The storage results (or, with `setting="FT_CHECKPOINT_URI"`, checkpoints) are written to; ConfigError naming
+    `setting` for a URI it cannot be."""
     options = options or _options
+    if problem := uri_problem(uri, "checkpoints" if setting == "FT_CHECKPOINT_URI" else "destination"):
+        raise ConfigError([f"{setting}={uri}: {problem}"])
     if uri.startswith("s3://"):
         return _s3(uri, setting, options)
     if uri.startswith("hf://"):
-        repo_id = uri.removeprefix("hf://").strip("/").removeprefix("models/")
-        if not HUB_ID.match(repo_id):
-            raise ConfigError([f"{setting}={uri}: a Hub destination is a model repository, hf://org/name (the Hub "
-                               "keeps results, one commit per run; checkpoints need a local path or s3://)"])
-        return HubDestination(uri, repo_id, options)
-    if is_local(uri) or not uri.startswith(REMOTE_SCHEMES):
-        return LocalStorage(uri)
-    raise ConfigError([f"{setting}={uri}: {uri.split('://')[0]}:// is not supported as a destination; use a local "
-                       "path, s3://bucket/prefix or hf://org/name"])
+        return HubDestination(uri, uri.removeprefix("hf://").strip("/").removeprefix("models/"), options)
+    return LocalStorage(uri)
 
 
 def _s3(uri: str, setting: str, options: StorageOptions | None) -> S3Storage:

@@ -8,12 +8,13 @@ import tempfile
 from pathlib import Path
 
 from job.storage.base import Storage, file_sha256
+from job.storage.uri import local_path
 
 
 class LocalStorage(Storage):
     def __init__(self, uri: str):
         super().__init__(uri)
-        self.root = Path(uri.removeprefix("file://")).expanduser()
+        self.root = local_path(uri)
 
     def _path(self, key: str) -> Path:
         return self.root / key if key else self.root
