@@ -21,7 +21,8 @@ from typing import Any
 from job.errors import InputError
 
 # Whether a special token ends a turn, read from its text: EOS always; else `<|im_end|>`, `<end_of_turn>`,
-# `<|end|>`, `<|eot_id|>`, `<|eom_id|>`, `<|END_OF_TURN_TOKEN|>`, `<|endoftext|>`, `<｜end▁of▁sentence｜>`, `<|return|>`.
+# `<|end|>`, `<|eot_id|>`, `<|eom_id|>`, `<|END_OF_TURN_TOKEN|>`, `<|endoftext|>`, `<｜end▁of▁sentence｜>`,
+# `<|return|>`.
 END_OF_TURN = re.compile(r"end|eot|eom|eos|return", re.IGNORECASE)
 GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 WHITESPACE_LOOKAHEAD = 3  # tokens of template whitespace allowed between an answer and its end token

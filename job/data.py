@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from job import log
-from job.chat import ChatMasker, MaskingError
+from job.chat import ChatMasker
 from job.config import Settings
 from job.errors import ConfigError, InputError, JobError, first_line
 from job.fetch import DATA_BUILDERS
@@ -98,7 +98,8 @@ def detect_format(columns: list[str], cfg: Settings) -> str:
         if fmt is None:
             raise ConfigError([
                 f"FT_DATASET_FORMAT=auto: cannot tell the format from the columns {columns}; expected `messages` "
-                f"or `conversations` (chat), `instruction`+`output` (alpaca), `prompt`+`completion`, or FT_TEXT_FIELD={cfg.text_field}"
+                f"or `conversations` (chat), `instruction`+`output` (alpaca), `prompt`+`completion`, or "
+                f"FT_TEXT_FIELD={cfg.text_field}"
             ])
         return fmt
     required = REQUIRED_COLUMNS.get(fmt, [cfg.text_field])
@@ -138,9 +139,7 @@ class Tokenize:
         where = f"FT_DATASET={self.cfg.dataset} row {row}"
         try:
             reason, pieces = self.pieces(record, where)
-        except MaskingError:
-            raise
-        except JobError:
+        except JobError:  # MaskingError and ConfigError stop the run: they hold for every record
             raise
         except Exception as e:  # a template or tokenizer that rejects this record (jinja's raise_exception too)
             reason, pieces = f"the chat template or tokenizer failed: {first_line(e)}", []
@@ -267,12 +266,12 @@ def _check_bad_records(bad: dict[str, list[int]], total: int, cfg: Settings) -> 
     n = sum(len(rows) for rows in bad.values())
     if not n:
         return 0
-    examples = "; ".join(f"row {rows[0]}: {reason}" for reason, rows in list(bad.items())[:3])
+    examples = "; ".join(f"row {min(rows)}: {reason}" for reason, rows in list(bad.items())[:3])
     if n > cfg.bad_records_max_fraction * total:
         raise InputError(f"FT_DATASET={cfg.dataset}: {n} of {total} records cannot be used, more than "
                          f"FT_BAD_RECORDS_MAX_FRACTION={cfg.bad_records_max_fraction} of them ({examples})")
     log.get().warning("records dropped", bad_records=n, records=total,
-                      reasons={reason: rows[:10] for reason, rows in list(bad.items())[:10]})
+                      reasons={reason: sorted(rows)[:10] for reason, rows in list(bad.items())[:10]})
     return n
 
 

@@ -30,7 +30,8 @@ def conversation(turns: Any, roles: list[str]) -> tuple[list[dict[str, Any]] | N
     """`turns` as messages for a chat template, the indices of the answering turns, and why the record cannot be
     used (None when it can)."""
     if not isinstance(turns, list) or not turns:
-        return None, [], "has no turns" if turns is None or turns == [] else f"is a {type(turns).__name__}, not a list of turns"
+        what = "has no turns" if turns is None or turns == [] else f"is a {type(turns).__name__}, not a list of turns"
+        return None, [], what
     messages = []
     for n, turn in enumerate(turns):
         if not isinstance(turn, dict):

@@ -99,7 +99,8 @@ def test_ambiguous_or_missing_answering_role_is_a_bad_record_not_a_fully_trained
     ambiguous = [{"role": "user", "content": "Hi"}, {"role": "gpt", "content": "A."}, {"role": "bot", "content": "B."}]
     row = Tokenize(tok, "chat", settings())({"messages": ambiguous})
     assert "ambiguous: bot, gpt" in row["bad"] and row["labels"] == []
-    row = Tokenize(tok, "chat", settings())({"messages": [{"role": "user", "content": "Hi"}, {"role": "x", "content": "B"}]})
+    nobody = [{"role": "user", "content": "Hi"}, {"role": "x", "content": "B"}]
+    row = Tokenize(tok, "chat", settings())({"messages": nobody})
     assert "no answering turn" in row["bad"] and "FT_ANSWER_ROLES=assistant" in row["bad"]
 
 
