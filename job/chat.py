@@ -16,6 +16,7 @@ no such token gets EOS inserted after each answer, so that the model learns wher
 from __future__ import annotations
 
 import re
+from bisect import bisect_left, bisect_right
 from typing import Any
 
 from job.errors import InputError
@@ -56,8 +57,7 @@ class ChatMasker:
         cannot be found in the rendering; template and tokenizer exceptions pass through to the caller."""
         ids, spans = self._marked_spans(messages, answers) if self.uses_markers else (None, None)
         if spans is None:
-            ids = self.render(messages)
-            spans = [self._diff_span(ids, messages, i) for i in answers]
+            ids, spans = self._diff_spans(messages, answers)
         if not spans or any(a >= b for a, b in spans) or any(b > c for (_, b), (c, _) in zip(spans, spans[1:])):
             raise MaskingError(
                 f"{where}: cannot tell which tokens of the chat template's rendering are the answers (answers "
@@ -77,17 +77,23 @@ class ChatMasker:
         pieces.append((ids[done:], False))
         return [(piece, train) for piece, train in pieces if piece]
 
-    def _diff_span(self, ids: list[int], messages: list[dict[str, Any]], i: int) -> tuple[int, int]:
-        """The tokens of `ids` that change when message i's content is emptied: that answer's tokens."""
-        without = self.render([*messages[:i], {**messages[i], "content": ""}, *messages[i + 1:]])
-        limit = min(len(ids), len(without))
-        prefix = 0
-        while prefix < limit and ids[prefix] == without[prefix]:
-            prefix += 1
-        suffix = 0
-        while suffix < limit - prefix and ids[-1 - suffix] == without[-1 - suffix]:
-            suffix += 1
-        return prefix, len(ids) - suffix
+    def _diff_spans(self, messages: list[dict[str, Any]], answers: list[int]):
+        """Token ids and the token span of each answer: the characters of the rendering that change when that
+        answer's content alone is emptied, as the tokens that overlap them. The emptied renderings are text only,
+        so the conversation is tokenized once; a tokenizer without character offsets compares token lists."""
+        if not getattr(self.tok, "is_fast", False):
+            ids = self.render(messages)
+            return ids, [_changed(ids, self.render(_emptied(messages, i))) for i in answers]
+        text = self.tok.apply_chat_template(messages, tokenize=False)
+        encoding = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(encoding["input_ids"]), encoding["offset_mapping"]
+        starts, ends = [s for s, _ in offsets], [e for _, e in offsets]
+        spans = []
+        for i in answers:
+            first, last = _changed(text, self.tok.apply_chat_template(_emptied(messages, i), tokenize=False))
+            # The tokens overlapping the changed characters; none when nothing changed.
+            spans.append((bisect_right(ends, first), bisect_left(starts, last)) if first < last else (0, 0))
+        return ids, spans
 
     def _marked_spans(self, messages: list[dict[str, Any]], answers: list[int]):
         """Token ids and the spans of `answers` as the template's generation markers give them; no spans (None)
@@ -124,3 +130,20 @@ class ChatMasker:
 
     def _blank(self, token: int) -> bool:
         return token not in self.end_ids and not self.tok.decode([token]).strip()
+
+
+def _emptied(messages: list[dict[str, Any]], i: int) -> list[dict[str, Any]]:
+    return [*messages[:i], {**messages[i], "content": ""}, *messages[i + 1:]]
+
+
+def _changed(a, b) -> tuple[int, int]:
+    """The span [start, end) of sequence `a` (text or token ids) that differs from `b`: what is left of `a` once
+    their common beginning and common end are taken away."""
+    limit = min(len(a), len(b))
+    prefix = 0
+    while prefix < limit and a[prefix] == b[prefix]:
+        prefix += 1
+    suffix = 0
+    while suffix < limit - prefix and a[-1 - suffix] == b[-1 - suffix]:
+        suffix += 1
+    return prefix, len(a) - suffix

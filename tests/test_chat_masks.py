@@ -122,3 +122,11 @@ def test_a_template_without_end_tokens_gets_eos_trained_after_every_answer(tiny_
     assert [squeeze(r) for r in trained_runs(tok, row)] == ["Two.<|endoftext|>", "Three,ofcourse.<|endoftext|>",
                                                            "Four.<|endoftext|>"]
     assert fn.masker.eos_inserted
+
+
+def test_a_tokenizer_without_character_offsets_gets_the_same_spans_from_token_lists(tiny_model, monkeypatch):
+    tok = family_tokenizer(tiny_model, "qwen3")
+    by_chars = Tokenize(tok, "chat", settings())({"messages": CONVERSATION})
+    monkeypatch.setattr(type(tok), "is_fast", property(lambda self: False))  # as a sentencepiece-only tokenizer
+    by_tokens = Tokenize(tok, "chat", settings())({"messages": CONVERSATION})
+    assert by_tokens == by_chars
