@@ -6,8 +6,8 @@ template renders a prefix of the conversation the way it renders the whole (Qwen
 - a template with `{% generation %}` markers says itself which tokens are answers (transformers'
   `return_assistant_tokens_mask`);
 - otherwise each answer's tokens are those that change when that answer's content alone is emptied: the
-  conversation is rendered once whole and once per answer without it, and the two token lists are compared from
-  both ends.
+  conversation is rendered once whole and once per answer without it, the texts are compared from both ends, and
+  the changed characters mapped to the tokens of the whole rendering (tokenized once).
 Each answer is then closed by the token that ends it: EOS, or the template's end-of-turn token that follows it
 (`<|im_end|>`, `<end_of_turn>`, `<|end|>`, `<|eot_id|>`...), trained with it. A template that closes answers with
 no such token gets EOS inserted after each answer, so that the model learns where an answer stops.
@@ -30,7 +30,8 @@ WHITESPACE_LOOKAHEAD = 3  # tokens of template whitespace allowed between an ans
 
 
 class MaskingError(InputError):
-    """The trained span of an answer cannot be established: the run stops rather than train on prompts."""
+    """The trained span of an answer cannot be established: the record is not trained rather than trained on its
+    prompts too."""
 
 
 class ChatMasker:
@@ -51,17 +52,17 @@ class ChatMasker:
         """The whole conversation as token ids, as the chat template renders it (no generation prompt)."""
         return list(self.tok.apply_chat_template(messages, tokenize=True, return_dict=False))
 
-    def pieces(self, messages: list[dict[str, Any]], answers: list[int], where: str) -> list[tuple[list[int], bool]]:
+    def pieces(self, messages: list[dict[str, Any]], answers: list[int]) -> list[tuple[list[int], bool]]:
         """The conversation as (token ids, trained) pieces: each answer in `answers` (message indices) with its end
-        token trained, everything else not. `where` names the record in errors. Raises MaskingError when an answer
-        cannot be found in the rendering; template and tokenizer exceptions pass through to the caller."""
+        token trained, everything else not. Raises MaskingError when an answer cannot be found in the rendering;
+        template and tokenizer exceptions pass through to the caller."""
         ids, spans = self._marked_spans(messages, answers) if self.uses_markers else (None, None)
         if spans is None:
             ids, spans = self._diff_spans(messages, answers)
         if not spans or any(a >= b for a, b in spans) or any(b > c for (_, b), (c, _) in zip(spans, spans[1:])):
             raise MaskingError(
-                f"{where}: cannot tell which tokens of the chat template's rendering are the answers (answers "
-                f"{answers} gave token spans {spans}); set FT_COMPLETION_ONLY_LOSS=false to train on every token"
+                f"cannot tell which tokens of the chat template's rendering are the answers (turns {answers} gave "
+                f"token spans {spans}); FT_COMPLETION_ONLY_LOSS=false trains on every token instead"
             )
         pieces, done = [], 0
         for start, end in spans:

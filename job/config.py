@@ -95,7 +95,7 @@ class Settings(BaseSettings):
         "drop",
         description="What a record that cannot be used does (a null or empty field, a field of the wrong type, no "
         "answering turn, a chat template or tokenizer that rejects it, e.g. a template that refuses a system "
-        "message): `drop` skips it and logs it by row (counted from 0 in its split), up to "
+        "message, or a template whose rendering hides which tokens are the answers): `drop` skips it and logs it by row (counted from 0 in its split), up to "
         "FT_BAD_RECORDS_MAX_FRACTION of the records; `fail` stops the run at the first one, naming its row.",
     )
     bad_records_max_fraction: float = Field(

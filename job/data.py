@@ -1,8 +1,9 @@
 """Dataset records to token ids and labels: format detection, chat templates, completion-only masks, truncation.
 
 Tokenization happens here, once, so that what is trained on is exactly what this module's tests check: EOS at
-the end of every sample and in its labels, prompt tokens masked (-100) where the format marks a prompt, samples
-cut to FT_MAX_SEQ_LENGTH and counted. trl's SFTTrainer receives `input_ids` and `labels` and skips its own
+the end of every sample and in its labels, prompt tokens masked (-100) where the format marks a prompt (chat
+answers and their end-of-turn tokens found by job/chat.py), samples cut to FT_MAX_SEQ_LENGTH and counted, records
+that cannot be used (job/records.py) dropped and logged by row or stopping the run. trl's SFTTrainer receives `input_ids` and `labels` and skips its own
 tokenization.
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from job import log
-from job.chat import ChatMasker
+from job.chat import ChatMasker, MaskingError
 from job.config import Settings
 from job.errors import ConfigError, InputError, JobError, first_line
 from job.fetch import DATA_BUILDERS
@@ -138,8 +139,10 @@ class Tokenize:
         row = record.get(ROW, index)
         where = f"FT_DATASET={self.cfg.dataset} row {row}"
         try:
-            reason, pieces = self.pieces(record, where)
-        except JobError:  # MaskingError and ConfigError stop the run: they hold for every record
+            reason, pieces = self.pieces(record)
+        except MaskingError as e:  # a bad record; when the template hides every answer, too many of them stop the run
+            reason, pieces = str(e), []
+        except JobError:  # ConfigError: holds for every record
             raise
         except Exception as e:  # a template or tokenizer that rejects this record (jinja's raise_exception too)
             reason, pieces = f"the chat template or tokenizer failed: {first_line(e)}", []
@@ -152,13 +155,13 @@ class Tokenize:
         labels = [t if train else IGNORE for t, train in zip(ids, trainable)]
         return {"input_ids": ids, "labels": labels, "truncated": truncated, "bad": reason or "", "row": row}
 
-    def pieces(self, record: dict[str, Any], where: str) -> tuple[str | None, list[tuple[list[int], bool]]]:
+    def pieces(self, record: dict[str, Any]) -> tuple[str | None, list[tuple[list[int], bool]]]:
         """Why the record cannot be used (or None), and the sample as (token ids, trained on) pieces, EOS (or the
         template's end-of-turn token) closing each trained part; pre-tokenized samples are taken as they are."""
         if self.fmt == "chat":
             column = chat_column(record)
             messages, answers, reason = conversation(record.get(column), self.roles)
-            return (f"`{column}` {reason}", []) if reason else (None, self._chat(messages, answers, where))
+            return (f"`{column}` {reason}", []) if reason else (None, self._chat(messages, answers))
         reason = problem(record, self.fmt, self.cfg.text_field)
         if reason:
             return reason, []
@@ -180,7 +183,7 @@ class Tokenize:
             answers = [i for i in answers if i >= len(prompt)]
             if not answers:
                 return f"`completion` has no answering turn (FT_ANSWER_ROLES={self.cfg.answer_roles})", []
-            return None, self._chat(messages, answers, where)
+            return None, self._chat(messages, answers)
         return None, [
             (self.tok(prompt).input_ids, False),
             (self._with_eos(self.tok(completion, add_special_tokens=False).input_ids), True),
@@ -201,13 +204,13 @@ class Tokenize:
         )
         return {"prompt": prompt, "completion": record["output"]}
 
-    def _chat(self, messages: list[dict], answers: list[int], where: str) -> list[tuple[list[int], bool]]:
+    def _chat(self, messages: list[dict], answers: list[int]) -> list[tuple[list[int], bool]]:
         if not self.tok.chat_template:
             raise ConfigError([f"{format_setting(self.cfg, self.fmt)}: conversational records need a chat template; "
                                f"the tokenizer of FT_BASE_MODEL={self.cfg.base_model} has none"])
         if not self.cfg.completion_only_loss:
             return [(self._with_eos(self.masker.render(messages)), True)]
-        return self.masker.pieces(messages, answers, where)
+        return self.masker.pieces(messages, answers)
 
 
 def tokenize_splits(train, evaluation, tokenizer, cfg: Settings):

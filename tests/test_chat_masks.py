@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from job.chat import MaskingError
 from job.config import Settings
-from job.data import IGNORE, Tokenize
+from job.data import IGNORE, Tokenize, tokenize_splits
+from job.errors import InputError
 
 from chat_templates import FAMILIES, family_tokenizer
 
@@ -104,12 +104,16 @@ def test_ambiguous_or_missing_answering_role_is_a_bad_record_not_a_fully_trained
     assert "no answering turn" in row["bad"] and "FT_ANSWER_ROLES=assistant" in row["bad"]
 
 
-def test_a_template_that_hides_the_answer_stops_the_run_naming_the_setting_that_trains_on_everything(tiny_model):
+def test_a_template_that_hides_the_answers_stops_the_run_naming_the_setting_that_trains_on_everything(tiny_model):
+    from datasets import Dataset
+
     tok = family_tokenizer(tiny_model, "qwen2")
     tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}ANSWER{{ eos_token }}"
                          "{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
-    with pytest.raises(MaskingError, match=r"FT_DATASET=.* row 0: .*FT_COMPLETION_ONLY_LOSS=false"):
-        Tokenize(tok, "chat", settings())({"messages": CONVERSATION})
+    row = Tokenize(tok, "chat", settings())({"messages": CONVERSATION})
+    assert row["labels"] == [] and "cannot tell which tokens" in row["bad"]  # never trained on its prompts
+    with pytest.raises(InputError, match=r"2 of 2 records cannot be used.*FT_COMPLETION_ONLY_LOSS=false trains on"):
+        tokenize_splits(Dataset.from_list([{"messages": CONVERSATION}] * 2), None, tok, settings())
     everything = Tokenize(tok, "chat", settings(completion_only_loss=False))({"messages": CONVERSATION})
     assert everything["labels"] == everything["input_ids"]
 
