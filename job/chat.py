@@ -25,6 +25,7 @@ from job.errors import InputError
 # `<|end|>`, `<|eot_id|>`, `<|eom_id|>`, `<|END_OF_TURN_TOKEN|>`, `<|endoftext|>`, `<｜end▁of▁sentence｜>`,
 # `<|return|>`.
 END_OF_TURN = re.compile(r"end|eot|eom|eos|return", re.IGNORECASE)
+NOT_END_OF_TURN = re.compile(r"header|start|begin", re.IGNORECASE)  # Llama-3's <|end_header_id|> opens content
 GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 WHITESPACE_LOOKAHEAD = 3  # tokens of template whitespace allowed between an answer and its end token
 
@@ -44,7 +45,8 @@ class ChatMasker:
         self.uses_markers = bool(GENERATION_MARKER.search(template))
         specials = {i for i in tokenizer.all_special_ids if i is not None}
         specials |= {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-        self.end_ids = {i for i in specials if END_OF_TURN.search(tokenizer.convert_ids_to_tokens(i) or "")}
+        names = {i: tokenizer.convert_ids_to_tokens(i) or "" for i in specials}
+        self.end_ids = {i for i, name in names.items() if END_OF_TURN.search(name) and not NOT_END_OF_TURN.search(name)}
         self.end_ids.add(self.eos)
         self.eos_inserted = False  # set once a template closed an answer without an end token
 

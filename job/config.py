@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     answer_roles: str = Field(
         "assistant",
         description="Roles of the chat turns that are trained, comma-separated (e.g. `assistant`, `gpt`, "
-        "`assistant,tool`); every other turn is context. They are rendered as `assistant`, the role chat templates "
+        "`assistant,bot`); every other turn is context. They are rendered as `assistant`, the role chat templates "
         "know. With the default, a conversation that has no `assistant` turn and uses exactly one of `model`, `gpt`, "
         "`bot`, `chatbot` has that one trained (Gemma's and ShareGPT's names; ShareGPT's `human` is rendered as "
         "`user`); a conversation with no answering turn is a bad record (see FT_BAD_RECORDS).",
@@ -284,7 +284,7 @@ class Settings(BaseSettings):
     def _answer_roles(cls, v: str) -> str:
         roles = [r.strip() for r in v.split(",") if r.strip()]
         if not roles:
-            raise ValueError("must name at least one role, e.g. `assistant` or `assistant,tool`")
+            raise ValueError("must name at least one role, e.g. `assistant` or `assistant,bot`")
         return ",".join(roles)
 
     @field_validator("optim")

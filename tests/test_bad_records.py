@@ -126,3 +126,13 @@ def test_a_detected_format_is_named_as_detected(tiny_model):
 
 def test_input_errors_are_not_retried():
     assert next(e for e in EXIT_CODES if e.name == "input").retriable is False
+
+
+def test_answer_roles_must_name_a_role(monkeypatch):
+    from job.config import load_settings
+
+    monkeypatch.setenv("FT_ANSWER_ROLES", " , ")
+    with pytest.raises(ConfigError, match=r"FT_ANSWER_ROLES= , : must name at least one role"):
+        load_settings()
+    monkeypatch.setenv("FT_ANSWER_ROLES", " gpt , bot ")
+    assert load_settings().answer_roles == "gpt,bot"

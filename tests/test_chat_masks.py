@@ -134,3 +134,11 @@ def test_a_tokenizer_without_character_offsets_gets_the_same_spans_from_token_li
     monkeypatch.setattr(type(tok), "is_fast", property(lambda self: False))  # as a sentencepiece-only tokenizer
     by_tokens = Tokenize(tok, "chat", settings())({"messages": CONVERSATION})
     assert by_tokens == by_chars
+
+
+def test_end_of_turn_tokens_are_told_from_header_tokens(tiny_model):
+    from job.chat import ChatMasker
+
+    tok = family_tokenizer(tiny_model, "llama3")
+    ends = set(tok.convert_ids_to_tokens(sorted(ChatMasker(tok).end_ids)))
+    assert ends == {"<|eot_id|>", "<|end_of_text|>"}
