@@ -71,7 +71,8 @@ class Settings(BaseSettings):
     dataset_format: Literal["auto", "text", "chat", "alpaca", "prompt_completion", "tokens"] = Field(
         "auto",
         description="Record layout; `auto` detects it from the columns: `input_ids` (pre-tokenized, with optional "
-        "`labels`), `messages` (chat), `instruction`/`output` (alpaca), `prompt`/`completion`, else the text field.",
+        "`labels`), `messages` or ShareGPT's `conversations` (chat), `instruction`/`output` (alpaca), "
+        "`prompt`/`completion`, else the text field.",
     )
     text_field: str = Field("text", description="Column holding the raw text for the `text` format.")
     max_seq_length: int = Field(
@@ -82,6 +83,27 @@ class Settings(BaseSettings):
         True,
         description="Train on response tokens only where the format marks them (prompt/completion, alpaca, chat "
         "assistant turns); the text format always trains on every token.",
+    )
+    answer_roles: str = Field(
+        "assistant",
+        description="Roles of the chat turns that are trained, comma-separated (e.g. `assistant`, `gpt`, "
+        "`assistant,bot`); every other turn is context. They are rendered as `assistant`, the role chat templates "
+        "know. With the default, a conversation that has no `assistant` turn and uses exactly one of `model`, `gpt`, "
+        "`bot`, `chatbot` has that one trained (Gemma's and ShareGPT's names; ShareGPT's `human` is rendered as "
+        "`user`); a conversation with no answering turn is a bad record (see FT_BAD_RECORDS).",
+    )
+    bad_records: Literal["drop", "fail"] = Field(
+        "drop",
+        description="What a record that cannot be used does (a null or empty field, a field of the wrong type, no "
+        "answering turn, a chat template or tokenizer that rejects it, e.g. a template that refuses a system "
+        "message, or a template whose rendering hides which tokens are the answers): `drop` skips it and logs it by row (counted from 0 in its split), up to "
+        "FT_BAD_RECORDS_MAX_FRACTION of the records; `fail` stops the run at the first one, naming its row.",
+    )
+    bad_records_max_fraction: float = Field(
+        0.05, ge=0.0, le=1.0,
+        description="Largest share of the records (train and eval together) that may be dropped as bad records; "
+        "more stops the run with the first reasons, since so many point to a wrong format or template rather than "
+        "to a few broken rows. 0 tolerates none; 1 drops any number.",
     )
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model repository. Off unless you trust its author."
@@ -291,6 +313,14 @@ class Settings(BaseSettings):
         1800, gt=0, description="A rendezvous or collective (all-reduce, barrier) that waits longer than this, because "
         "a peer died or hangs, ends the run with exit code 8 (retriable) instead of hanging until the Job's deadline."
     )
+
+    @field_validator("answer_roles")
+    @classmethod
+    def _answer_roles(cls, v: str) -> str:
+        roles = [r.strip() for r in v.split(",") if r.strip()]
+        if not roles:
+            raise ValueError("must name at least one role, e.g. `assistant` or `assistant,bot`")
+        return ",".join(roles)
 
     @field_validator("optim")
     @classmethod

@@ -1,8 +1,9 @@
 """Dataset records to token ids and labels: format detection, chat templates, completion-only masks, truncation.
 
 Tokenization happens here, once, so that what is trained on is exactly what this module's tests check: EOS at
-the end of every sample and in its labels, prompt tokens masked (-100) where the format marks a prompt, samples
-cut to FT_MAX_SEQ_LENGTH and counted. trl's SFTTrainer receives `input_ids` and `labels` and skips its own
+the end of every sample and in its labels, prompt tokens masked (-100) where the format marks a prompt (chat
+answers and their end-of-turn tokens found by job/chat.py), samples cut to FT_MAX_SEQ_LENGTH and counted, records
+that cannot be used (job/records.py) dropped and logged by row or stopping the run. trl's SFTTrainer receives `input_ids` and `labels` and skips its own
 tokenization.
 """
 
@@ -13,14 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from job import log
+from job.chat import ChatMasker, MaskingError
 from job.config import Settings
-from job.errors import ConfigError, InputError
+from job.errors import ConfigError, InputError, JobError, first_line
 from job.fetch import DATA_BUILDERS
+from job.records import answer_roles, chat_column, conversation, problem
 
 IGNORE = -100
+ROW = "__row__"  # each record's index in its split as loaded, so that errors and logs name the record
 REQUIRED_COLUMNS = {
     "tokens": ["input_ids"],
-    "chat": ["messages"],
+    "chat": ["messages"],  # or ShareGPT's `conversations`
     "alpaca": ["instruction", "output"],
     "prompt_completion": ["prompt", "completion"],
 }
@@ -36,7 +40,8 @@ class DataStats:
     train_samples: int
     eval_samples: int
     truncated: int
-    dropped: int
+    dropped: int  # left with no token to learn from by truncation
+    bad_records: int  # records that could not be used (FT_BAD_RECORDS=drop), train and eval
     train_tokens: int
     trained_tokens: int  # labels != -100
 
@@ -57,12 +62,14 @@ def load_splits(cfg: Settings, path: Path):
         cause = e.__cause__ or e
         raise InputError(f"FT_DATASET={cfg.dataset}: could not be read ({' '.join(str(cause).split())[:300]})") from None
     splits = list(ds)
+    ds = {name: split.add_column(ROW, list(range(len(split)))) if ROW not in split.column_names else split
+          for name, split in ds.items() if name in (cfg.dataset_split, cfg.eval_split)}
     if cfg.dataset_split not in ds:
         raise ConfigError([f"FT_DATASET_SPLIT={cfg.dataset_split}: no such split; the dataset has {', '.join(splits)}"])
     # FT_MAX_SAMPLES first, so that a smoke run also evaluates on a few samples.
     train, evaluation = _first(ds[cfg.dataset_split], cfg.max_samples), None
     if cfg.eval_split:
-        if cfg.eval_split not in ds:
+        if cfg.eval_split not in splits:
             raise ConfigError([f"FT_EVAL_SPLIT={cfg.eval_split}: no such split; the dataset has {', '.join(splits)}"])
         evaluation = _first(ds[cfg.eval_split], cfg.max_samples)
     elif cfg.eval_fraction > 0 and len(train) > 1:
@@ -80,14 +87,20 @@ def _first(ds, n: int | None):
 # --- format detection ------------------------------------------------------------------------------------------
 
 def detect_format(columns: list[str], cfg: Settings) -> str:
+    """The format of records with these columns: FT_DATASET_FORMAT, or detected from the columns when `auto`.
+    Raises ConfigError naming the columns when it cannot tell, or when a set format's columns are missing."""
     fmt = cfg.dataset_format
+    columns = [c for c in columns if c != ROW]
+    if "conversations" in columns and "messages" not in columns:  # ShareGPT: chat
+        columns = [*columns, "messages"]
     if fmt == "auto":
         fmt = next((f for f, cols in REQUIRED_COLUMNS.items() if all(c in columns for c in cols)), None)
         fmt = fmt or ("text" if cfg.text_field in columns else None)
         if fmt is None:
             raise ConfigError([
                 f"FT_DATASET_FORMAT=auto: cannot tell the format from the columns {columns}; expected `messages` "
-                f"(chat), `instruction`+`output` (alpaca), `prompt`+`completion`, or FT_TEXT_FIELD={cfg.text_field}"
+                f"or `conversations` (chat), `instruction`+`output` (alpaca), `prompt`+`completion`, or "
+                f"FT_TEXT_FIELD={cfg.text_field}"
             ])
         return fmt
     required = REQUIRED_COLUMNS.get(fmt, [cfg.text_field])
@@ -100,43 +113,78 @@ def detect_format(columns: list[str], cfg: Settings) -> str:
 
 # --- tokenization ----------------------------------------------------------------------------------------------
 
+def format_setting(cfg: Settings, fmt: str) -> str:
+    """How errors name the format: as set, or as detected from the columns."""
+    return f"FT_DATASET_FORMAT={fmt}" if cfg.dataset_format == fmt else f"FT_DATASET_FORMAT=auto (detected {fmt})"
+
+
 class Tokenize:
-    """One record to `input_ids` and `labels`, for `Dataset.map`."""
+    """One record to `input_ids` and `labels`, for `Dataset.map(..., with_indices=True)`; a record that cannot be
+    used comes back with a reason in `bad` (FT_BAD_RECORDS=drop) or raises InputError (`fail`)."""
 
     def __init__(self, tokenizer, fmt: str, cfg: Settings):
+        require_eos(tokenizer, cfg)
         self.tok, self.fmt, self.cfg = tokenizer, fmt, cfg
         self.eos = tokenizer.eos_token_id
+        self.roles = answer_roles(cfg.answer_roles)
+        self.masker = ChatMasker(tokenizer)
+        if fmt == "chat" and not tokenizer.chat_template:
+            raise ConfigError([f"{format_setting(cfg, fmt)}: the tokenizer of FT_BASE_MODEL={cfg.base_model} has no "
+                               "chat template; use the text or prompt_completion format"])
         # Tokenizers that prepend BOS themselves (Llama's) would double a literal "<s>" at the start of a text.
         probe = tokenizer("a").input_ids
         self.strip_bos = tokenizer.bos_token if probe and probe[0] == tokenizer.bos_token_id else None
 
-    def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
-        pieces = self.pieces(record)
+    def __call__(self, record: dict[str, Any], index: int = 0) -> dict[str, Any]:
+        row = record.get(ROW, index)
+        where = f"FT_DATASET={self.cfg.dataset} row {row}"
+        try:
+            reason, pieces = self.pieces(record)
+        except MaskingError as e:  # a bad record; when the template hides every answer, too many of them stop the run
+            reason, pieces = str(e), []
+        except JobError:  # ConfigError: holds for every record
+            raise
+        except Exception as e:  # a template or tokenizer that rejects this record (jinja's raise_exception too)
+            reason, pieces = f"the chat template or tokenizer failed: {first_line(e)}", []
+        if reason and self.cfg.bad_records == "fail":
+            raise InputError(f"{where}: {reason} (FT_BAD_RECORDS=fail; `drop` skips such records and counts them)")
         ids = [t for piece, _ in pieces for t in piece]
         trainable = [train or not self.cfg.completion_only_loss for piece, train in pieces for _ in piece]
         truncated = len(ids) > self.cfg.max_seq_length
         ids, trainable = ids[: self.cfg.max_seq_length], trainable[: self.cfg.max_seq_length]
         labels = [t if train else IGNORE for t, train in zip(ids, trainable)]
-        return {"input_ids": ids, "labels": labels, "truncated": truncated}
+        return {"input_ids": ids, "labels": labels, "truncated": truncated, "bad": reason or "", "row": row}
 
-    def pieces(self, record: dict[str, Any]) -> list[tuple[list[int], bool]]:
-        """The sample as (token ids, trained on) pieces, EOS last (pre-tokenized samples are taken as they are)."""
+    def pieces(self, record: dict[str, Any]) -> tuple[str | None, list[tuple[list[int], bool]]]:
+        """Why the record cannot be used (or None), and the sample as (token ids, trained on) pieces, EOS (or the
+        template's end-of-turn token) closing each trained part; pre-tokenized samples are taken as they are."""
+        if self.fmt == "chat":
+            column = chat_column(record)
+            messages, answers, reason = conversation(record.get(column), self.roles)
+            return (f"`{column}` {reason}", []) if reason else (None, self._chat(messages, answers))
+        reason = problem(record, self.fmt, self.cfg.text_field)
+        if reason:
+            return reason, []
         if self.fmt == "tokens":
             labels = record.get("labels") or record["input_ids"]
-            return [([t], label != IGNORE) for t, label in zip(record["input_ids"], labels)]
+            return None, [([t], label != IGNORE) for t, label in zip(record["input_ids"], labels)]
         if self.fmt == "text":
             text = record[self.cfg.text_field]
             if self.strip_bos and text.startswith(self.strip_bos):
                 text = text[len(self.strip_bos):].lstrip()
-            return [(self._with_eos(self.tok(text).input_ids), True)]
-        if self.fmt == "chat":
-            return self._chat(record["messages"])
+            return None, [(self._with_eos(self.tok(text).input_ids), True)]
         if self.fmt == "alpaca":
             record = self._alpaca_to_prompt_completion(record)
         prompt, completion = record["prompt"], record["completion"]
-        if isinstance(prompt, list):  # conversational prompt/completion
-            return self._chat(prompt + completion, first_trained=len(prompt))
-        return [
+        if isinstance(prompt, list):  # conversational prompt/completion: the completion's answers are trained
+            messages, answers, reason = conversation(prompt + completion, self.roles)
+            if reason:
+                return f"`prompt` + `completion` {reason}", []
+            answers = [i for i in answers if i >= len(prompt)]
+            if not answers:
+                return f"`completion` has no answering turn (FT_ANSWER_ROLES={self.cfg.answer_roles})", []
+            return None, self._chat(messages, answers)
+        return None, [
             (self.tok(prompt).input_ids, False),
             (self._with_eos(self.tok(completion, add_special_tokens=False).input_ids), True),
         ]
@@ -156,79 +204,100 @@ class Tokenize:
         )
         return {"prompt": prompt, "completion": record["output"]}
 
-    def _render(self, messages: list[dict], generation_prompt: bool = False) -> list[int]:
-        return list(self.tok.apply_chat_template(
-            messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=False
-        ))
-
-    def _chat(self, messages: list[dict], first_trained: int = 0) -> list[tuple[list[int], bool]]:
-        """Assistant turns (from `first_trained` on) are trained; everything else is context. The spans come from
-        rendering growing prefixes of the conversation, so any chat template works without special markers."""
+    def _chat(self, messages: list[dict], answers: list[int]) -> list[tuple[list[int], bool]]:
         if not self.tok.chat_template:
-            raise ConfigError(["FT_DATASET_FORMAT=chat: the tokenizer has no chat template; use the text format"])
-        pieces, done = [], []
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant" or i < first_trained:
-                continue
-            before = self._render(messages[:i], generation_prompt=True)
-            upto = self._render(messages[: i + 1])
-            if before[: len(done)] != done or upto[: len(before)] != before:
-                # The template rewrites earlier turns (e.g. drops reasoning): fall back to training on all of it.
-                return [(self._with_eos(self._render(messages)), True)]
-            pieces += [(before[len(done):], False), (upto[len(before):], True)]
-            done = upto
-        full = self._render(messages)
-        if full[: len(done)] != done:
-            return [(self._with_eos(full), True)]
-        rest = full[len(done):]
-        if self.eos not in [t for piece, train in pieces if train for t in piece] and self.eos not in rest:
-            rest = [*rest, self.eos]  # a template that closes assistant turns without EOS
-        if rest:
-            pieces.append((rest, not pieces))
-        return pieces
+            raise ConfigError([f"{format_setting(self.cfg, self.fmt)}: conversational records need a chat template; "
+                               f"the tokenizer of FT_BASE_MODEL={self.cfg.base_model} has none"])
+        if not self.cfg.completion_only_loss:
+            return [(self._with_eos(self.masker.render(messages)), True)]
+        return self.masker.pieces(messages, answers)
 
 
 def tokenize_splits(train, evaluation, tokenizer, cfg: Settings):
-    """Tokenize both splits; return them with their statistics, logged once."""
+    """Tokenize both splits (datasets.Dataset; evaluation may be None); return them as `input_ids` and `labels`
+    per sample, with their DataStats, logged once. Records that cannot be used are dropped and logged by row
+    (FT_BAD_RECORDS=drop), or stop the run (`fail`); more than FT_BAD_RECORDS_MAX_FRACTION of them stops it too.
+    Raises InputError (FT_DATASET, the row) and ConfigError (a format the tokenizer cannot render)."""
     fmt = detect_format(list(train.column_names), cfg)
     fn = Tokenize(tokenizer, fmt, cfg)
-
-    def run(ds, name):
-        out = ds.map(fn, remove_columns=ds.column_names, desc=f"Tokenizing {name}")
-        truncated = sum(out["truncated"])
-        kept = out.filter(lambda r: any(label != IGNORE for label in r["labels"]), desc=f"Filtering {name}")
-        return kept.remove_columns("truncated"), truncated, len(out) - len(kept)
-
-    train_tok, truncated, dropped = run(train, "train")
+    bad: dict[str, list[int]] = {}
+    train_tok, truncated, dropped, total = _tokenize(train, "train", fn, bad)
     eval_tok = None
     if evaluation is not None and len(evaluation):
-        eval_tok, eval_truncated, eval_dropped = run(evaluation, "eval")
-        truncated, dropped = truncated + eval_truncated, dropped + eval_dropped
-        eval_tok = eval_tok if len(eval_tok) else None  # every eval sample dropped: no evaluation
+        eval_tok, eval_truncated, eval_dropped, eval_total = _tokenize(evaluation, "eval", fn, bad)
+        truncated, dropped, total = truncated + eval_truncated, dropped + eval_dropped, total + eval_total
+        if not len(eval_tok):
+            log.get().warning("no evaluation: every eval sample was dropped (records that cannot be used, or left "
+                              "with no token to learn from by FT_MAX_SEQ_LENGTH)", eval_records=eval_total)
+            eval_tok = None
+    n_bad = _check_bad_records(bad, total, cfg)
     if len(train_tok) == 0:
         raise InputError(f"FT_DATASET={cfg.dataset}: no training sample has a token to learn from after truncation")
     lengths = [len(ids) for ids in train_tok["input_ids"]]
     stats = DataStats(
         format=fmt, train_samples=len(train_tok), eval_samples=len(eval_tok) if eval_tok is not None else 0,
-        truncated=truncated, dropped=dropped, train_tokens=sum(lengths),
+        truncated=truncated, dropped=dropped, bad_records=n_bad, train_tokens=sum(lengths),
         trained_tokens=sum(sum(1 for x in labels if x != IGNORE) for labels in train_tok["labels"]),
     )
-    log.get().info(
-        "dataset ready", **vars(stats), max_seq_length=cfg.max_seq_length, longest=max(lengths),
-        **({"warning": f"{truncated} samples longer than FT_MAX_SEQ_LENGTH were truncated"} if truncated else {}),
-    )
+    notes = {"warning": f"{truncated} samples longer than FT_MAX_SEQ_LENGTH were truncated"} if truncated else {}
+    if fn.masker.eos_inserted:
+        log.get().warning("the chat template closes answers without an end-of-turn token; EOS was inserted after "
+                          "each answer and trained, so that the model learns where an answer stops")
+    log.get().info("dataset ready", **vars(stats), max_seq_length=cfg.max_seq_length, longest=max(lengths), **notes)
     return train_tok, eval_tok, stats
+
+
+def _tokenize(ds, name: str, fn: Tokenize, bad: dict[str, list[int]]):
+    """One split tokenized: the usable samples, how many were truncated, how many were left without a trained
+    token, and how many records there were; the reasons of unusable records are added to `bad` with their rows."""
+    from datasets import Features, Sequence, Value
+
+    features = Features({"input_ids": Sequence(Value("int64")), "labels": Sequence(Value("int64")),
+                         "truncated": Value("bool"), "bad": Value("string"), "row": Value("int64")})
+    out = ds.map(fn, with_indices=True, remove_columns=ds.column_names, features=features, desc=f"Tokenizing {name}")
+    for reason, row in zip(out["bad"], out["row"]):
+        if reason:
+            bad.setdefault(reason, []).append(row)
+    usable = out.filter(lambda r: not r["bad"], desc=f"Dropping unusable {name} records")
+    kept = usable.filter(lambda r: any(label != IGNORE for label in r["labels"]), desc=f"Filtering {name}")
+    return kept.remove_columns(["truncated", "bad", "row"]), sum(usable["truncated"]), len(usable) - len(kept), len(out)
+
+
+def _check_bad_records(bad: dict[str, list[int]], total: int, cfg: Settings) -> int:
+    """Log the records that could not be used, by reason and row; raise InputError when they are more than
+    FT_BAD_RECORDS_MAX_FRACTION of all records. Returns their number."""
+    n = sum(len(rows) for rows in bad.values())
+    if not n:
+        return 0
+    examples = "; ".join(f"row {min(rows)}: {reason}" for reason, rows in list(bad.items())[:3])
+    if n > cfg.bad_records_max_fraction * total:
+        raise InputError(f"FT_DATASET={cfg.dataset}: {n} of {total} records cannot be used, more than "
+                         f"FT_BAD_RECORDS_MAX_FRACTION={cfg.bad_records_max_fraction} of them ({examples})")
+    log.get().warning("records dropped", bad_records=n, records=total,
+                      reasons={reason: sorted(rows)[:10] for reason, rows in list(bad.items())[:10]})
+    return n
 
 
 # --- tokenizer -------------------------------------------------------------------------------------------------
 
 def load_tokenizer(path: Path, cfg: Settings):
+    """The model's tokenizer from `path`, padding on the right with a pad token distinct from EOS. Raises
+    InputError naming FT_BASE_MODEL when it has no EOS token."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    require_eos(tok, cfg)
     tok.padding_side = "right"
     choose_pad_token(tok)
     return tok
+
+
+def require_eos(tok, cfg: Settings) -> None:
+    """Raise InputError when the tokenizer has no EOS token: nothing could teach the model where a sample ends."""
+    if tok.eos_token_id is None:
+        raise InputError(f"FT_BASE_MODEL={cfg.base_model}: the tokenizer has no EOS token (`eos_token` in its "
+                         "tokenizer_config.json), so the model could not learn where an answer ends; use a model "
+                         "whose tokenizer names one")
 
 
 def choose_pad_token(tok) -> None:

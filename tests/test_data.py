@@ -75,13 +75,14 @@ def test_conversational_prompt_completion(tokenizer):
     record = {"prompt": [{"role": "user", "content": "Plural of mouse?"}],
               "completion": [{"role": "assistant", "content": "Mice."}]}
     row = Tokenize(tokenizer, "prompt_completion", settings())(record)
-    assert trained(tokenizer, row) == " Mice. </s>"
+    # The template's space before the answer is a token of its own here (" Mice" is no single BPE token): context.
+    assert trained(tokenizer, row) == "Mice. </s>"
 
 
 def test_alpaca_uses_the_chat_template_when_there_is_one(tokenizer):
     row = Tokenize(tokenizer, "alpaca", settings())({"instruction": "Mix red and blue.", "input": "", "output": "Purple."})
     assert tokenizer.decode(row["input_ids"]) == "<s>[INST] Mix red and blue. [/INST] Purple. </s>"
-    assert trained(tokenizer, row) == " Purple. </s>"
+    assert trained(tokenizer, row) == "Purple. </s>"  # the template's space is a token of its own: context
 
 
 def test_alpaca_without_chat_template_uses_the_alpaca_prompt(tiny_model):
@@ -169,6 +170,6 @@ def test_malformed_file_is_an_input_error(tmp_path):
 
 def test_pretokenized_samples_are_taken_as_they_are(tokenizer):
     row = Tokenize(tokenizer, "tokens", settings(max_seq_length=4))({"input_ids": [5, 6, 7, 8, 9], "labels": None})
-    assert row == {"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8], "truncated": True}
+    assert row == {"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8], "truncated": True, "bad": "", "row": 0}
     masked = Tokenize(tokenizer, "tokens", settings())({"input_ids": [5, 6, 7], "labels": [-100, 6, 7]})
     assert masked["labels"] == [IGNORE, 6, 7]

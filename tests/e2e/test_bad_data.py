@@ -1,0 +1,30 @@
+"""The CLI on data it cannot use: exit code `input` (not retried), one line naming FT_DATASET and the row."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from chat_templates import MISTRAL
+from job.errors import CODE_BY_NAME
+from test_run import demo_env, events, run_job
+
+
+def test_a_template_that_rejects_every_record_ends_with_an_input_error_naming_the_row(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "mistral-style"
+    shutil.copytree(tiny_model, model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = MISTRAL  # refuses a system message
+    tok.save_pretrained(model)
+    data = tmp_path / "chat.jsonl"
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Two in words?"},
+                    {"role": "assistant", "content": "Two."}]
+    data.write_text("\n".join(json.dumps({"messages": conversation}) for _ in range(6)))
+    proc = run_job(demo_env(model, FT_DATASET=str(data)), tmp_path)
+    assert proc.returncode == CODE_BY_NAME["input"], proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    errors = [e["event"] for e in events(proc) if e["level"] == "error"]
+    assert len(errors) == 1 and "records cannot be used, more than FT_BAD_RECORDS_MAX_FRACTION" in errors[0], errors
+    assert "row 0: the chat template or tokenizer failed: Conversation roles must alternate" in errors[0]
