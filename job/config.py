@@ -451,6 +451,7 @@ PLATFORM_JOB_IDS = ("AWS_BATCH_JOB_ID", "CLOUD_RUN_EXECUTION", "BATCH_JOB_UID")
 NOT_FINGERPRINTED = {"run_id", "overwrite", "log_format", "log_level", "work_dir", "termination_log",
                      "termination_grace_seconds", "require_gpu", "save_steps", "save_minutes", "keep_checkpoints",
                      "checkpoint_uri", "on_data_change", "hub_private", "hub_revision", "tb_sync_seconds",
+                     "bad_records", "bad_records_max_fraction",  # what happens to a bad row, not what is trained
                      "storage_attempts", "storage_timeout_seconds", "storage_deadline_seconds",
                      # how a step is computed, not what it trains: a run may resume under another plan (another GPU)
                      "profile", "padding_free", "micro_batch_tokens", "gradient_checkpointing", "use_liger", "attention",
