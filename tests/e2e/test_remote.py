@@ -87,8 +87,10 @@ def test_s3_source_downloaded_once_and_manifest_uploaded_last(s3_run):
     # TensorBoard logs went up during training (FT_TB_SYNC_SECONDS=1) before the results did.
     first_result = puts.index("/results/runs/demo/README.md")
     assert any("/tensorboard/" in p for p in puts[:first_result])
-    assert [e for e in events(proc) if e["event"] == "s3 fetch"][0]["downloaded"] == len(
-        [p for m, p, _ in requests if m == "GET" and p.startswith("/models/tiny/")])
+    # Every file once, plus config.json read by preflight before the download (the architecture checks).
+    gets = [p for m, p, _ in requests if m == "GET" and p.startswith("/models/tiny/")]
+    assert [e for e in events(proc) if e["event"] == "s3 fetch"][0]["downloaded"] == len(gets) - 1
+    assert gets.count("/models/tiny/config.json") == 2 and len(set(gets)) == len(gets) - 1
 
 
 def test_s3_completed_run_is_not_overwritten(s3, s3_run, monkeypatch):
