@@ -50,7 +50,7 @@ def write_json(store: Storage, key: str, data: dict) -> None:
 
 
 class CheckpointStore:
-    """The checkpoints of one run id at one URI. `fingerprint` is config.settings_fingerprint, `data` the dataset's
+    """The checkpoints of one run id at one URI. `fingerprint` is identity.settings_fingerprint, `data` the dataset's
     revision (fetch.Fetched.revision); either None leaves that check out. `on_data_change` is FT_ON_DATA_CHANGE."""
 
     def __init__(self, store: Storage, keep: int, fingerprint: str | None = None, data: str | None = None,

@@ -74,7 +74,7 @@ def cmd_config(args) -> int:
 
 def cmd_check(args) -> int:
     from job import preflight, publish
-    from job.config import resolve_run_id
+    from job.identity import resolve_run_id
     from job.storage import StorageOptions, configure, open_destination
 
     cfg = load_settings()
@@ -97,7 +97,7 @@ def cmd_run(args) -> int:
     console = log.use_console(cfg.log_format)
     log.route_library_logs(console)
     if distributed.wants_launcher(cfg):  # several GPUs or nodes: this process becomes torchrun
-        from job.config import resolve_run_id
+        from job.identity import resolve_run_id
 
         return distributed.launch(cfg, resolve_run_id(cfg))
     stopper = Stopper(cfg.termination_grace_seconds, write_termination_log)

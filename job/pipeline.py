@@ -8,7 +8,8 @@ import time
 
 from job import data, distributed, fetch, log, model, preflight, publish, speed, tbsync, train
 from job.checkpoints import CheckpointStore
-from job.config import Settings, resolve_run_id, settings_fingerprint
+from job.config import Settings
+from job.identity import resolve_run_id, settings_fingerprint
 from job.signals import Stopper
 from job.storage import StorageOptions, configure, open_destination
 

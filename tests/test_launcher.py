@@ -6,7 +6,8 @@ import pytest
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 from job import distributed, speed
-from job.config import Settings, settings_fingerprint
+from job.config import Settings
+from job.identity import settings_fingerprint
 from job.errors import CODE_BY_NAME, ConfigError
 
 
@@ -70,7 +71,7 @@ def test_every_node_names_the_run_alike():
 
 
 def test_aws_batch_nodes_of_one_job_name_the_run_alike(monkeypatch):
-    from job.config import resolve_run_id
+    from job.identity import resolve_run_id
 
     monkeypatch.setenv("AWS_BATCH_JOB_ID", "1f2e3d4c-aaaa-bbbb-cccc-0123456789ab#1")
     assert resolve_run_id(settings()) == "1f2e3d4c-aaaa-bbbb-cccc-0123456789ab"
@@ -152,3 +153,14 @@ def test_the_default_and_workers_leave_the_gpus_alone(monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
     distributed.one_gpu_only(Settings(nproc_per_node=1))
     assert distributed.os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
+def test_the_fingerprint_is_the_recipe_not_the_plan():
+    """A run may resume under another plan (another GPU, another profile), never under another recipe."""
+    one = settings_fingerprint(settings())
+    for plan in ({"profile": "guide"}, {"padding_free": False}, {"micro_batch_tokens": 2048},
+                 {"gradient_checkpointing": True}, {"use_liger": False}, {"attention": "sdpa"}):
+        assert settings_fingerprint(settings(**plan)) == one, plan
+    for recipe in ({"batch_size": 8}, {"gradient_accumulation_steps": 2}, {"packing": True},
+                   {"group_by_length": False}, {"seed": 1}):
+        assert settings_fingerprint(settings(**recipe)) != one, recipe
