@@ -66,7 +66,7 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
         "data": vars(stats),
         "placement": {"device": placement.device, "dtype": placement.dtype_name, "gpu": placement.gpu_name,
                       "processes": distributed.world_size(), "strategy": cfg.strategy if plan.processes > 1 else None},
-        "training": {"steps": result.global_step, **result.steps, "seconds": round(result.train_seconds, 2),
+        "training": {"steps": result.global_step, **result.steps, "lora_target_modules": result.lora_targets, "seconds": round(result.train_seconds, 2),
                      "load_seconds": round(load_seconds, 2), "optim": train.effective_optim(cfg, placement, train.uses_fsdp(cfg, plan)),
                      **vars(plan)},
         "metrics": result.metrics,

@@ -86,7 +86,8 @@ def model_card(cfg: Settings, run_id: str, facts: dict[str, Any]) -> str:
         ("Samples", f"{facts['data']['train_samples']} train / {facts['data']['eval_samples']} eval"),
         ("Quantization", cfg.quantization + (" + double quant" if cfg.double_quant else "")),
         ("LoRA", f"r={cfg.lora_r}, alpha={cfg.lora_alpha:g}, dropout={cfg.lora_dropout:g}, "
-                 f"targets={cfg.lora_target_modules}" + (", DoRA" if cfg.use_dora else "")
+                 f"targets={','.join(facts['training'].get('lora_target_modules') or [cfg.lora_target_modules])}"
+                 + (", DoRA" if cfg.use_dora else "")
                  + (", rsLoRA" if cfg.use_rslora else "")),
         ("Optimisation", f"{facts['training']['optim']}, lr {cfg.learning_rate:g} ({cfg.lr_scheduler_type}), "
                          f"{_batches(cfg, facts['training'])}, {facts['training']['steps']} steps"),

@@ -24,6 +24,7 @@ class TrainResult:
     global_step: int = 0
     train_seconds: float = 0.0
     steps: dict[str, int] = field(default_factory=dict)  # the recipe's steps per epoch (and without packing)
+    lora_targets: list[str] = field(default_factory=list)  # the modules that got adapters, as resolved for the model
 
 
 def recipe_rows(cfg: Settings, samples, speed: SpeedPlan, result: TrainResult):
@@ -193,6 +194,9 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
     train_ds = recipe_rows(cfg, train_ds, speed, result)
     trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, scratch / "checkpoints", writer,
                             callbacks, console, speed)
+    targets = trainer.model.peft_config["default"].target_modules
+    names = targets if isinstance(targets, (set, list, tuple)) else [str(targets)]
+    result.lora_targets = sorted({name.rsplit(".", 1)[-1] for name in names})  # q_proj, not model.layers.0...q_proj
     try:
         resume = checkpoints.restore_everywhere(scratch / "resume")
         fsdp = uses_fsdp(cfg, speed)

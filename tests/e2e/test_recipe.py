@@ -49,6 +49,9 @@ def test_every_plan_takes_the_recipes_steps(runs):
         assert (training["steps"], training["steps_per_epoch"], training["global_batch"]) == (5, 5, 8), name
         assert len(run["losses"]) == 5, name
     assert runs["split"]["manifest"]["training"]["micro_batch_tokens"] == 64
+    # FT_LORA_TARGET_MODULES=all-linear (examples/tiny.env) as resolved for the model, in the manifest
+    assert runs["fast"]["manifest"]["training"]["lora_target_modules"] == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     assert runs["guide"]["manifest"]["training"]["padding_free"] is False
 
 
