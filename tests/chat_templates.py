@@ -54,13 +54,21 @@ FAMILIES = {
 
 
 def family_tokenizer(tiny_model: Path, name: str):
-    """The repo's tiny byte-level BPE (scripts/build_tiny_model.py) with family `name`'s special tokens, BOS, EOS
-    and chat template; nothing is prepended on encoding (the templates write BOS themselves)."""
+    """The repo's tiny byte-level BPE (scripts/build_tiny_model.py, as saved in `tiny_model`) dressed as family
+    `name` by `with_template`."""
+    from transformers import AutoTokenizer
+
+    return with_template(AutoTokenizer.from_pretrained(tiny_model), name)
+
+
+def with_template(base, name: str):
+    """A copy of tokenizer `base` (the tiny byte-level BPE) with family `name`'s special tokens, BOS, EOS and chat
+    template; nothing is prepended on encoding (the templates write BOS themselves)."""
     from tokenizers import Tokenizer
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     family = FAMILIES[name]
-    backend = Tokenizer.from_str(AutoTokenizer.from_pretrained(tiny_model).backend_tokenizer.to_str())
+    backend = Tokenizer.from_str(base.backend_tokenizer.to_str())
     backend.post_processor = None
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>")
     named = [t for t in (family.bos, family.eos) if t]
@@ -68,3 +76,15 @@ def family_tokenizer(tiny_model: Path, name: str):
     tok.bos_token, tok.eos_token = family.bos, family.eos
     tok.chat_template = family.template
     return tok
+
+
+def trained_runs(tok, labels: list[int]) -> list[str]:
+    """The decoded texts of the runs of consecutive trained labels (not -100) of one sample, in order."""
+    runs, run = [], []
+    for label in [*labels, -100]:
+        if label != -100:
+            run.append(label)
+        elif run:
+            runs.append(tok.decode(run))
+            run = []
+    return runs

@@ -1,7 +1,9 @@
-"""Tiny models of each common family, built locally (no network), with the repo's tiny BPE tokenizer.
+"""Tiny models of each common family, built locally (no network), each with the repo's tiny BPE tokenizer dressed
+in its own family's real chat template, special tokens, BOS and EOS (tests/chat_templates.py).
 
 Every linear layer's in and out features are multiples of 64, so bitsandbytes quantizes them to 4-bit as it would
-a 7B model. Windows are small (8 tokens) so that a test sample exceeds them; Gemma-2 has its logit soft-capping.
+a 7B model (the vocabulary is padded up to a multiple of 64, as real models pad theirs). Windows are small (8
+tokens) so that a test sample exceeds them; Gemma-2 has its logit soft-capping.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ def _configs() -> dict:
 
 
 FAMILIES = tuple(_configs())
+# The chat template (tests/chat_templates.py) each family's tokenizer carries. Gemma-2 and Gemma-3 ship Gemma's.
+# GPT-NeoX has no official chat template: ChatML, whose EOS `<|endoftext|>` is GPT-NeoX's own EOS, as Qwen2 base's.
+CHAT_TEMPLATE = {"llama": "llama2", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma",
+                 "gemma3": "gemma", "phi3": "phi3", "gpt_neox": "qwen2"}
 
 
 def tokenizer():
@@ -48,22 +54,31 @@ def tokenizer():
     return module.build_tokenizer(ROOT / "examples" / "data", 512)
 
 
+def chat_tokenizer(family: str, base=None):
+    """`base` (default: `tokenizer()`) with family `family`'s chat template, special tokens, BOS and EOS."""
+    from chat_templates import with_template
+
+    return with_template(base or tokenizer(), CHAT_TEMPLATE[family])
+
+
 def config(family: str, tok):
-    """The family's transformers config, sized as above, with the tokenizer's vocabulary and special tokens."""
+    """The family's transformers config, sized as above, with the tokenizer's vocabulary (padded to a multiple of
+    64) and special tokens."""
     import transformers
 
     config_class, _, kwargs = _configs()[family]
     return getattr(transformers, config_class)(
-        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=-(-len(tok) // 64) * 64, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id, **kwargs)
 
 
 def build(family: str, out: Path, tok=None, seed: int = 0) -> Path:
-    """Write a randomly initialised tiny `family` model and its tokenizer to `out` (safetensors); returns `out`."""
+    """Write a randomly initialised tiny `family` model and its tokenizer (default: `chat_tokenizer(family)`) to
+    `out` (safetensors); returns `out`."""
     import torch
     import transformers
 
-    tok = tok or tokenizer()
+    tok = tok or chat_tokenizer(family)
     torch.manual_seed(seed)
     model = getattr(transformers, _configs()[family][1])(config(family, tok))
     model.save_pretrained(out, safe_serialization=True)

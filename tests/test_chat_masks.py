@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from job.config import Settings
-from job.data import IGNORE, Tokenize, tokenize_splits
+from job.data import Tokenize, tokenize_splits
 from job.errors import InputError
 
-from chat_templates import FAMILIES, family_tokenizer
+from chat_templates import FAMILIES, family_tokenizer, trained_runs
 
 CONVERSATION = [
     {"role": "user", "content": "Write 2 in words."}, {"role": "assistant", "content": "Two."},
@@ -19,18 +19,6 @@ CONVERSATION = [
 
 def settings(**kw) -> Settings:
     return Settings.model_construct(**{**Settings().model_dump(), **kw})
-
-
-def trained_runs(tok, row) -> list[str]:
-    """The trained tokens of a sample as the decoded texts of its runs of consecutive trained labels."""
-    runs, run = [], []
-    for label in [*row["labels"], IGNORE]:
-        if label != IGNORE:
-            run.append(label)
-        elif run:
-            runs.append(tok.decode(run))
-            run = []
-    return runs
 
 
 def squeeze(text: str) -> str:
@@ -47,7 +35,7 @@ def test_each_answer_and_its_end_token_are_trained_and_nothing_else(family):
     row = Tokenize(tok, "chat", settings())({"messages": CONVERSATION})
     end = FAMILIES[name].end
     answers = [m["content"] for m in CONVERSATION if m["role"] == "assistant"]
-    runs = trained_runs(tok, row)
+    runs = trained_runs(tok, row["labels"])
     # Template whitespace between an answer and its end token (Llama-2's " </s>") is trained with it.
     assert [squeeze(r) for r in runs] == [squeeze(a + end) for a in answers], runs
     assert all(r.rstrip().endswith(end) for r in runs)
@@ -58,7 +46,7 @@ def test_qwen3_renders_its_last_answer_with_a_think_block_and_the_masks_still_ho
     tok = family_tokenizer(tiny_model, "qwen3")
     text = tok.apply_chat_template(CONVERSATION, tokenize=False)
     assert text.count("<think>") == 1  # earlier answers are rendered differently from the last
-    runs = trained_runs(tok, Tokenize(tok, "chat", settings())({"messages": CONVERSATION}))
+    runs = trained_runs(tok, Tokenize(tok, "chat", settings())({"messages": CONVERSATION})["labels"])
     assert runs == ["Two.<|im_end|>", "Three, of course.<|im_end|>", "Four.<|im_end|>"]
 
 
@@ -75,14 +63,15 @@ def test_other_names_of_the_answering_role_are_trained_like_assistant(tiny_model
     tok = family_tokenizer(tiny_model, "gemma")
     messages = [{**m, "role": answering if m["role"] == "assistant" else m["role"]} for m in CONVERSATION]
     row = Tokenize(tok, "chat", settings())({"messages": messages})
-    assert trained_runs(tok, row) == ["Two.<end_of_turn>", "Three, of course.<end_of_turn>", "Four.<end_of_turn>"]
+    assert trained_runs(tok, row["labels"]) == ["Two.<end_of_turn>", "Three, of course.<end_of_turn>",
+                                                "Four.<end_of_turn>"]
 
 
 def test_sharegpt_conversations_are_chat(tiny_model):
     tok = family_tokenizer(tiny_model, "qwen2")
     turns = [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in CONVERSATION]
     row = Tokenize(tok, "chat", settings())({"conversations": turns})
-    assert trained_runs(tok, row) == ["Two.<|im_end|>", "Three, of course.<|im_end|>", "Four.<|im_end|>"]
+    assert trained_runs(tok, row["labels"]) == ["Two.<|im_end|>", "Three, of course.<|im_end|>", "Four.<|im_end|>"]
     assert "<|im_start|>user\nWrite 2 in words." in tok.decode(row["input_ids"])
 
 
@@ -91,7 +80,7 @@ def test_answer_roles_setting_chooses_the_trained_turns(tiny_model):
     messages = [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Hello."},
                 {"role": "user", "content": "Bye"}, {"role": "critic", "content": "Fine."}]
     row = Tokenize(tok, "chat", settings(answer_roles="critic"))({"messages": messages})
-    assert trained_runs(tok, row) == ["Fine.<|im_end|>"]
+    assert trained_runs(tok, row["labels"]) == ["Fine.<|im_end|>"]
 
 
 def test_ambiguous_or_missing_answering_role_is_a_bad_record_not_a_fully_trained_one(tiny_model):
@@ -123,8 +112,8 @@ def test_a_template_without_end_tokens_gets_eos_trained_after_every_answer(tiny_
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     fn = Tokenize(tok, "chat", settings())
     row = fn({"messages": CONVERSATION})
-    assert [squeeze(r) for r in trained_runs(tok, row)] == ["Two.<|endoftext|>", "Three,ofcourse.<|endoftext|>",
-                                                           "Four.<|endoftext|>"]
+    assert [squeeze(r) for r in trained_runs(tok, row["labels"])] == [
+        "Two.<|endoftext|>", "Three,ofcourse.<|endoftext|>", "Four.<|endoftext|>"]
     assert fn.masker.eos_inserted
 
 
