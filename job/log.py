@@ -56,6 +56,19 @@ def use_console(log_format: str) -> bool:
     return log_format == "console" or (log_format == "auto" and sys.stdout.isatty())
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is when a record is emitted, not the stream of the moment logging was set up
+    (which a redirection or a test's capture may have closed since)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup(log_format: str = "auto", level: str = "info") -> None:
     """Configure structlog and route the standard library's logging through it."""
     global _configured
@@ -82,7 +95,7 @@ def setup(log_format: str = "auto", level: str = "info") -> None:
             renderer,
         ],
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _StdoutHandler()
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
