@@ -317,6 +317,9 @@ class Settings(BaseSettings):
         roles = [r.strip() for r in v.split(",") if r.strip()]
         if not roles:
             raise ValueError("must name at least one role, e.g. `assistant` or `assistant,bot`")
+        if asking := [r for r in roles if r.lower() in ("user", "human", "system", "tool")]:
+            raise ValueError(f"{', '.join(asking)} asks, it does not answer: training on it would train on the prompts; "
+                             "name the answering roles, e.g. `assistant` or `assistant,bot`")
         return ",".join(roles)
 
     @field_validator("optim")
@@ -349,6 +352,13 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
+    def _packed_rows_are_padding_free(self) -> Settings:
+        if self.packing and self.padding_free is False:
+            raise ValueError("FT_PACKING=true with FT_PADDING_FREE=false: a padded packed row would let its samples "
+                             "attend to each other; leave FT_PADDING_FREE unset (packed rows are always padding-free)")
+        return self
+
+    @model_validator(mode="after")
     def _micro_batch_holds_a_sample(self) -> Settings:
         if self.packing_length is not None and self.packing_length < self.max_seq_length:
             raise ValueError(f"FT_PACKING_LENGTH={self.packing_length}: must hold one whole sample of "
@@ -357,6 +367,16 @@ class Settings(BaseSettings):
             what = "packed row of FT_PACKING_LENGTH" if self.packing else "sample of FT_MAX_SEQ_LENGTH"
             raise ValueError(f"FT_MICRO_BATCH_TOKENS={self.micro_batch_tokens}: must hold one whole {what}="
                              f"{self.row_length} tokens")
+        return self
+
+    @model_validator(mode="after")
+    def _global_batch_splits_over_the_processes(self) -> Settings:
+        processes = (self.nproc_per_node or 1) * self.nnodes
+        if self.nproc_per_node and self.global_batch % processes:
+            raise ValueError(f"FT_GRADIENT_ACCUMULATION_STEPS={self.gradient_accumulation_steps}: the global batch of "
+                             f"{self.global_batch} samples (FT_BATCH_SIZE={self.batch_size} x "
+                             f"{self.gradient_accumulation_steps}) cannot be split evenly over {processes} processes "
+                             f"(FT_NPROC_PER_NODE x FT_NNODES); make it a multiple of {processes}")
         return self
 
     @model_validator(mode="after")

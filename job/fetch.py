@@ -104,10 +104,27 @@ def source_errors(source: Storage, setting: str):
         raise error(f"{where}: the Hub answered {first_line(e)}") from None
     except PermissionError:
         raise InputError(f"{where}: permission denied") from None
+    except network_errors() as e:  # the Hub unreachable after huggingface_hub's own retries: worth a later retry
+        raise UnavailableError(f"{where}: the Hub could not be reached ({first_line(e)})") from None
     except StorageError as e:  # S3: access denied, no such bucket or key (final), or unreachable (retriable)
         raise (UnavailableError if e.retriable else InputError)(f"{where}: {e}") from None
     except FileNotFoundError as e:
         raise InputError(f"{where}: {e}") from None
+
+
+def network_errors() -> tuple[type[BaseException], ...]:
+    """The transport failures (no route, DNS, timeouts, dropped connections) of the HTTP client huggingface_hub
+    uses: httpx2 (huggingface_hub 2.x), httpx (1.x), requests (older); and the built-in ConnectionError."""
+    import importlib
+
+    found: list[type[BaseException]] = [ConnectionError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError"),
+                         ("requests", "Timeout")):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
 
 
 def _fetch(source: Storage, setting: str, cache: Path, patterns: list[str]) -> Path:

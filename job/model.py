@@ -82,6 +82,9 @@ def choose_attention(cfg: Settings, placement: Placement, config) -> tuple[str |
             raise ConfigError([f"FT_ATTENTION=varlen: needs torch >= 2.11's varlen flash kernel, an Ampere or newer "
                                f"GPU and bf16/fp16 (torch {torch.__version__}, {placement.dtype_name}); use auto or sdpa"])
         return attention.NAME, "requested" + ("" if placement.device == "cuda" else " (the per-sample CPU reference)")
+    if cfg.attention == "flex_attention" and placement.device != "cuda":
+        raise ConfigError(["FT_ATTENTION=flex_attention: PyTorch's FlexAttention has no backward pass on the CPU; use "
+                           "auto, sdpa or eager"])
     if cfg.attention == "sdpa" and found.model_class and not found.supports_sdpa:
         raise ConfigError([f"FT_ATTENTION=sdpa: {model} does not support sdpa; use auto or eager"])
     if cfg.attention != "auto":
@@ -237,4 +240,5 @@ def lora_config(cfg: Settings, model=None):
         use_rslora=cfg.use_rslora,
         bias="none",
         task_type="CAUSAL_LM",
+        revision=cfg.model_revision,  # adapter_config.json pins the base model's revision for whoever loads it
     )

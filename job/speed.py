@@ -77,7 +77,8 @@ def plan(cfg: Settings, placement: Placement, model_config, processes: int = 1) 
                            f"{cfg.gradient_accumulation_steps}) cannot be split evenly over {processes} processes; "
                            f"make it a multiple of {processes}"])
     step = cfg.global_batch // processes
-    padding_free = cfg.padding_free if cfg.padding_free is not None else cfg.profile != "guide"
+    # Packed rows are always padding-free: padded, their samples would attend to each other.
+    padding_free = cfg.padding_free if cfg.padding_free is not None else cfg.profile != "guide" or cfg.packing
     if not padding_free:
         ckpt = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else cfg.profile != "fast"
         micro = min(cfg.batch_size, step)

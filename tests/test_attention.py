@@ -230,3 +230,12 @@ def test_auto_resolution(monkeypatch, tiny_model):
         assert resolve_attention(settings(profile=profile), GPU, config) == "varlen"
     assert resolve_attention(settings(packing=False), GPU, config) == "varlen"
     assert resolve_attention(settings(attention="sdpa"), GPU, config) == "sdpa"
+
+
+def test_flex_attention_on_the_cpu_is_refused_before_loading(tiny_model):
+    from transformers import AutoConfig
+
+    from job.model import choose_attention
+
+    with pytest.raises(ConfigError, match="FT_ATTENTION=flex_attention: PyTorch's FlexAttention has no backward"):
+        choose_attention(settings(attention="flex_attention"), CPU, AutoConfig.from_pretrained(tiny_model))

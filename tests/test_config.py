@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import re
+
 import pytest
 
 from job.config import Settings, load_settings
@@ -149,3 +151,20 @@ def test_a_file_uri_is_the_local_path_it_names(tmp_path):
     dest = open_destination(f"file://{tmp_path}/my%20run")
     assert isinstance(dest, LocalStorage) and dest.root == tmp_path / "my run" and is_local("file:/x")
     assert not is_local("ftp://host/x")
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"FT_OUTPUT_URI": "s3:bucket/x"}, "FT_OUTPUT_URI=s3:bucket/x: write it as s3://bucket/prefix"),
+    ({"FT_OUTPUT_URI": " s3://bucket/x"}, "FT_OUTPUT_URI= s3://bucket/x: has leading or trailing whitespace"),
+    ({"FT_OUTPUT_URI": ""}, "FT_OUTPUT_URI=: empty"),
+    ({"FT_ANSWER_ROLES": "assistant,user"}, "FT_ANSWER_ROLES=assistant,user: user asks, it does not answer"),
+    ({"FT_PACKING": "true", "FT_PADDING_FREE": "false"}, "FT_PACKING=true with FT_PADDING_FREE=false"),
+    ({"FT_BATCH_SIZE": "3", "FT_NPROC_PER_NODE": "2"}, "cannot be split evenly over 2 processes"),
+])
+def test_mistakes_found_before_anything_runs(monkeypatch, env, message):
+    from job.config import load_settings
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_settings()

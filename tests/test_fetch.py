@@ -84,3 +84,23 @@ def test_the_base_model_is_named_as_given_never_by_its_local_copy(given, name):
     from job.fetch import model_name
 
     assert model_name(Settings(base_model=given)) == name
+
+
+def test_an_unreachable_hub_is_retriable_not_unexpected(tmp_path, monkeypatch):
+    """huggingface_hub's own retries spent on a connection refused: exit 8 naming the setting, not exit 1."""
+    import socket
+
+    from huggingface_hub import HfApi
+
+    from job.errors import UnavailableError
+    from job.fetch import source_errors
+    from job.storage.hub import HubStorage
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    source = HubStorage("acme/nomodel", "acme/nomodel")
+    with pytest.raises(UnavailableError, match=r"FT_BASE_MODEL=.*acme/nomodel: the Hub could not be reached"):
+        with source_errors(source, "FT_BASE_MODEL"):
+            HfApi(endpoint=f"http://127.0.0.1:{port}").list_repo_files("acme/nomodel")

@@ -194,3 +194,11 @@ def test_the_samples_of_each_step_do_not_depend_on_the_process_count(tokenizer, 
     if group_by_length:  # and grouping did group: the steps' lengths spread less than random steps' do
         spread = sum(max(lengths[i] for i in s) - min(lengths[i] for i in s) for s in steps(1))
         assert spread < 12 * 47 // 2
+
+
+def test_packed_rows_are_padding_free_even_in_the_guide_profile(tiny_model):
+    """Padded, a packed row's samples would attend to each other: packing always takes the padding-free plan."""
+    from transformers import AutoConfig
+
+    p = plan(settings(profile="guide", packing=True, packing_length=2048), CPU, AutoConfig.from_pretrained(tiny_model))
+    assert (p.padding_free, p.micro_batch_size) == (True, None)

@@ -41,7 +41,14 @@ def uri_problem(uri: str, kind: str) -> str | None:
     """None when `uri` is a local path or a well-formed URI that a `kind` of setting ("source", "destination",
     "checkpoints") accepts; else one line saying what is wrong and what is valid, to follow `SETTING=value: `."""
     found, accepts = scheme(uri), ACCEPTS[kind]
+    if not uri.strip():
+        return "empty; give a local path or " + " or ".join(accepts.values())
+    if uri != uri.strip():
+        return "has leading or trailing whitespace"
     if found is None:
+        bare = re.match(r"^([A-Za-z][A-Za-z0-9+.-]+):(?!/)", uri)  # `s3:bucket/x`: a URI missing its slashes
+        if bare and bare.group(1).lower() in accepts:
+            return f"write it as {accepts[bare.group(1).lower()]} (a lower-case scheme and two slashes)"
         return None
     if found == "file":
         host, path = urlsplit(uri).netloc, urlsplit(uri).path
