@@ -254,7 +254,9 @@ def _tokenize(ds, name: str, fn: Tokenize, bad: dict[str, list[int]]):
 
     features = Features({"input_ids": Sequence(Value("int64")), "labels": Sequence(Value("int64")),
                          "truncated": Value("bool"), "bad": Value("string"), "row": Value("int64")})
-    out = ds.map(fn, with_indices=True, remove_columns=ds.column_names, features=features, desc=f"Tokenizing {name}")
+    # Never from datasets' cache: the tokenizer's side notes (an EOS inserted after answers) must be seen every run.
+    out = ds.map(fn, with_indices=True, remove_columns=ds.column_names, features=features, desc=f"Tokenizing {name}",
+                 load_from_cache_file=False)
     for reason, row in zip(out["bad"], out["row"]):
         if reason:
             bad.setdefault(reason, []).append(row)

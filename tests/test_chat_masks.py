@@ -131,3 +131,24 @@ def test_end_of_turn_tokens_are_told_from_header_tokens(tiny_model):
     tok = family_tokenizer(tiny_model, "llama3")
     ends = set(tok.convert_ids_to_tokens(sorted(ChatMasker(tok).end_ids)))
     assert ends == {"<|eot_id|>", "<|end_of_text|>"}
+
+
+def test_the_inserted_eos_warning_is_not_lost_to_datasets_cache(tiny_model, tmp_path, capsys, caplog):
+    """A second run on the same file tokenizes again (datasets would replay the first run's cached map, and the
+    tokenizer's note that it inserted EOS would be lost)."""
+    import json
+
+    from datasets import load_dataset
+
+    from job import log
+
+    log.setup("json")
+    tok = family_tokenizer(tiny_model, "qwen2")
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": CONVERSATION}) + "\n" for _ in range(4)))
+    for _ in range(2):
+        ds = load_dataset("json", data_files=str(data), cache_dir=str(tmp_path / "cache"))["train"]
+        tokenize_splits(ds, None, tok, settings())
+        assert "EOS was inserted after each answer" in capsys.readouterr().out + caplog.text
+        caplog.clear()
