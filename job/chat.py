@@ -5,9 +5,13 @@ template renders a prefix of the conversation the way it renders the whole (Qwen
 `<think>` block that earlier ones lack; other templates trim, re-order or drop text):
 - a template with `{% generation %}` markers says itself which tokens are answers (transformers'
   `return_assistant_tokens_mask`);
-- otherwise each answer's tokens are those that change when that answer's content alone is emptied: the
-  conversation is rendered once whole and once per answer without it, the texts are compared from both ends, and
-  the changed characters mapped to the tokens of the whole rendering (tokenized once).
+- otherwise each answer's content alone is replaced by a sentinel, a string found nowhere in the conversation: the
+  rendering's text before the sentinel and after it must begin and end the whole rendering, and what lies between
+  them there is the answer as the template renders it (maybe trimmed), its characters mapped to the tokens of the
+  whole rendering (tokenized once). (Emptying the answer and comparing the texts from both ends would leave the
+  `<` of an answer `<b>bold</b>` untrained, taken for the `<` of the `<|im_end|>` that follows an emptied answer,
+  and train template text where a template skips empty messages.) Two sentinels are rendered per answer, and the
+  record is refused when either is not found exactly once or the whole rendering does not read so.
 Each answer is then closed by the token that ends it: EOS, or the template's end-of-turn token that follows it
 (`<|im_end|>`, `<end_of_turn>`, `<|end|>`, `<|eot_id|>`...), trained with it. A template that closes answers with
 no such token gets EOS inserted after each answer, so that the model learns where an answer stops.
@@ -60,7 +64,7 @@ class ChatMasker:
         template and tokenizer exceptions pass through to the caller."""
         ids, spans = self._marked_spans(messages, answers) if self.uses_markers else (None, None)
         if spans is None:
-            ids, spans = self._diff_spans(messages, answers)
+            ids, spans = self._stand_in_spans(messages, answers)
         if not spans or any(a >= b for a, b in spans) or any(b > c for (_, b), (c, _) in zip(spans, spans[1:])):
             raise MaskingError(
                 f"cannot tell which tokens of the chat template's rendering are the answers (turns {answers} gave "
@@ -80,22 +84,37 @@ class ChatMasker:
         pieces.append((ids[done:], False))
         return [(piece, train) for piece, train in pieces if piece]
 
-    def _diff_spans(self, messages: list[dict[str, Any]], answers: list[int]):
-        """Token ids and the token span of each answer: the characters of the rendering that change when that
-        answer's content alone is emptied, as the tokens that overlap them. The emptied renderings are text only,
-        so the conversation is tokenized once; a tokenizer without character offsets compares token lists."""
-        if not getattr(self.tok, "is_fast", False):
-            ids = self.render(messages)
-            return ids, [_changed(ids, self.render(_emptied(messages, i))) for i in answers]
+    def _stand_in_spans(self, messages: list[dict[str, Any]], answers: list[int]):
+        """Token ids and the token span of each answer: the text that a sentinel standing in for that answer's
+        content takes the place of in the rendering (`_answer_chars`), as the tokens that overlap it; (0, 0) for
+        an answer it cannot be established for. The stand-in renderings are text only, so the conversation is
+        tokenized once; a tokenizer without character offsets compares token lists."""
         text = self.tok.apply_chat_template(messages, tokenize=False)
-        encoding = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = list(encoding["input_ids"]), encoding["offset_mapping"]
-        starts, ends = [s for s, _ in offsets], [e for _, e in offsets]
+        sentinels = _sentinels(text + repr(messages))
+        fast = getattr(self.tok, "is_fast", False)
+        if fast:
+            encoding = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids, offsets = list(encoding["input_ids"]), encoding["offset_mapping"]
+            starts, ends = [s for s, _ in offsets], [e for _, e in offsets]
+        else:
+            ids = self.render(messages)
         spans = []
         for i in answers:
-            first, last = _changed(text, self.tok.apply_chat_template(_emptied(messages, i), tokenize=False))
-            # The tokens overlapping the changed characters; none when nothing changed.
-            spans.append((bisect_right(ends, first), bisect_left(starts, last)) if first < last else (0, 0))
+            found = []
+            for sentinel in sentinels:
+                stand_in = _replaced(messages, i, sentinel)
+                chars = _answer_chars(text, self.tok.apply_chat_template(stand_in, tokenize=False), sentinel)
+                if chars is None:
+                    break
+                found.append(chars if fast else _changed(ids, self.render(stand_in)))
+            if len(found) < len(sentinels):
+                spans.append((0, 0))
+                continue
+            # Both stand-ins' spans, joined: a template may render text next to an answer that depends on it.
+            first, last = min(a for a, _ in found), max(b for _, b in found)
+            if fast:  # the tokens overlapping the answer's characters; none when it is rendered as nothing
+                first, last = (bisect_right(ends, first), bisect_left(starts, last)) if first < last else (0, 0)
+            spans.append((first, last))
         return ids, spans
 
     def _marked_spans(self, messages: list[dict[str, Any]], answers: list[int]):
@@ -135,13 +154,39 @@ class ChatMasker:
         return token not in self.end_ids and not self.tok.decode([token]).strip()
 
 
-def _emptied(messages: list[dict[str, Any]], i: int) -> list[dict[str, Any]]:
-    return [*messages[:i], {**messages[i], "content": ""}, *messages[i + 1:]]
+def _sentinels(seen: str) -> tuple[str, str]:
+    """Two stand-ins for an answer's content that occur nowhere in `seen` (the conversation and its rendering):
+    letters and digits, which templates neither trim nor escape, the two differing in their first and last
+    characters, so that a token list compared from both ends cannot take an answer's first or last token for a
+    stand-in's with both."""
+    n = 0
+    while True:
+        pair = (f"ZQsentinel{n}QZ", f"97sentinel{n}79")
+        if not any(s in seen for s in pair):
+            return pair
+        n += 1
+
+
+def _replaced(messages: list[dict[str, Any]], i: int, content: str) -> list[dict[str, Any]]:
+    return [*messages[:i], {**messages[i], "content": content}, *messages[i + 1:]]
+
+
+def _answer_chars(text: str, rendered: str, sentinel: str) -> tuple[int, int] | None:
+    """The span [start, end) of `text` (the whole rendering) that the answer is rendered as: `rendered` is the
+    rendering with `sentinel` in place of that answer's content, and `text` must read as what precedes the
+    sentinel there, then the answer as the template renders it (maybe trimmed), then what follows it. None when
+    the sentinel is not rendered exactly once or `text` does not read so."""
+    if rendered.count(sentinel) != 1:
+        return None
+    prefix, suffix = rendered.split(sentinel)
+    if len(prefix) + len(suffix) > len(text) or not (text.startswith(prefix) and text.endswith(suffix)):
+        return None
+    return len(prefix), len(text) - len(suffix)
 
 
 def _changed(a, b) -> tuple[int, int]:
-    """The span [start, end) of sequence `a` (text or token ids) that differs from `b`: what is left of `a` once
-    their common beginning and common end are taken away."""
+    """The span [start, end) of sequence `a` (token ids) that differs from `b`: what is left of `a` once their
+    common beginning and common end are taken away."""
     limit = min(len(a), len(b))
     prefix = 0
     while prefix < limit and a[prefix] == b[prefix]:

@@ -8,7 +8,7 @@ from job.config import Settings
 from job.data import Tokenize, tokenize_splits
 from job.errors import InputError
 
-from chat_templates import FAMILIES, family_tokenizer, trained_runs
+from chat_templates import CHATML_SKIP_EMPTY, FAMILIES, PHI3_SKIP_EMPTY, family_tokenizer, trained_runs
 
 CONVERSATION = [
     {"role": "user", "content": "Write 2 in words."}, {"role": "assistant", "content": "Two."},
@@ -152,3 +152,60 @@ def test_the_inserted_eos_warning_is_not_lost_to_datasets_cache(tiny_model, tmp_
         tokenize_splits(ds, None, tok, settings())
         assert "EOS was inserted after each answer" in capsys.readouterr().out + caplog.text
         caplog.clear()
+
+# Answers whose edges equal the template text next to them: "<" begins the end token that follows an answer
+# (<|im_end|>, <|eot_id|>, <end_of_turn>, </s>, <|end|>), and "assistant\n" ends ChatML's header before it.
+EDGY = [
+    {"role": "user", "content": "Make it bold."}, {"role": "assistant", "content": "<b>bold</b>"},
+    {"role": "user", "content": "And yours?"}, {"role": "assistant", "content": "<3 from your assistant\n"},
+    {"role": "user", "content": "Thanks."}, {"role": "assistant", "content": "Two."},
+]
+TRIMMING = ("gemma", "llama3", "llama3_generation")  # templates that trim answers; Llama-2's spaces its end token
+
+
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n != "llama2"])
+def test_answers_that_begin_or_end_like_the_template_text_next_to_them_are_trained_whole(tiny_model, name):
+    tok = family_tokenizer(tiny_model, name)
+    row = Tokenize(tok, "chat", settings())({"messages": EDGY})
+    answers = [m["content"].strip() if name in TRIMMING else m["content"] for m in EDGY if m["role"] == "assistant"]
+    assert trained_runs(tok, row["labels"]) == [a + FAMILIES[name].end for a in answers]
+
+
+def test_llama2_trains_answers_that_begin_like_its_end_token_whole(tiny_model):
+    tok = family_tokenizer(tiny_model, "llama2")
+    runs = trained_runs(tok, Tokenize(tok, "chat", settings())({"messages": EDGY})["labels"])
+    assert [r.strip() for r in runs] == ["<b>bold</b> </s>", "<3 from your assistant </s>", "Two. </s>"]
+
+
+@pytest.mark.parametrize("template, end", [(CHATML_SKIP_EMPTY, "<|im_end|>"), (PHI3_SKIP_EMPTY, "<|end|>")])
+@pytest.mark.parametrize("messages", [CONVERSATION, EDGY], ids=["plain", "edgy"])
+def test_a_template_that_skips_empty_messages_trains_exactly_each_answer_and_its_end_token(
+        tiny_model, monkeypatch, template, end, messages):
+    tok = family_tokenizer(tiny_model, "qwen2" if end == "<|im_end|>" else "phi3")
+    tok.chat_template = template
+    fn = Tokenize(tok, "chat", settings())
+    row = fn({"messages": messages})
+    assert trained_runs(tok, row["labels"]) == [m["content"] + end for m in messages if m["role"] == "assistant"]
+    assert not fn.masker.eos_inserted
+    monkeypatch.setattr(type(tok), "is_fast", property(lambda self: False))  # token lists give the same spans
+    assert Tokenize(tok, "chat", settings())({"messages": messages}) == row
+
+
+def test_a_conversation_holding_the_sentinel_text_gets_another_sentinel(tiny_model):
+    from job.chat import _sentinels
+
+    tok = family_tokenizer(tiny_model, "qwen2")
+    taken = _sentinels("")
+    messages = [{"role": "user", "content": f"Say {taken[0]}."}, {"role": "assistant", "content": taken[1]}]
+    assert not set(_sentinels(str(messages))) & set(taken)
+    row = Tokenize(tok, "chat", settings())({"messages": messages})
+    assert trained_runs(tok, row["labels"]) == [taken[1] + "<|im_end|>"]
+
+
+def test_a_template_that_renders_an_answer_twice_is_a_bad_record_naming_the_setting(tiny_model):
+    tok = family_tokenizer(tiny_model, "qwen2")
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% if m['role'] == 'assistant' %}(echo: {{ m['content'] }})\n{% endif %}{% endfor %}")
+    row = Tokenize(tok, "chat", settings())({"messages": CONVERSATION})
+    assert row["labels"] == [] and "cannot tell which tokens" in row["bad"]
+    assert "FT_COMPLETION_ONLY_LOSS=false" in row["bad"]
