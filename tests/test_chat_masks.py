@@ -153,6 +153,7 @@ def test_the_inserted_eos_warning_is_not_lost_to_datasets_cache(tiny_model, tmp_
         assert "EOS was inserted after each answer" in capsys.readouterr().out + caplog.text
         caplog.clear()
 
+
 # Answers whose edges equal the template text next to them: "<" begins the end token that follows an answer
 # (<|im_end|>, <|eot_id|>, <end_of_turn>, </s>, <|end|>), and "assistant\n" ends ChatML's header before it.
 EDGY = [
