@@ -57,6 +57,14 @@ VARIANTS = {
     "unsloth-b4": {**RECIPE, "_runner": "unsloth", "_batch": "4"},
     "fast": {**RECIPE, "FT_PROFILE": "fast"},  # the job's default
     "lean-b4": {**RECIPE, "FT_PROFILE": "lean"},
+    # Issue 17's candidates at the guide's recipe: torch's fused AdamW instead of bitsandbytes' paged one, and a profile
+    # of steady small steps (steps 21-30).
+    "fast-fused": {**RECIPE, "FT_PROFILE": "fast", "FT_OPTIM": "adamw_torch_fused"},
+    "fast-noliger": {**RECIPE, "FT_PROFILE": "fast", "FT_USE_LIGER": "false"},
+    "profile-b4": {**RECIPE, "FT_PROFILE": "fast", "_runner": "profile", "_skip": "20",
+                   "_steps": "10", "FT_MAX_STEPS": "40"},
+    "profile-b4-fused": {**RECIPE, "FT_PROFILE": "fast", "FT_OPTIM": "adamw_torch_fused", "_runner": "profile",
+                         "_skip": "20", "_steps": "10", "FT_MAX_STEPS": "40"},
     # --- the explicit bigger-step setting (FT_PACKING): other recipes, fewer optimizer steps ---
     "packed-16k": {"FT_PROFILE": "fast", **packed(16384)},  # what the `fast` default trained before issue 12
     "trl-packed": {**packed(4096), "FT_USE_LIGER": "false", "FT_GRADIENT_CHECKPOINTING": "false",
@@ -178,6 +186,7 @@ def run_variant(name: str, round_: int, gpus: list[int], model: Path, data: dict
     env["FT_DATASET"] = str(data[int(env["FT_MAX_SEQ_LENGTH"])])
     nodes = int(env.pop("_nodes", "1"))
     runner, unsloth_gc, batch = env.pop("_runner", "job"), env.pop("_unsloth_gc", "none"), env.pop("_batch", "0")
+    profile_window = ["--skip", env.pop("_skip", "4"), "--steps", env.pop("_steps", "3")]
     if gib := env.pop("_gpu_gib", None):
         env["BENCH_GPU_GIB"] = gib
         env["PYTHONPATH"] = f"{ROOT / 'bench' / 'gpucap'}:{env['PYTHONPATH']}"
@@ -207,7 +216,8 @@ def run_variant(name: str, round_: int, gpus: list[int], model: Path, data: dict
             return {**row, **(json.loads(written.read_text()) if written.exists() else {}), "exit": code,
                     "e2e_s": round(time.monotonic() - started, 1)}
         if runner == "profile":  # torch profiler over a few steady steps of the job (bench/profile_step.py)
-            code = run([sys.executable, "bench/profile_step.py", "--out", str(out / "profile" / run_id)]).wait()
+            code = run([sys.executable, "bench/profile_step.py", "--out", str(out / "profile" / run_id),
+                        *profile_window]).wait()
             return {**row, "exit": code, "profile": True}
         if nodes == 1:
             code = run([sys.executable, "-m", "job"]).wait()

@@ -155,8 +155,10 @@ class Settings(BaseSettings):
     lr_scheduler_type: str = Field("cosine", description=f"Learning-rate schedule: one of {', '.join(SCHEDULERS)}.")
     optim: str = Field(
         "paged_adamw_32bit",
-        description="Optimizer (transformers' names). Paged optimizers need CUDA; on the CPU `adamw_torch` is used "
-        "instead and the log says so.",
+        description="Optimizer (transformers' names). AdamW with 32-bit states (`paged_adamw_32bit`, the guide's, "
+        "`adamw_torch`, `adamw_torch_fused`) is one update whichever code computes it: it runs as torch's fused AdamW "
+        "on a GPU and torch's AdamW on the CPU. Other bitsandbytes optimizers (8-bit states) need CUDA; on the CPU "
+        "`adamw_torch` is used instead. The log says which implementation runs.",
     )
     seed: int = Field(42, description="Seed for data order, LoRA initialisation and dropout.")
     logging_steps: int = Field(25, gt=0, description="Log (and write TensorBoard scalars) every N optimizer steps.")

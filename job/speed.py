@@ -84,8 +84,24 @@ def plan(cfg: Settings, placement: Placement, model_config, processes: int = 1) 
         micro = min(cfg.batch_size, step)
         return _logged(SpeedPlan(False, None, micro, step, cfg.batch_size, ckpt, liger, attention, processes))
     tokens, ckpt = _size_micro_batch(cfg, placement, model_config, liger, attention, step)
-    return _logged(SpeedPlan(True, tokens, None, step, max(1, tokens // cfg.row_length), ckpt, liger, attention,
+    eval_tokens = _eval_tokens(placement, model_config, attention, tokens)
+    return _logged(SpeedPlan(True, tokens, None, step, max(1, eval_tokens // cfg.row_length), ckpt, liger, attention,
                              processes))
+
+
+def _eval_tokens(placement: Placement, model_config, attention: str, train_tokens: int) -> int:
+    """Tokens per padding-free evaluation batch (FT_MAX_SEQ_LENGTH-long samples' worth). Evaluation only runs
+    forward, keeping one layer's activations at a time, so on a GPU with the varlen kernel it takes the largest
+    batch up to VARLEN_MAX_MICRO_BATCH_TOKENS whose activations fit with checkpointing's estimate (an upper bound for
+    a forward); small training steps would otherwise evaluate in as many small, launch-bound forwards (the bench
+    workload's 100 held-out samples: 25 forwards, ~2 s per evaluation on an H200, ~30% of an epoch with 10
+    evaluations; bench/NOTES.md). The reported loss does not depend on it: StepTrainer tallies it per token."""
+    if placement.device != "cuda" or attention != "varlen":  # sdpa's dense mask grows with the square of a batch
+        return train_tokens
+    free = free_gpu_bytes()
+    fits = [t for t in (VARLEN_MAX_MICRO_BATCH_TOKENS >> i for i in range(5))
+            if t * activation_bytes_per_token(model_config, True, False) * SAFETY <= free]
+    return max([train_tokens, *fits[:1]])
 
 
 def _logged(p: SpeedPlan) -> SpeedPlan:

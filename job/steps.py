@@ -72,6 +72,11 @@ class StepTrainer(SFTTrainer):
     group_by_length: bool = False
     _eval_tally: torch.Tensor | None = None
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Per mode, since the last log: [entropy sum, correct top-1 predictions, labelled tokens, input tokens].
+        self._tallies: dict[str, torch.Tensor] = {}
+
     def get_train_dataloader(self):
         # Evaluation keeps the plain collator (one batch per call); training batches are whole steps.
         collate, self.data_collator = self.data_collator, self.step_collator
@@ -113,11 +118,51 @@ class StepTrainer(SFTTrainer):
         return super().floating_point_ops(inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        """trl's causal-LM loss (summed over the trained tokens, divided by `num_items_in_batch`), computed here in
+        trl's plain case (no custom loss function, label smoothing, MoE auxiliary loss or sequence parallelism) so
+        that its entropy, token accuracy and token count stay on the device until a log needs them: trl reads them
+        back with three host synchronisations per micro-batch, which drain the queue of kernels that small steps
+        depend on. Outputs are built only when asked for (trl 1.16 runs a second forward to return them)."""
+        if return_outputs or not self._plain_loss():
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch) if return_outputs else \
+                (super().compute_loss(model, inputs, False, num_items_in_batch), None)
+        else:
+            outputs = model(**{**inputs, "use_cache": False}, fused_lm_head=True)
+            labelled = outputs.label_mask.sum()
+            count = labelled if num_items_in_batch is None else num_items_in_batch
+            loss = -outputs.log_probs.sum() / torch.as_tensor(count).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP averages gradients
+            seen = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
+            mode = "train" if model.training else "eval"
+            tally = torch.stack([outputs.entropy.detach().sum(), outputs.is_top1.sum(), labelled,
+                                 torch.as_tensor(seen, device=labelled.device)]).double()
+            self._tallies[mode] = tally + self._tallies[mode] if mode in self._tallies else tally
         if self._eval_tally is not None and not model.training:  # a per-token mean over this batch: weigh it back
             n = trained_tokens(inputs).to(self._eval_tally.device)
             self._eval_tally += torch.stack([loss.detach().double() * n, n.double()])
         return (loss, outputs) if return_outputs else loss
+
+    def _plain_loss(self) -> bool:
+        parallel = getattr(self.accelerator, "parallelism_config", None)
+        return (self.compute_loss_func is None and self.label_smoother is None and not self.aux_loss_enabled
+                and not (parallel is not None and getattr(parallel, "sp_enabled", False)))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """trl's log, with the metrics tallied on the device read back once per log (one host synchronisation per
+        logging step instead of three per micro-batch): per-token means over the logging interval."""
+        mode = "train" if self.model.training else "eval"
+        tally = self._tallies.pop(mode, None)
+        if tally is not None:
+            if self.accelerator.num_processes > 1:
+                tally = self.accelerator.reduce(tally, reduction="sum")
+            entropy, correct, labelled, seen = tally.tolist()
+            self._metrics[mode]["entropy"] = [entropy / labelled if labelled else 0.0]
+            self._metrics[mode]["mean_token_accuracy"] = [correct / labelled if labelled else 0.0]
+            if mode == "train":
+                self._total_train_tokens += int(seen) // getattr(self, "_tp_size", 1)
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        super().log(logs, start_time)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):

@@ -53,9 +53,20 @@ def final_eval_loss(trainer) -> float:
     return trainer.evaluate()["eval_loss"]
 
 
+# AdamW with 32-bit states, whatever implementation computes it: the update is the same (Loshchilov & Hutter's
+# decoupled weight decay), so which one runs is the plan's choice. bitsandbytes' paged variant exists to page large
+# optimizer states out under memory pressure; a LoRA's states are small (268 MB for r=64 on q,v of a 7B model), and
+# its one kernel per parameter tensor costs more than torch's fused multi-tensor step (bench/NOTES.md, issue 17).
+ADAMW_32BIT = ("paged_adamw_32bit", "adamw_torch", "adamw_torch_fused")
+
+
 def effective_optim(cfg: Settings, placement: Placement, fsdp: bool = False) -> str:
-    """bitsandbytes' paged and 8-bit optimizers need CUDA, and plain tensors: the CPU, and FSDP's sharded (DTensor)
-    parameters, get torch's AdamW, whose state FSDP shards anyway."""
+    """The optimizer implementation for FT_OPTIM on this hardware. AdamW with 32-bit states (ADAMW_32BIT) runs as
+    torch's fused AdamW on a GPU (except in the guide profile, which computes as the guide did) and torch's AdamW on
+    the CPU; other bitsandbytes optimizers (8-bit states: another update) need CUDA and unsharded parameters, so on
+    the CPU and under FSDP they fall back to torch's AdamW too. bench/check_optim.py compares the two updates."""
+    if cfg.optim in ADAMW_32BIT and not (cfg.profile == "guide" and placement.device == "cuda" and not fsdp):
+        return "adamw_torch_fused" if placement.device == "cuda" else "adamw_torch"
     bnb = cfg.optim.startswith("paged_") or "8bit" in cfg.optim
     if bnb and placement.device != "cuda":
         return "adamw_torch"
@@ -71,7 +82,7 @@ def sft_config(cfg: Settings, placement: Placement, output_dir: Path, has_eval: 
     fsdp = uses_fsdp(cfg, speed)
     optim = effective_optim(cfg, placement, fsdp)
     if optim != cfg.optim:
-        log.get().info("bitsandbytes' optimizers need CUDA and unsharded parameters", requested=cfg.optim, used=optim)
+        log.get().info("optimizer implementation", requested=cfg.optim, used=optim)
     return SFTConfig(
         output_dir=str(output_dir),
         num_train_epochs=cfg.num_train_epochs,

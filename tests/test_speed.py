@@ -88,6 +88,25 @@ def test_gpu_micro_batch_sizing(monkeypatch, attention, free_gib, max_len, batch
     assert p.step_samples == batch  # the plan never changes the step
 
 
+@pytest.mark.parametrize("attention, free_gib, batch, expected", [
+    ("varlen", 130, 4, 16),  # small steps evaluate in large forwards: 16384 tokens of 1024-token samples
+    ("varlen", 8, 4, 8),     # the largest that fits (517 KiB per token with checkpointing's estimate, x1.5)
+    ("varlen", 4, 4, 4),     # never smaller than a training micro-batch
+    ("sdpa", 130, 4, 4),     # sdpa's dense mask grows with the square of a batch: as large as a training one
+    ("varlen", 130, 64, 16),
+])
+def test_evaluation_batches_are_as_large_as_a_forward_allows(monkeypatch, attention, free_gib, batch, expected):
+    from transformers import LlamaConfig
+
+    fake_gpu(monkeypatch, free_gib)
+    config = LlamaConfig(hidden_size=4096, num_hidden_layers=32, vocab_size=32000, intermediate_size=11008)
+    config._attn_implementation = attention
+    p = plan(settings(max_seq_length=1024, batch_size=batch, use_liger=False), Placement("cuda", torch.bfloat16),
+             config)
+    assert p.eval_batch_size == expected
+    assert p.step_samples == batch  # the recipe is untouched
+
+
 @pytest.mark.parametrize("attention, max_len, expected", [
     ("varlen", 2048, 8192),  # measured: 8.2 GiB peak for a 7B model, all-linear (bench/RESULTS.md run 8)
     ("sdpa", 2048, 4096),    # without the varlen kernel, sdpa's dense block mask keeps its own cap
