@@ -117,24 +117,12 @@ def make_data(out: Path, n_train: int = 600, n_held: int = 40) -> None:
 
 
 def convert(gguf_file: Path, out: Path) -> None:
-    """GGUF -> a safetensors LlamaForCausalLM folder with the GGUF's tokenizer (and chat template)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    """GGUF -> a safetensors LlamaForCausalLM folder with the GGUF's tokenizer (and chat template):
+    scripts/real_model.py's conversion, the one `make demo` uses."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from real_model import convert as convert_gguf
 
-    kw = {"gguf_file": gguf_file.name}
-    tok = AutoTokenizer.from_pretrained(gguf_file.parent, **kw)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kw)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = LlamaForCausalLM(config)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    model.tie_weights()
-    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    print(f"converted {gguf_file.name} -> {out}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-          f"eos {tok.eos_token!r}, chat template {'yes' if tok.chat_template else 'no'}")
+    convert_gguf(gguf_file, out)
 
 
 def generate(model_dir: Path, adapter: Path | None, heldout: Path, out: Path, batch: int = 20) -> dict:
