@@ -53,10 +53,14 @@ def scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def draw_curves(series: dict[str, list[tuple[int, float]]], out: Path) -> bool:
     """Train and eval loss against the optimizer step as a PNG at `out` (matplotlib, Agg: no display needed).
-    False, and no file, when there is nothing to draw."""
+    False, and no file, when there is nothing to draw (or no matplotlib)."""
     if not any(series.values()):
         return False
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # a runtime dependency; the GPU benchmark machine's hand-made environment may lack it
+        log.get().warning("loss curves not drawn: matplotlib is not installed")
+        return False
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
