@@ -118,8 +118,8 @@ def adapter(tiny_model, tmp_path):
 
         model = AutoModelForCausalLM.from_pretrained(tiny_model)
         out = tmp_path / f"adapter-{len(extra)}-{'-'.join(extra)}"
-        get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM", **extra)) \
-            .save_pretrained(out)
+        config = LoraConfig(**{"r": 8, "target_modules": "all-linear", "task_type": "CAUSAL_LM", **extra})
+        get_peft_model(model, config).save_pretrained(out)
         return out
     return make
 

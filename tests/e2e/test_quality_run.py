@@ -72,8 +72,9 @@ def test_answers_that_do_not_stop_fail_the_run_with_fail_after_publishing(tiny_m
                             FT_SAMPLE_PROMPTS='["What is the opposite of cold?"]', FT_QUALITY_CHECK="fail"), tmp_path)
     assert proc.returncode == CODE_BY_NAME["quality"], proc.stdout[-3000:]
     reason = (tmp_path / "termination-log").read_text()
-    assert reason.startswith("FT_QUALITY_CHECK=fail: 0 of 1 sample answers") and "FT_SAMPLE_MAX_NEW_TOKENS=1" in reason
-    assert "Traceback" not in proc.stdout + proc.stderr
-    manifest = json.loads((tmp_path / "out" / "quality" / "manifest.json").read_text())
+    assert reason.startswith("quality: FT_QUALITY_CHECK=fail: 0 of 1 sample answers"), reason
+    assert "FT_SAMPLE_MAX_NEW_TOKENS=1" in reason and "Traceback" not in proc.stdout + proc.stderr
+    manifest = json.loads((tmp_path / "out" / "quality" / "manifest.json").read_text())  # published all the same
     assert manifest["quality"]["generations"]["source"] == "FT_SAMPLE_PROMPTS"
-    assert manifest["quality"]["problems"] == [reason.removeprefix("FT_QUALITY_CHECK=fail: ").strip()]
+    [problem] = manifest["quality"]["problems"]
+    assert problem.startswith("0 of 1 sample answers") and problem[:80] in reason
