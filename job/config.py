@@ -240,6 +240,32 @@ class Settings(BaseSettings):
         Path("/dev/termination-log"), description="File that gets a one-line reason when the job ends in failure."
     )
 
+    # --- quality: what every run shows of what it learned, and what it exports ----------------------------------
+    sample_prompts: str | None = Field(
+        None, description="Prompts answered greedily before and after training, as a JSON list of strings "
+        "(`[\"Write 12 in words.\", \"What is the plural of leaf?\"]`), each rendered as a user turn by the chat "
+        "template. Default: the first FT_SAMPLE_COUNT evaluation samples, cut where their answer begins. The answers "
+        "go to the model card, the manifest and TensorBoard (text)."
+    )
+    sample_count: int = Field(
+        3, ge=0, le=64, description="Evaluation samples answered before and after training when FT_SAMPLE_PROMPTS is "
+        "unset; 0 generates nothing (and checks no stops)."
+    )
+    sample_max_new_tokens: int = Field(
+        64, gt=0, le=4096, description="Token budget of each sample answer: an answer that has not produced an "
+        "end-of-turn token (EOS, `<|im_end|>`...) within it counts as not stopping."
+    )
+    quality_check: Literal["warn", "fail"] = Field(
+        "warn", description="A run whose eval loss did not fall, or fewer than half of whose sample answers stop within "
+        "FT_SAMPLE_MAX_NEW_TOKENS, logs a warning that says what to change (`warn`); `fail` also ends it with exit "
+        "code 9 once its results are published (the manifest's `quality.problems` lists why)."
+    )
+    export: Literal["adapter", "merged"] = Field(
+        "adapter", description="`merged` also writes `merged/`: the LoRA merged into a bf16 copy of the base model "
+        "(loaded unquantized on the CPU, never merged into 4-bit weights), as safetensors with the tokenizer, for "
+        "servers without LoRA support. Needs host memory for the whole model in bf16 (2 bytes per parameter)."
+    )
+
     # --- remote storage ---------------------------------------------------------------------------------------------
     hub_private: bool = Field(
         True, description="Create the Hub repository of `FT_OUTPUT_URI=hf://org/name` as private when it does not "
@@ -324,6 +350,13 @@ class Settings(BaseSettings):
                              "name the answering roles, e.g. `assistant` or `assistant,bot`")
         return ",".join(roles)
 
+    @field_validator("sample_prompts")
+    @classmethod
+    def _sample_prompts(cls, v: str | None) -> str | None:
+        if v is not None:
+            _prompt_list(v)
+        return v
+
     @field_validator("optim")
     @classmethod
     def _known_optimizer(cls, v: str) -> str:
@@ -396,6 +429,11 @@ class Settings(BaseSettings):
         return ",".join(names)
 
     @property
+    def sample_prompt_list(self) -> list[str]:
+        """FT_SAMPLE_PROMPTS as a list of prompts ([] when unset)."""
+        return _prompt_list(self.sample_prompts) if self.sample_prompts else []
+
+    @property
     def row_length(self) -> int:
         """Most tokens of one training row: a sample (FT_MAX_SEQ_LENGTH), or a packed row (FT_PACKING_LENGTH)."""
         return (self.packing_length or self.max_seq_length) if self.packing else self.max_seq_length
@@ -419,6 +457,19 @@ class Settings(BaseSettings):
         cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return init_settings, env_settings, _YamlSource(settings_cls)
+
+
+def _prompt_list(value: str) -> list[str]:
+    """A JSON list of non-empty strings; ValueError saying what is valid otherwise."""
+    import json
+
+    try:
+        prompts = json.loads(value)
+    except ValueError:
+        prompts = None
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError('must be a JSON list of non-empty strings, e.g. ["Write 12 in words."]')
+    return prompts
 
 
 def _uri(value: str, kind: str) -> str:

@@ -28,6 +28,8 @@ EXIT_CODES: tuple[ExitCode, ...] = (
     ExitCode(6, "upload", True, "writing results to the destination failed; local artifacts are kept"),
     ExitCode(7, "interrupted", True, "stopped by SIGTERM/SIGINT (eviction, preemption); a retry resumes"),
     ExitCode(8, "unavailable", True, "a source could not be reached after retries (network, throttling, 5xx)"),
+    ExitCode(9, "quality", False, "FT_QUALITY_CHECK=fail: eval loss did not fall or sample answers did not stop; "
+                                  "the results are published"),
 )
 CODE_BY_NAME = {e.name: e.code for e in EXIT_CODES}
 
@@ -84,6 +86,12 @@ class StopSignal(BaseException):
 
 class UnavailableError(JobError):
     exit_name = "unavailable"
+
+
+class QualityError(JobError):
+    """FT_QUALITY_CHECK=fail and the run's quality check found a problem (job/quality.py); raised after publishing."""
+
+    exit_name = "quality"
 
 
 def first_line(e: BaseException, limit: int = 300) -> str:

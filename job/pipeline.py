@@ -6,7 +6,7 @@ import contextlib
 import shutil
 import time
 
-from job import data, distributed, fetch, log, model, preflight, publish, speed, tbsync, train
+from job import data, distributed, export, fetch, log, model, preflight, publish, quality, speed, tbsync, train
 from job.checkpoints import CheckpointStore
 from job.config import Settings
 from job.identity import resolve_run_id, settings_fingerprint
@@ -71,9 +71,16 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
                      **vars(plan)},
         "metrics": result.metrics,
     }
-    uri = publish.publish(scratch / "output", dest, cfg, run_id, facts)
+    stage = scratch / "output"
+    facts["quality"] = {**quality.assess(cfg, result.model, tokenizer, eval_ds, stage, result.metrics, result.global_step,
+                                         sharded=train.uses_fsdp(cfg, plan)),
+                        "vllm_problems": export.check_for_servers(stage / "adapter")}
+    if cfg.export == "merged":
+        facts["export"] = export.export_merged(cfg, model_src.path, stage / "adapter", tokenizer, stage / export.MERGED)
+    uri = publish.publish(stage, dest, cfg, run_id, facts)
     checkpoints.clear()  # the run is complete: nothing to resume
     distributed.barrier()
+    quality.enforce(cfg, facts["quality"])  # FT_QUALITY_CHECK=fail: published, then exit code 9
     summary = {"run_id": run_id, "output": uri, "adapter": dest.describe(f"{run_id}/adapter"),
                "tensorboard": dest.describe(f"{run_id}/tensorboard"),
                **{k: round(v, 4) for k, v in result.metrics.items()}}

@@ -12,6 +12,7 @@ from typing import Any
 
 from job import log
 from job.config import Settings
+from job.quality import card_section as quality_section
 from job.errors import ConfigError, InputError, UnavailableError, UploadError, storage_failure
 from job.storage.base import file_sha256
 from job.log import redact, redact_value
@@ -107,7 +108,7 @@ A LoRA adapter for `{cfg.base_model}`, trained by [finetune-job](https://github.
 |---|---|
 {table}
 
-## Use
+{quality_section(facts)}## Use
 
 {usage(cfg, run_id)}
 `manifest.json` beside this card holds the full configuration, package versions and a sha256 of every file.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,6 +26,7 @@ class TrainResult:
     train_seconds: float = 0.0
     steps: dict[str, int] = field(default_factory=dict)  # the recipe's steps per epoch (and without packing)
     lora_targets: list[str] = field(default_factory=list)  # the modules that got adapters, as resolved for the model
+    model: Any = None  # the trained PeftModel, for sample answers after training (job/quality.py)
 
 
 def recipe_rows(cfg: Settings, samples, speed: SpeedPlan, result: TrainResult):
@@ -242,6 +244,7 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
         if writer is not None:
             writer.close()
     save_adapter(trainer, stage / "adapter")
+    result.model = trainer.model
     if distributed.is_main():
         tokenizer.save_pretrained(stage / "tokenizer")
     if torch.cuda.is_available():

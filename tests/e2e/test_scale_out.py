@@ -117,7 +117,10 @@ def assert_one_result_set(out: Path, run_id: str = "dist") -> None:
     run_dir = out / run_id
     manifests = list(out.rglob("manifest.json"))
     assert manifests == [run_dir / "manifest.json"]
-    assert len(list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))) == 1  # rank 0's writer only
+    # rank 0's only: its training scalars and its sample answers (job/quality.py), files named <time>.<host>.<pid>.<n>
+    events = list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    answered = bool(json.loads(manifests[0].read_text())["quality"].get("generations"))
+    assert len(events) == 1 + answered and len({e.name.split(".")[-2] for e in events}) == 1, events
     listed = json.loads(manifests[0].read_text())["files"]
     on_disk = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(listed) == on_disk
