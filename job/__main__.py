@@ -1,5 +1,18 @@
-import sys
+"""`python -m job` and the `finetune-job` console script. The signal handlers are installed on import of this module,
+before the settings, torch or transformers are imported (job/signals.py): a signal at any moment of start-up is ours."""
 
-from job.cli import main
+from job import signals
 
-sys.exit(main())
+signals.install()
+
+
+def main() -> int:
+    from job.cli import main as cli_main
+
+    return cli_main()
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -13,12 +13,10 @@ import sys
 import typing
 from pathlib import Path
 
-from job import log
+from job import log, signals
 from job.config import Settings, env_name, load_settings
 from job.errors import EXIT_CODES, InterruptedJob, JobError, StopSignal
-from job.signals import Stopper
-
-DEFAULT_TERMINATION_LOG = Settings.model_fields["termination_log"].default
+from job.signals import termination_log_path, write_termination_log
 
 
 def type_name(annotation) -> str:
@@ -73,15 +71,17 @@ def cmd_config(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from job import preflight, publish
-    from job.identity import resolve_run_id
+    from job import completion, preflight
+    from job.identity import resolve_run_id, settings_fingerprint
     from job.storage import StorageOptions, configure, open_destination
 
     cfg = load_settings()
     log.setup(cfg.log_format, cfg.log_level)
     configure(StorageOptions.of(cfg))
     run_id = resolve_run_id(cfg)
-    publish.check_destination(open_destination(cfg.output_uri), run_id, cfg.overwrite)
+    dest = open_destination(cfg.output_uri)
+    if completion.find(dest, run_id, settings_fingerprint(cfg), cfg.overwrite).intact:
+        log.get().info("run already complete: `run` ends at once if the data is unchanged", uri=dest.describe(run_id))
     preflight.run(cfg, run_id)
     return 0
 
@@ -100,28 +100,12 @@ def cmd_run(args) -> int:
         from job.identity import resolve_run_id
 
         return distributed.launch(cfg, resolve_run_id(cfg))
-    stopper = Stopper(cfg.termination_grace_seconds, write_termination_log)
-    stopper.install()
+    stopper = signals.STOPPER
+    stopper.configure(cfg.termination_grace_seconds, write_termination_log)
     summary = pipeline.run(cfg, console, stopper)
     if console and "adapter" in summary:
         print(f"\nadapter:     {summary['adapter']}\ntensorboard: tensorboard --logdir {summary['tensorboard']}")
     return 0
-
-
-def termination_log_path() -> Path:
-    # The settings may be the very thing that failed, so the path is read from the environment.
-    return Path(os.environ.get("FT_TERMINATION_LOG") or DEFAULT_TERMINATION_LOG)
-
-
-def write_termination_log(reason: str) -> None:
-    # The Kubernetes default is only written where Kubernetes created it.
-    path = termination_log_path()
-    if path == DEFAULT_TERMINATION_LOG and not path.exists():
-        return
-    try:
-        path.write_text(reason[:4000] + "\n")
-    except OSError:
-        pass
 
 
 def parser() -> argparse.ArgumentParser:
@@ -144,11 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     func = getattr(args, "func", cmd_run)
     if func in (cmd_run, cmd_check):
         log.setup()
-    # Until the settings give the grace budget, a signal stops the job where it is.
-    Stopper(Settings.model_fields["termination_grace_seconds"].default, write_termination_log).install()
+    signals.install()  # done already by job/__main__.py (the entrypoint); again for callers of main() alone
     try:
         return func(args)
-    except StopSignal as e:
+    except StopSignal as e:  # torchrun's launcher, told by torch's own handler (job.distributed.launch)
         return _fail(InterruptedJob(str(e)))
     except BrokenPipeError:  # `finetune-job env | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -6,7 +6,8 @@ import contextlib
 import shutil
 import time
 
-from job import data, distributed, export, fetch, log, model, preflight, publish, quality, speed, tbsync, train
+from job import (completion, data, distributed, export, fetch, log, model, preflight, publish, quality, speed, tbsync,
+                 train)
 from job.checkpoints import CheckpointStore
 from job.config import Settings
 from job.identity import resolve_run_id, settings_fingerprint
@@ -22,16 +23,19 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
                    output_uri=cfg.output_uri)
     dest = open_destination(cfg.output_uri)
     scratch = cfg.work_dir / run_id
+    fingerprint = settings_fingerprint(cfg)
     # The processes of a node check, download and cache one after the other: the first does the work.
     with distributed.local_main_first():
-        publish.check_destination(dest, run_id, cfg.overwrite)
+        found = completion.find(dest, run_id, fingerprint, cfg.overwrite)
+        if found.intact:
+            return already_complete(cfg, run_id, dest, found)
         placement = preflight.run(cfg, run_id)
         if distributed.local_rank() == 0:
             shutil.rmtree(scratch, ignore_errors=True)
         model_src = fetch.fetch_model(cfg)
         data_src = fetch.fetch_dataset(cfg)
         checkpoints = CheckpointStore(open_destination(preflight.checkpoint_uri(cfg, run_id), "FT_CHECKPOINT_URI"),
-                                      cfg.keep_checkpoints, settings_fingerprint(cfg), data_src.revision,
+                                      cfg.keep_checkpoints, fingerprint, data_src.revision,
                                       cfg.on_data_change)
         if distributed.is_main():
             checkpoints.check_data()  # before the model loads: resuming on changed data is refused (or restarts)
@@ -66,10 +70,12 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
         "data": vars(stats),
         "placement": {"device": placement.device, "dtype": placement.dtype_name, "gpu": placement.gpu_name,
                       "processes": distributed.world_size(), "strategy": cfg.strategy if plan.processes > 1 else None},
-        "training": {"steps": result.global_step, **result.steps, "lora_target_modules": result.lora_targets, "seconds": round(result.train_seconds, 2),
+        "training": {**result.run, **result.steps, "lora_target_modules": result.lora_targets,
+                     "attempt_seconds": round(result.train_seconds, 2),
                      "load_seconds": round(load_seconds, 2), "optim": train.effective_optim(cfg, placement, train.uses_fsdp(cfg, plan)),
                      **vars(plan)},
         "metrics": result.metrics,
+        "fingerprint": {"settings": fingerprint, "data": data_src.revision},  # what completion.find compares
     }
     stage = scratch / "output"
     facts["quality"] = {**quality.assess(cfg, result.model, tokenizer, eval_ds, stage, result.metrics, result.global_step,
@@ -77,12 +83,31 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
                         "vllm_problems": export.check_for_servers(stage / "adapter")}
     if cfg.export == "merged":
         facts["export"] = export.export_merged(cfg, model_src.path, stage / "adapter", tokenizer, stage / export.MERGED)
-    uri = publish.publish(stage, dest, cfg, run_id, facts)
-    checkpoints.clear()  # the run is complete: nothing to resume
+    with stopper.deferred("publishing"):  # a signal now lets the uploads finish, the manifest last
+        uri = publish.publish(stage, dest, cfg, run_id, facts, replace=found.manifest is not None)
+    stopper.complete()  # the outcome is decided: what follows is best effort and a signal ends the run with 0
+    if stopper.requested:
+        log.get().warning("the run was published before stopping", signal=stopper.requested, uri=uri)
+    completion.remove_checkpoints(checkpoints)  # nothing to resume; a failure is finished by the next attempt
     distributed.barrier()
     quality.enforce(cfg, facts["quality"])  # FT_QUALITY_CHECK=fail: published, then exit code 9
     summary = {"run_id": run_id, "output": uri, "adapter": dest.describe(f"{run_id}/adapter"),
                "tensorboard": dest.describe(f"{run_id}/tensorboard"),
                **{k: round(v, 4) for k, v in result.metrics.items()}}
     log.get().info("run finished", **summary)
+    return summary
+
+
+def already_complete(cfg: Settings, run_id: str, dest, found: completion.Completed) -> dict:
+    """A complete run with these settings is at the destination: check that it was trained on this data, remove
+    the checkpoints an interrupted clean-up left, and end without training."""
+    data_src = fetch.fetch_dataset(cfg)
+    completion.check_data(found, dest, run_id, data_src.revision)
+    if distributed.is_main():
+        store = open_destination(preflight.checkpoint_uri(cfg, run_id), "FT_CHECKPOINT_URI")
+        completion.remove_checkpoints(CheckpointStore(store, cfg.keep_checkpoints))
+    summary = {"run_id": run_id, "output": dest.describe(run_id), "adapter": dest.describe(f"{run_id}/adapter"),
+               "tensorboard": dest.describe(f"{run_id}/tensorboard"), "created": found.manifest.get("created")}
+    log.get().info("run already complete: nothing to train", **summary)
+    quality.enforce(cfg, found.manifest.get("quality"))  # FT_QUALITY_CHECK=fail holds on a retry too
     return summary

@@ -46,6 +46,22 @@ def replace_completed_run(dest: Storage, run_id: str) -> None:
             dest.delete(key)
 
 
+# Under the run's prefix but not the run's: its checkpoints (the default FT_CHECKPOINT_URI), removed once complete.
+NOT_PUBLISHED = ("checkpoints/",)
+
+
+def remove_unlisted(dest: Storage, run_id: str, listed: set[str]) -> list[str]:
+    """Delete every file under `run_id/` that is not in `listed` (paths relative to the run) nor NOT_PUBLISHED, so
+    that the published run holds exactly what its manifest lists. Returns the deleted keys."""
+    stale = [key for key in dest.list(run_id) if (rel := key.removeprefix(f"{run_id}/")) not in listed
+             and rel != MANIFEST and not rel.startswith(NOT_PUBLISHED)]
+    for key in stale:
+        dest.delete(key)
+    if stale:
+        log.get().info("removed files the manifest does not list", uri=dest.describe(run_id), files=len(stale))
+    return stale
+
+
 def versions() -> dict[str, str]:
     found = {}
     for name in PACKAGES:
@@ -93,6 +109,7 @@ def model_card(cfg: Settings, run_id: str, facts: dict[str, Any]) -> str:
         ("Optimisation", f"{facts['training']['optim']}, lr {cfg.learning_rate:g} ({cfg.lr_scheduler_type}), "
                          f"{_batches(cfg, facts['training'])}, {facts['training']['steps']} steps"),
         ("Compute", f"{facts['placement']['device']} ({facts['placement']['dtype']})"),
+        ("Training", _attempts(facts['training'], m.get('train_loss'))),
         ("Eval loss", f"{_fmt(m.get('eval_loss_before'))} before, {_fmt(m.get('eval_loss_after'))} after"),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
@@ -165,19 +182,35 @@ def _batches(cfg: Settings, training: dict[str, Any]) -> str:
     return step
 
 
+def _attempts(training: dict[str, Any], loss: Any) -> str:
+    """Steps, attempts and seconds of the whole run, and the train loss over all its steps."""
+    attempts = training.get("attempts") or [{}]
+    resumed = training.get("resumed_from_steps") or []
+    how = f"{len(attempts)} attempt{'s' if len(attempts) > 1 else ''}"
+    if resumed:
+        how += f", resumed from step{'s' if len(resumed) > 1 else ''} {', '.join(map(str, resumed))}"
+    seconds = ", ".join(f"{a.get('seconds', 0):g}" for a in attempts)
+    return f"{training.get('steps')} steps in {how} ({seconds} s); train loss {_fmt(loss)} over all steps"
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else "n/a"
 
 
-def publish(stage: Path, dest: Storage, cfg: Settings, run_id: str, facts: dict[str, Any]) -> str:
-    """Write the card and manifest into `stage`, upload everything, the manifest last. Returns the run's URI."""
+def publish(stage: Path, dest: Storage, cfg: Settings, run_id: str, facts: dict[str, Any],
+            replace: bool = False) -> str:
+    """Write the card and manifest into `stage`, upload everything, the manifest last. Returns the run's URI.
+    `replace` (or FT_OVERWRITE) replaces a completed run found there: one whose files do not match its manifest.
+    Anything else under the run's prefix that the manifest does not list (a file of an earlier attempt, a partial
+    upload) is removed before the manifest is written; checkpoints stay until the run is complete."""
     (stage / "README.md").write_text(model_card(cfg, run_id, facts))
     manifest = build_manifest(stage, cfg, run_id, facts)
     (stage / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     try:
-        check_destination(dest, run_id, cfg.overwrite)
+        check_destination(dest, run_id, cfg.overwrite or replace)
         if not dest.versioned:  # the Hub replaces a run in the same commit that adds the new one
             replace_completed_run(dest, run_id)
+            remove_unlisted(dest, run_id, set(manifest["files"]))
         dest.put_run(stage, run_id, MANIFEST)
     except (OSError, InputError, UnavailableError) as e:
         raise UploadError(f"writing to {dest.describe(run_id)} failed ({e}); the results are kept in {stage}") from None

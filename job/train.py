@@ -14,6 +14,7 @@ from job.callbacks import CheckpointMirror, DivergenceGuard, GracefulStop, Progr
 from job.checkpoints import CheckpointStore
 from job.config import Settings
 from job.errors import DivergedError, InterruptedJob, OutOfMemoryError
+from job.history import RunHistory
 from job.model import Placement, lora_config
 from job.signals import Stopper
 from job.speed import SpeedPlan
@@ -27,6 +28,7 @@ class TrainResult:
     steps: dict[str, int] = field(default_factory=dict)  # the recipe's steps per epoch (and without packing)
     lora_targets: list[str] = field(default_factory=list)  # the modules that got adapters, as resolved for the model
     model: Any = None  # the trained PeftModel, for sample answers after training (job/quality.py)
+    run: dict = field(default_factory=dict)  # the whole run over its attempts (history.RunHistory.facts)
 
 
 def recipe_rows(cfg: Settings, samples, speed: SpeedPlan, result: TrainResult):
@@ -202,7 +204,9 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
     # Flushed as often as the live sync copies the files, so that what it copies is current.
     writer = SummaryWriter(log_dir=str(stage / "tensorboard"), flush_secs=max(5, int(cfg.tb_sync_seconds))) \
         if distributed.is_main() else None
-    callbacks = [SaveTimer(cfg.save_minutes), CheckpointMirror(checkpoints), GracefulStop(stopper), guard]
+    history = RunHistory(stage / "tensorboard", writer)
+    # In this order: a stop or a timer decides to save, the history goes into the checkpoint, then it is mirrored.
+    callbacks = [SaveTimer(cfg.save_minutes), GracefulStop(stopper), history, CheckpointMirror(checkpoints), guard]
     result = TrainResult()
     train_ds = recipe_rows(cfg, train_ds, speed, result)
     trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, scratch / "checkpoints", writer,
@@ -212,25 +216,26 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
     result.lora_targets = sorted({name.rsplit(".", 1)[-1] for name in names})  # q_proj, not model.layers.0...q_proj
     try:
         resume = checkpoints.restore_everywhere(scratch / "resume")
+        if resume:
+            history.restore(*resume)
         fsdp = uses_fsdp(cfg, speed)
-        if eval_ds is not None and not fsdp:  # under FSDP: SFTConfig.eval_on_start, once the model is sharded
-            result.metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+        if eval_ds is not None and history.eval_loss_before is not None:  # the first attempt's, before training
+            result.metrics["eval_loss_before"] = history.eval_loss_before
+        elif eval_ds is not None and not fsdp:  # under FSDP: SFTConfig.eval_on_start, once the model is sharded
+            result.metrics["eval_loss_before"] = history.eval_loss_before = trainer.evaluate()["eval_loss"]
             # accelerate marks a model it prepared for evaluation as prepared, and training then skips wrapping it in
             # DDP or FSDP: every process would train alone. Un-mark it (accelerate 1.x, Accelerator.prepare_model).
             trainer.model._is_accelerate_prepared = False
-        if resume:
-            log.get().info(f"resumed from step {resume[1]}", step=resume[1], checkpoint=str(resume[0]))
+        history.start()
         start = time.monotonic()
-        stopper.training = True
-        try:
+        with stopper.deferred("training"):  # a signal now ends the step with a checkpoint (GracefulStop)
             out = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
-        finally:
-            stopper.training = False
         result.train_seconds, result.global_step = time.monotonic() - start, out.global_step
-        result.metrics["train_loss"] = out.training_loss
-        if eval_ds is not None and fsdp:
-            result.metrics["eval_loss_before"] = next(e["eval_loss"] for e in trainer.state.log_history
-                                                      if "eval_loss" in e)
+        result.run = history.facts(trainer.state.log_history, out.global_step)
+        result.metrics["train_loss"] = result.run["train_loss"]  # over every step of every attempt
+        if eval_ds is not None and fsdp and "eval_loss_before" not in result.metrics:
+            result.metrics["eval_loss_before"] = history.eval_loss_before = next(
+                e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e)
         stopped_early(trainer, guard, stopper, checkpoints)
         if eval_ds is not None:
             result.metrics["eval_loss_after"] = final_eval_loss(trainer)

@@ -57,13 +57,14 @@ def uninterrupted(tiny_model, tmp_path_factory):
     proc = subprocess.run([sys.executable, "-m", "job"], env=resumable_env(tiny_model, tmp), capture_output=True,
                           text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    return losses(proc.stdout.splitlines()), adapter(tmp / "out" / "demo")
+    manifest = json.loads((tmp / "out" / "demo" / "manifest.json").read_text())
+    return losses(proc.stdout.splitlines()), adapter(tmp / "out" / "demo"), manifest
 
 
 def test_sigterm_saves_and_a_restart_resumes_exactly(tiny_model, tmp_path, uninterrupted):
     import torch
 
-    expected_losses, expected_adapter = uninterrupted
+    expected_losses, expected_adapter, expected_manifest = uninterrupted
     env = resumable_env(tiny_model, tmp_path)
     seed = random.randrange(10**6)
     stop_after = random.Random(seed).randint(2, 8)
@@ -79,6 +80,12 @@ def test_sigterm_saves_and_a_restart_resumes_exactly(tiny_model, tmp_path, unint
     saved = [json.loads(x)["step"] for x in first if '"checkpoint mirrored"' in x]
     assert len(saved) == 1 and saved[0] >= stop_after
     assert (tmp_path / "termination-log").read_text().startswith("interrupted: stopped by SIGTERM")
+    assert any('"starting fresh"' in x for x in first)
+    # Left under the run's prefix by an earlier attempt (a partial upload, a stray file): not the run's.
+    run_dir = tmp_path / "out" / "demo"
+    for stray in ("tensorboard/events.out.tfevents.0.gone.1.0", ".adapter_model.safetensors.x.partial"):
+        (run_dir / stray).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / stray).write_text("stale")
 
     second = subprocess.run([sys.executable, "-m", "job"], env=env, capture_output=True, text=True, cwd=ROOT,
                             timeout=600)
@@ -95,6 +102,35 @@ def test_sigterm_saves_and_a_restart_resumes_exactly(tiny_model, tmp_path, unint
         torch.testing.assert_close(tensor, expected_adapter[name], rtol=1e-4, atol=1e-5)
     # A run that ends normally leaves no checkpoint and no `latest` behind.
     assert not (tmp_path / "out" / "demo" / "checkpoints").exists()
+    manifest_describes_the_whole_run(run_dir, saved[0], expected_manifest)
+
+
+def manifest_describes_the_whole_run(run_dir: Path, resumed_at: int, uninterrupted: dict) -> None:
+    """Exactly the listed files; both attempts' TensorBoard files, which together cover every step once; the
+    figures over both attempts."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    found = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
+    assert found == set(manifest["files"]) | {"manifest.json"}
+    event_files = sorted(f for f in manifest["files"] if f.startswith("tensorboard/events.out.tfevents"))
+    assert len(event_files) == 2, event_files
+    steps = []
+    for name in event_files:
+        for event in EventFileLoader(str(run_dir / name)).Load():
+            if any(v.tag == "train/loss" for v in event.summary.value):
+                steps.append(event.step)
+    assert sorted(steps) == list(range(1, int(STEPS) + 1))  # logged every step (FT_LOGGING_STEPS=1), none twice
+    training = manifest["training"]
+    assert training["steps"] == int(STEPS) and training["resumes"] == 1
+    assert training["resumed_from_steps"] == [resumed_at]
+    assert [a["resumed_from"] for a in training["attempts"]] == [None, resumed_at]
+    assert [a["ended_at_step"] for a in training["attempts"]] == [resumed_at, int(STEPS)]
+    assert all(a["seconds"] > 0 for a in training["attempts"])
+    assert manifest["metrics"]["train_loss"] == pytest.approx(uninterrupted["metrics"]["train_loss"], rel=1e-4)
+    assert manifest["metrics"]["eval_loss_before"] == uninterrupted["metrics"]["eval_loss_before"]
+    card = (run_dir / "README.md").read_text()
+    assert f"{STEPS} steps in 2 attempts, resumed from step {resumed_at}" in card
 
 
 def test_kill_9_while_mirroring_resumes_from_the_previous_complete_checkpoint(tiny_model, tmp_path):

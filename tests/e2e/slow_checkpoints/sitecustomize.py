@@ -1,5 +1,6 @@
 """Loaded by the job's interpreter in one test (PYTHONPATH): checkpoint uploads to a local store take
-SLOW_CHECKPOINT_PUT seconds per file, so that a kill -9 lands while a checkpoint is being mirrored."""
+SLOW_CHECKPOINT_PUT seconds per file, so that a kill -9 lands while a checkpoint is being mirrored, and deletions
+of checkpoint files SLOW_CHECKPOINT_DELETE seconds each, so that a signal lands in the clean-up after publishing."""
 
 import os
 import time
@@ -16,3 +17,15 @@ def _slow_put(self, src, key):
 
 
 local.LocalStorage.put = _slow_put
+
+_delete = local.LocalStorage.delete
+
+
+def _slow_delete(self, key):
+    # SLOW_CHECKPOINT_DELETE: the clean-up after a published run takes long enough for a signal to land in it.
+    if "checkpoint" in key or key.endswith("latest"):
+        time.sleep(float(os.environ.get("SLOW_CHECKPOINT_DELETE", "0")))
+    return _delete(self, key)
+
+
+local.LocalStorage.delete = _slow_delete
