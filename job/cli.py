@@ -1,4 +1,4 @@
-"""`finetune-job [run|config|env|check]`: the container's entrypoint.
+"""`finetune-job [run|config|env|check]` (`train`, SageMaker's argument, is `run`): the container's entrypoint.
 
 Every failure ends with a one-line reason (also written to the termination log) and an exit code from
 job.errors.EXIT_CODES; only a bug prints a traceback.
@@ -13,7 +13,7 @@ import sys
 import typing
 from pathlib import Path
 
-from job import log
+from job import log, platforms
 from job.config import Settings, env_name, load_settings
 from job.errors import EXIT_CODES, InterruptedJob, JobError, StopSignal
 from job.signals import Stopper
@@ -110,7 +110,8 @@ def cmd_run(args) -> int:
 
 def termination_log_path() -> Path:
     # The settings may be the very thing that failed, so the path is read from the environment.
-    return Path(os.environ.get("FT_TERMINATION_LOG") or DEFAULT_TERMINATION_LOG)
+    return Path(os.environ.get("FT_TERMINATION_LOG") or platforms.termination_log(os.environ)
+                or DEFAULT_TERMINATION_LOG)
 
 
 def write_termination_log(reason: str) -> None:
@@ -128,7 +129,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finetune-job", description="QLoRA fine-tuning as a batch job, configured by FT_* "
                                 "environment variables (see `finetune-job env`).")
     sub = p.add_subparsers(dest="command")
-    sub.add_parser("run", help="fine-tune and publish (the default)").set_defaults(func=cmd_run)
+    # `train`: the argument a SageMaker training job starts the image with.
+    sub.add_parser("run", aliases=["train"], help="fine-tune and publish (the default)").set_defaults(func=cmd_run)
     sub.add_parser("config", help="print the effective configuration, secrets redacted").set_defaults(func=cmd_config)
     env = sub.add_parser("env", help="list every variable with its type, default and meaning")
     env.add_argument("--markdown", action="store_true", help="as a Markdown table (the README's)")
