@@ -166,3 +166,16 @@ def test_a_change_to_the_exit_codes_reaches_every_definition(monkeypatch):
     assert aws_action(strategy, None, SPOT_RECLAIM) == "RETRY"
     assert aws_errors(rc.aws_batch(), "batch", "RegisterJobDefinition") == ""
     assert 6 in rc.gcp_batch()["taskGroups"][0]["taskSpec"]["lifecyclePolicies"][0]["actionCondition"]["exitCodes"]
+
+
+def test_the_readme_names_each_definition_and_its_stop_and_grace():
+    readme = (rc.ROOT / "README.md").read_text()
+    section = readme[readme.index("### Batch services"):readme.index("### Logs")]
+    for path in (rc.AWS_BATCH, rc.GCP_BATCH, rc.SAGEMAKER):
+        assert f"`{path.relative_to(rc.ROOT)}`" in section
+    assert f"`{rc.AWS_BATCH_MULTI_NODE.name}`" in section
+    for service, stop in rc.STOP_SECONDS.items():
+        assert f"{stop} s" in section and f"grace {rc.GRACE_SECONDS[service]}" in section
+    final = ", ".join(map(str, rc.final_codes()[:-1])) + f", {rc.final_codes()[-1]}"
+    assert section.count(f"but {final}") == 1 and f"but exit codes {final}" in section
+    assert f"up to {rc.chart()['job']['backoffLimit'] + 1} attempts" in section
