@@ -40,6 +40,7 @@ def on_sagemaker(environ: Mapping[str, str]) -> bool:
 
 
 def config_dir(environ: Mapping[str, str]) -> Path:
+    """SageMaker's folder of JSON files describing the job (SM_INPUT_CONFIG_DIR, else /opt/ml/input/config)."""
     return Path(environ.get("SM_INPUT_CONFIG_DIR") or OPT_ML / "input" / "config")
 
 

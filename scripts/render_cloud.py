@@ -59,6 +59,7 @@ def final_codes() -> list[int]:
 
 
 def chart() -> dict[str, Any]:
+    """The chart's values.yaml, parsed."""
     return load_values(VALUES)
 
 
@@ -79,6 +80,7 @@ def mebibytes(quantity: str) -> int:
 
 
 def image(registry: str) -> str:
+    """The image in `registry`, tagged with the chart's appVersion (kept equal to the package's version)."""
     version = load_values(CHART / "Chart.yaml")["appVersion"]
     return f"{registry}/{NAME}:{version}"
 
@@ -214,6 +216,7 @@ SAGEMAKER_CHECKPOINTS = "/opt/ml/checkpoints"  # synced to CheckpointConfig.S3Ur
 
 
 def _channel(name: str, prefix: str) -> dict[str, Any]:
+    """A File-mode input channel copying the S3 `prefix` to /opt/ml/input/data/<name>."""
     return {"ChannelName": name, "InputMode": "File", "DataSource": {"S3DataSource": {
         "S3DataType": "S3Prefix", "S3Uri": prefix, "S3DataDistributionType": "FullyReplicated"}}}
 
