@@ -63,3 +63,15 @@ k8s: install
 k8s-check: install
 	$(PY) scripts/render_k8s.py --check
 # <<< packaging
+
+# >>> batch services (issue 18): deploy/ from job/config.py, job/errors.py, job/platforms.py and the chart's values
+.PHONY: cloud cloud-check
+
+## Regenerate the AWS Batch, Google Cloud Batch and SageMaker definitions in deploy/ (after `make k8s`).
+cloud: install
+	$(PY) scripts/render_cloud.py
+
+## Fail when they are stale (tests/packaging/test_cloud_definitions.py checks the same).
+cloud-check: install
+	$(PY) scripts/render_cloud.py --check
+# <<< batch services

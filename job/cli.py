@@ -1,4 +1,4 @@
-"""`finetune-job [run|config|env|check]`: the container's entrypoint.
+"""`finetune-job [run|config|env|check]` (`train`, SageMaker's argument, is `run`): the container's entrypoint.
 
 Every failure ends with a one-line reason (also written to the termination log) and an exit code from
 job.errors.EXIT_CODES; only a bug prints a traceback.
@@ -112,7 +112,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finetune-job", description="QLoRA fine-tuning as a batch job, configured by FT_* "
                                 "environment variables (see `finetune-job env`).")
     sub = p.add_subparsers(dest="command")
-    sub.add_parser("run", help="fine-tune and publish (the default)").set_defaults(func=cmd_run)
+    # `train`: the argument a SageMaker training job starts the image with.
+    sub.add_parser("run", aliases=["train"], help="fine-tune and publish (the default)").set_defaults(func=cmd_run)
     sub.add_parser("config", help="print the effective configuration, secrets redacted").set_defaults(func=cmd_config)
     env = sub.add_parser("env", help="list every variable with its type, default and meaning")
     env.add_argument("--markdown", action="store_true", help="as a Markdown table (the README's)")

@@ -19,6 +19,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from job import platforms
 from job.errors import ConfigError, first_line
 from job.storage.uri import uri_problem
 
@@ -45,7 +46,8 @@ class Settings(BaseSettings):
     base_model: str = Field(
         "NousResearch/Llama-2-7b-chat-hf",
         description="Base model: a Hugging Face Hub id (`org/name`, or `hf://org/name`), an S3 prefix holding its "
-        "files (`s3://bucket/models/llama-2-7b/`), or a local directory.",
+        "files (`s3://bucket/models/llama-2-7b/`), or a local directory. In a SageMaker training job with an input "
+        "channel `model`, that channel's directory.",
     )
     model_revision: str | None = Field(
         None, description="Hub branch, tag or commit of the base model; pin a commit for reproducible runs."
@@ -54,7 +56,7 @@ class Settings(BaseSettings):
         "mlabonne/guanaco-llama2-1k",
         description="Dataset: a Hub dataset id (`org/name`, or `hf://datasets/org/name`), an S3 object or prefix "
         "(`s3://bucket/data/train.jsonl`, `s3://bucket/data/`), or a local file or directory of .jsonl, .json, .csv or "
-        ".parquet files.",
+        ".parquet files. In a SageMaker training job with an input channel `train`, that channel's directory.",
     )
     dataset_revision: str | None = Field(None, description="Hub branch, tag or commit of the dataset.")
     dataset_split: str = Field("train", description="Split of the dataset to train on.")
@@ -220,13 +222,15 @@ class Settings(BaseSettings):
         "./results",
         description="Destination: a local directory or `s3://bucket/prefix` (results in `<output>/<run id>/`, the "
         "manifest last), or `hf://org/name`, a Hub model repository that receives each run as one commit (adapter and "
-        "tokenizer at its root).",
+        "tokenizer at its root). In a SageMaker training job the default is /opt/ml/model (SM_MODEL_DIR), which "
+        "SageMaker uploads as model.tar.gz.",
     )
     run_id: str | None = Field(
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
         description="Name of this run at the destination and of its checkpoints. Default: the batch service's job id "
-        "(AWS_BATCH_JOB_ID, CLOUD_RUN_EXECUTION, BATCH_JOB_UID), so that a retried job resumes, else a fingerprint of "
-        "the settings (`run-<12 hex>`). The Helm chart sets it to the Kubernetes Job's name.",
+        "(AWS_BATCH_JOB_ID, CLOUD_RUN_EXECUTION, BATCH_JOB_UID, SageMaker's TRAINING_JOB_NAME), which every attempt "
+        "of one job shares, so that a retried job resumes, else a fingerprint of the settings (`run-<12 hex>`). The "
+        "Helm chart sets it to the Kubernetes Job's name.",
     )
     overwrite: bool = Field(False, description="Replace a completed run with the same run id at the destination.")
     work_dir: Path = Field(
@@ -237,7 +241,7 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe level logged.")
     termination_log: Path = Field(
-        Path("/dev/termination-log"), description="File that gets a one-line reason when the job ends in failure."
+        Path("/dev/termination-log"), description="File that gets a one-line reason when the job ends in failure; in a SageMaker training job /opt/ml/output/failure, which SageMaker reports as the job's failure reason."
     )
 
     # --- quality: what every run shows of what it learned, and what it exports ----------------------------------
@@ -312,7 +316,8 @@ class Settings(BaseSettings):
     termination_grace_seconds: float = Field(
         25.0, gt=0,
         description="Budget after SIGTERM to finish the step and save a checkpoint; keep it below the pod's "
-        "terminationGracePeriodSeconds (Kubernetes' default is 30).",
+        "terminationGracePeriodSeconds (Kubernetes' default is 30; AWS Batch's and Google Cloud Batch's stop also "
+        "kill after 30 s). In a SageMaker training job the default is 110, below its 120-second stop.",
     )
     require_gpu: bool = Field(False, description="Fail in preflight when no CUDA GPU (or, for bf16, no bf16 support) is visible.")
 
@@ -456,7 +461,7 @@ class Settings(BaseSettings):
     def settings_customise_sources(
         cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings, _YamlSource(settings_cls)
+        return init_settings, env_settings, _YamlSource(settings_cls), _PlatformSource(settings_cls)
 
 
 def _prompt_list(value: str) -> list[str]:
@@ -492,6 +497,29 @@ class _YamlSource(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         return {k: v for k, v in self.data.items() if k in self.settings_cls.model_fields}
+
+
+class _PlatformSource(PydanticBaseSettingsSource):
+    """Below the YAML file: a SageMaker training job's hyperparameters, over what its container contract implies
+    (job.platforms); nothing elsewhere."""
+
+    def __init__(self, settings_cls: type[BaseSettings]):
+        super().__init__(settings_cls)
+        hyper = {_field_name(k): v for k, v in _hyperparameters().items()}
+        self.data = {**platforms.sagemaker_defaults(os.environ), **hyper}
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ does the work
+        return self.data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.data.items() if k in self.settings_cls.model_fields}
+
+
+def _hyperparameters() -> dict[str, Any]:
+    try:
+        return platforms.hyperparameters(os.environ)
+    except ValueError as e:
+        raise ConfigError([f"SageMaker hyperparameters: {e}"]) from None
 
 
 def _read_yaml(path: str | None) -> dict[str, Any]:
@@ -539,6 +567,7 @@ def load_settings() -> Settings:
     yaml_file = environ.get(CONFIG_FILE_VAR)
     yaml_keys = [env_name(k) for k in _read_yaml(yaml_file)]
     problems += _unknown(yaml_keys, f" in {CONFIG_FILE_VAR}={yaml_file}")
+    problems += _unknown([env_name(_field_name(k)) for k in _hyperparameters()], " in SageMaker's hyperparameters")
     settings = None
     try:
         settings = Settings()

@@ -69,13 +69,30 @@ def node_rank(cfg: Settings) -> int:
                        f"{cfg.nnodes} every node needs its rank (0 to {cfg.nnodes - 1})"])
 
 
+def master_addr() -> str | None:
+    """Node 0's address for the rendezvous: MASTER_ADDR, else what an AWS Batch multi-node job says of it."""
+    return os.environ.get("MASTER_ADDR") or aws_batch_main_node()
+
+
+def aws_batch_main_node() -> str | None:
+    """The rendezvous address in an AWS Batch multi-node parallel job, which sets no MASTER_ADDR: the main node's
+    private IPv4 address on the other nodes (AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS), this host's name on the
+    main node itself, which hosts the rendezvous (AWS_BATCH_JOB_NODE_INDEX = AWS_BATCH_JOB_MAIN_NODE_INDEX); None
+    outside such a job."""
+    env = os.environ
+    if main := env.get("AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS"):
+        return main
+    index, main_index = env.get("AWS_BATCH_JOB_NODE_INDEX"), env.get("AWS_BATCH_JOB_MAIN_NODE_INDEX")
+    return socket.gethostname() if index is not None and index == main_index else None
+
+
 def torchrun_args(cfg: Settings, run_id: str, nproc: int | None = None) -> list[str]:
     nproc = nproc or processes_per_node(cfg)
     args = ["--nproc-per-node", str(nproc), "--max-restarts", "0", "--monitor-interval", "1"]
     if cfg.nnodes == 1:
         args.append("--standalone")
     else:
-        addr = os.environ.get("MASTER_ADDR")
+        addr = master_addr()
         if not addr:
             raise ConfigError([f"MASTER_ADDR: not set; with FT_NNODES={cfg.nnodes} it must name node 0 (the Helm "
                                "chart sets it to the first pod's hostname)"])
@@ -107,7 +124,7 @@ def launch(cfg: Settings, run_id: str) -> int:
     args = torchrun_args(cfg, run_id, nproc)
     log.get().info("launching workers with torchrun", nnodes=cfg.nnodes, node_rank=node_rank(cfg),
                    nproc_per_node=nproc, strategy=cfg.strategy,
-                   rendezvous=os.environ.get("MASTER_ADDR") and f"{os.environ['MASTER_ADDR']}:"
+                   rendezvous=master_addr() and f"{master_addr()}:"
                    f"{os.environ.get('MASTER_PORT') or DEFAULT_PORT}")
     # Workers that got SIGTERM need the grace budget to save; torchrun waits this long before SIGKILL.
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(int(cfg.termination_grace_seconds) + 5))
@@ -117,7 +134,7 @@ def launch(cfg: Settings, run_id: str) -> int:
     try:
         run(parse_args(args))
     except (RendezvousError, DistNetworkError, DistStoreError) as e:
-        raise UnavailableError(f"the nodes did not meet at {os.environ.get('MASTER_ADDR')}:"
+        raise UnavailableError(f"the nodes did not meet at {master_addr()}:"
                                f"{os.environ.get('MASTER_PORT') or DEFAULT_PORT} within FT_DIST_TIMEOUT_SECONDS="
                                f"{cfg.dist_timeout_seconds:g} ({type(e).__name__}: {first_line(e, 200)})") from None
     except ChildFailedError as e:

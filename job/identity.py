@@ -10,8 +10,9 @@ import re
 
 from job.config import Settings
 
-# Job ids that batch services keep across the retries of one job: AWS Batch, Cloud Run jobs, Google Cloud Batch.
-PLATFORM_JOB_IDS = ("AWS_BATCH_JOB_ID", "CLOUD_RUN_EXECUTION", "BATCH_JOB_UID")
+# Job ids that batch services keep across the attempts of one job: AWS Batch (AWS_BATCH_JOB_ATTEMPT counts them),
+# Cloud Run jobs, Google Cloud Batch (BATCH_TASK_RETRY_ATTEMPT), SageMaker (managed spot restarts keep the name).
+PLATFORM_JOB_IDS = ("AWS_BATCH_JOB_ID", "CLOUD_RUN_EXECUTION", "BATCH_JOB_UID", "TRAINING_JOB_NAME")
 # Settings that do not change what is trained, left out of the run-id fingerprint.
 NOT_FINGERPRINTED = {"run_id", "overwrite", "log_format", "log_level", "work_dir", "termination_log",
                      "termination_grace_seconds", "require_gpu", "save_steps", "save_minutes", "keep_checkpoints",

@@ -32,7 +32,10 @@ DEFAULT_TERMINATION_LOG = Path("/dev/termination-log")
 
 def termination_log_path() -> Path:
     # The settings may be the very thing that failed, so the path is read from the environment.
-    return Path(os.environ.get("FT_TERMINATION_LOG") or DEFAULT_TERMINATION_LOG)
+    from job import platforms  # the standard library only, like this module
+
+    return Path(os.environ.get("FT_TERMINATION_LOG") or platforms.termination_log(os.environ)
+                or DEFAULT_TERMINATION_LOG)
 
 
 def write_termination_log(reason: str) -> None:

@@ -282,26 +282,35 @@ def stale(files: dict[Path, str]) -> list[Path]:
     return out
 
 
+def report_stale(old: list[Path], target: str) -> int:
+    """Name the stale files on stderr; 1 when there are any, else 0 (the --check exit code)."""
+    for p in old:
+        print(f"stale: {p.relative_to(ROOT)}", file=sys.stderr)
+    if old:
+        print(f"run `make {target}` to regenerate", file=sys.stderr)
+    return 1 if old else 0
+
+
+def write_stale(current: dict[Path, str], old: list[Path]) -> None:
+    """Write the stale files of `current`; delete the stale ones it does not hold any more."""
+    for p in old:
+        if p in current:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(current[p])
+        else:
+            p.unlink()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="only report stale files; exit 1 if there are any")
     args = parser.parse_args(argv)
     if args.check:
         # k8s/ is rendered from the chart on disk, so it is only worth comparing once the chart is current.
-        old = stale(chart_files()) or stale(k8s_files())
-        for p in old:
-            print(f"stale: {p.relative_to(ROOT)}", file=sys.stderr)
-        if old:
-            print("run `make k8s` to regenerate", file=sys.stderr)
-        return 1 if old else 0
+        return report_stale(stale(chart_files()) or stale(k8s_files()), "k8s")
     for files in (chart_files, k8s_files):  # in this order: the rendering reads the chart's new values and schema
         current = files()
-        for p in stale(current):
-            if p in current:
-                p.parent.mkdir(parents=True, exist_ok=True)
-                p.write_text(current[p])
-            else:
-                p.unlink()
+        write_stale(current, stale(current))
     return 0
 
 
