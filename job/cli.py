@@ -81,7 +81,7 @@ def cmd_check(args) -> int:
     log.setup(cfg.log_format, cfg.log_level)
     configure(StorageOptions.of(cfg))
     run_id = resolve_run_id(cfg)
-    publish.check_destination(open_destination(cfg.output_uri), run_id, cfg.overwrite)
+    publish.check_destination(open_destination(cfg.output_uri).for_checks(), run_id, cfg.overwrite)
     preflight.run(cfg, run_id)
     return 0
 

@@ -24,7 +24,7 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
     scratch = cfg.work_dir / run_id
     # The processes of a node check, download and cache one after the other: the first does the work.
     with distributed.local_main_first():
-        publish.check_destination(dest, run_id, cfg.overwrite)
+        publish.check_destination(dest.for_checks(), run_id, cfg.overwrite)
         placement = preflight.run(cfg, run_id)
         if distributed.local_rank() == 0:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -28,10 +28,12 @@ def run(cfg: Settings, run_id: str) -> Placement:
         # After a restart, global rank 0 (the one that resumes and mirrors) may be on another node.
         log.get().warning("with several nodes, checkpoints on a local path resume only if every node mounts the same "
                           "filesystem there; prefer FT_CHECKPOINT_URI=s3://...", uri=checkpoint_uri(cfg, run_id))
+    # Every store is asked with short timeouts and few attempts (Storage.for_checks): a silent endpoint fails here
+    # in well under a minute, naming the setting; the transfers later keep FT_STORAGE_ATTEMPTS and the timeouts.
     for uri, setting in destinations(cfg, run_id):
-        probe_write(open_destination(uri, setting), setting, f"{PROBE}-{run_id}{_rank_suffix()}")
-    model = open_source(cfg.base_model, "FT_BASE_MODEL", "model", cfg.model_revision)
-    dataset = open_source(cfg.dataset, "FT_DATASET", "dataset", cfg.dataset_revision)
+        probe_write(open_destination(uri, setting).for_checks(), setting, f"{PROBE}-{run_id}{_rank_suffix()}")
+    model = open_source(cfg.base_model, "FT_BASE_MODEL", "model", cfg.model_revision).for_checks()
+    dataset = open_source(cfg.dataset, "FT_DATASET", "dataset", cfg.dataset_revision).for_checks()
     for source, setting in ((model, "FT_BASE_MODEL"), (dataset, "FT_DATASET")):
         probe_read(source, setting)
     if isinstance(model, HubStorage) and not _hub_offline():
@@ -88,8 +90,12 @@ def check_disk_for(model: HubStorage, cache: Path) -> None:
     """Free space where huggingface_hub caches downloads, against the size of the files to download."""
     from huggingface_hub import HfApi
 
-    with source_errors(model, "FT_BASE_MODEL"):
-        info = HfApi().model_info(model.repo_id, revision=model.revision, files_metadata=True)
+    from job.storage.base import CHECK_DEADLINE_SECONDS
+    from job.storage.hub import timeout
+
+    with source_errors(model, "FT_BASE_MODEL"), timeout(model.check_timeout, CHECK_DEADLINE_SECONDS):
+        info = HfApi().model_info(model.repo_id, revision=model.revision, files_metadata=True,
+                                  timeout=model.check_timeout)
     need = sum(s.size or 0 for s in info.siblings or [] if any(fnmatch(s.rfilename, p) for p in MODEL_FILES))
     cache.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(cache).free
