@@ -156,9 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     except JobError as e:
         return _fail(e)
     except Exception as e:  # noqa: BLE001 - the one place that turns a bug into exit code 1
-        from job import distributed
+        from job import diskspace, distributed
         from job.errors import OutOfMemoryError
 
+        if (full := diskspace.error_for(e)) is not None:  # ENOSPC from wherever it came (a library's own form)
+            return _fail(full)
         if distributed.is_worker() and (failure := distributed.collective_failure(e)):
             # The echo of another process's failure: that one's reason stays in the termination log.
             return _fail(failure, keep_termination_log=True)

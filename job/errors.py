@@ -28,6 +28,10 @@ EXIT_CODES: tuple[ExitCode, ...] = (
     ExitCode(6, "upload", True, "writing results to the destination failed; local artifacts are kept"),
     ExitCode(7, "interrupted", True, "stopped by SIGTERM/SIGINT (eviction, preemption); a retry resumes"),
     ExitCode(8, "unavailable", True, "a source could not be reached after retries (network, throttling, 5xx)"),
+    # Final: a volume too small for what the run writes is as small on the retry (a new emptyDir has the same
+    # sizeLimit, a PVC keeps its contents), which would fail again only after the same download and training.
+    ExitCode(9, "disk_full", False, "no space left where the job writes (the path, its setting, free and needed "
+             "bytes are named); a larger volume is needed"),
 )
 CODE_BY_NAME = {e.name: e.code for e in EXIT_CODES}
 
@@ -84,6 +88,30 @@ class StopSignal(BaseException):
 
 class UnavailableError(JobError):
     exit_name = "unavailable"
+
+
+class DiskFullError(JobError):
+    """No space left on the filesystem of `path`, where `setting` (FT_WORK_DIR, FT_OUTPUT_URI, FT_CHECKPOINT_URI,
+    HF_HOME, ...) set to `value` points. `free` and `need` are bytes; `need` estimates what the run writes on that
+    filesystem (None when unknown). job.diskspace turns the libraries' forms of ENOSPC into this error."""
+
+    exit_name = "disk_full"
+
+    def __init__(self, path, setting: str, value, free: int | None, need: int | None = None):
+        self.path, self.setting, self.free, self.need = path, setting, free, need
+        free_text = "unknown" if free is None else f"{free:,} bytes ({human_bytes(free)})"
+        need_text = f", about {need:,} bytes ({human_bytes(need)}) needed there" if need else ""
+        super().__init__(f"no space left on device writing {path} ({setting}={value}): {free_text} free"
+                         f"{need_text}; give {setting} a larger volume, or free space on it")
+
+
+def human_bytes(n: int | float) -> str:
+    """1536 -> '1.5 KiB': a size for people."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 def first_line(e: BaseException, limit: int = 300) -> str:

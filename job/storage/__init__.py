@@ -81,7 +81,7 @@ def open_destination(uri: str, setting: str = "FT_OUTPUT_URI", options: StorageO
         return _s3(uri, setting, options)
     if uri.startswith("hf://"):
         return HubDestination(uri, uri.removeprefix("hf://").strip("/").removeprefix("models/"), options)
-    return LocalStorage(uri)
+    return LocalStorage(uri, setting)
 
 
 def _s3(uri: str, setting: str, options: StorageOptions | None) -> S3Storage:
