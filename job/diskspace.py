@@ -6,9 +6,9 @@ The forms, each seen on a real full tmpfs (tests/test_diskspace.py makes them):
     OSError errno 28 (ENOSPC) or 122 (EDQUOT)     open/write, shutil, s3transfer, huggingface_hub, datasets
     safetensors' SafetensorError                   "... No space left on device (os error 28) ..."
     tokenizers' Exception                          "No space left on device (os error 28)"
-    torch.save's RuntimeError                      "PytorchStreamWriter failed writing file ...: file write failed";
-                                                   no errno: read as a full disk when a watched filesystem is nearly
-                                                   full (under NEARLY_FULL free)
+    torch.save's RuntimeError                      "... unexpected pos 576 vs 534" (torch 2.13), "PytorchStreamWriter
+                                                   failed writing file ..." (older); no errno: read as a full disk
+                                                   when a watched filesystem is nearly full (under NEARLY_FULL free)
 
 Preflight registers where the run writes (`watch`), with an estimate of what it writes there; an error whose path
 is unknown (torch's, tokenizers') is put on the fullest of those filesystems.
@@ -28,7 +28,9 @@ from job.errors import DiskFullError, JobError
 
 ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 SIGNS = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122", "storagefull")
-WRITE_FAILED = ("failed writing file", "file write failed")  # torch's stream writer, which drops the errno
+# torch.save's stream writer drops the errno: "PytorchStreamWriter failed writing file ...", or (torch 2.13)
+# "[enforce fail at inline_container.cc] . unexpected pos 576 vs 534" raised from "basic_ios::clear: iostream error"
+WRITE_FAILED = ("failed writing file", "file write failed", "unexpected pos", "iostream error")
 NEARLY_FULL = 16 * 2**20  # bytes: below this, a failed write with no errno is taken for a full disk
 
 
