@@ -98,7 +98,7 @@ class DiskFullError(JobError):
     exit_name = "disk_full"
 
     def __init__(self, path, setting: str, value, free: int | None, need: int | None = None):
-        self.path, self.setting, self.free, self.need = path, setting, free, need
+        self.path, self.setting, self.value, self.free, self.need = path, setting, value, free, need
         free_text = "unknown" if free is None else f"{free:,} bytes ({human_bytes(free)})"
         need_text = f", about {need:,} bytes ({human_bytes(need)}) needed there" if need else ""
         super().__init__(f"no space left on device writing {path} ({setting}={value}): {free_text} free"

@@ -99,6 +99,7 @@ def test_a_full_disk_in_a_local_put_names_the_setting_and_leaves_no_partial_file
 
     monkeypatch.setattr(os, "sendfile", full)
     monkeypatch.setattr(shutil, "_USE_CP_SENDFILE", True)
-    with pytest.raises(DiskFullError, match=r"\(FT_CHECKPOINT_URI=.*ckpt\).*about 4,096 bytes"):
+    with pytest.raises(DiskFullError, match=r"writing .*ckpt/checkpoint-1/adapter.safetensors \(FT_CHECKPOINT_URI="
+                                            r".*ckpt\).*about 4,096 bytes"):
         dest.put(src, "checkpoint-1/adapter.safetensors")
     assert [p.name for p in (tmp_path / "ckpt").rglob("*") if p.is_file()] == []

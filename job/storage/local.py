@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from job import diskspace
+from job.errors import DiskFullError
 from job.storage.base import Storage, file_sha256
 from job.storage.uri import local_path
 
@@ -52,6 +53,10 @@ class LocalStorage(Storage):
             with diskspace.guard(self.place(src)):
                 shutil.copyfile(src, tmp)
                 os.replace(tmp, dest)
+        except DiskFullError as e:
+            Path(tmp).unlink(missing_ok=True)
+            # Named by the file it was to be, with what is free once the partial copy is gone.
+            raise DiskFullError(dest, e.setting, e.value, diskspace.free_bytes(dest.parent), e.need) from None
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -61,6 +61,6 @@ def test_a_full_local_destination_publishes_nothing_and_leaves_no_partial_files(
                                             "FT_OUTPUT_URI": str(out)}, tmp_path)
     assert proc.returncode == CODE_BY_NAME["disk_full"], proc.stdout[-3000:] + proc.stderr[-3000:]
     error = the_error(proc)
-    assert f"(FT_OUTPUT_URI={out})" in error and "free, about" in error, error
+    assert f"(FT_OUTPUT_URI={out})" in error and "free, about" in error and ".partial" not in error, error
     assert "FT_OUTPUT_URI" in warned(proc)
     assert not [f for f in left if f.endswith("manifest.json") or f.endswith(".partial") or "/checkpoints/" in f], left
