@@ -13,7 +13,7 @@ import pytest
 
 from conftest import ROOT
 from job import diskspace
-from job.errors import DiskFullError
+from job.errors import CODE_BY_NAME, DiskFullError
 
 FORMS = r'''
 import json, os, shutil, sys, torch, safetensors.torch
@@ -77,7 +77,7 @@ def test_the_error_names_the_watched_place_by_path_and_says_free_and_needed(tmp_
     e = OSError(errno.ENOSPC, "No space left on device")
     e.filename, e.filename2 = str(work / "src"), str(out / "run" / "adapter.safetensors")
     full = diskspace.error_for(e)
-    assert isinstance(full, DiskFullError) and full.exit_code == 9
+    assert isinstance(full, DiskFullError) and full.exit_code == CODE_BY_NAME["disk_full"]
     assert full.setting == "FT_OUTPUT_URI" and full.need == 3 * 2**20 and full.free > 0
     assert str(out / "run" / "adapter.safetensors") in str(full) and "(FT_OUTPUT_URI=/o)" in str(full)
     assert "3,145,728 bytes (3.0 MiB) needed" in str(full)
