@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from job import log
-from job.errors import ConfigError, UnavailableError
+from job.errors import ConfigError, DiskFullError, UnavailableError
 from job.storage.base import file_sha256
 from job.storage import Storage
 
@@ -71,8 +71,13 @@ class CheckpointStore:
         marker = {"step": step, "settings": self.fingerprint, "data": self.data, "files": files}
         (local / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         self.log.info("mirroring checkpoint", step=step, uri=self.store.describe(name), files=len(files))
-        self.store.put_tree(local, name, skip={MARKER})
-        self.store.put(local / MARKER, f"{name}/{MARKER}")
+        try:
+            self.store.put_tree(local, name, skip={MARKER})
+            self.store.put(local / MARKER, f"{name}/{MARKER}")
+        except DiskFullError:
+            # Without its marker the copy is no checkpoint; its files would only keep the disk full.
+            self.store.delete_tree(name)
+            raise
         write_json(self.store, LATEST, {"checkpoint": name, "step": step})
         self.log.info("checkpoint mirrored", step=step, uri=self.store.describe(name))
         self.prune()

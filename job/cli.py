@@ -80,7 +80,7 @@ def cmd_check(args) -> int:
     configure(StorageOptions.of(cfg))
     run_id = resolve_run_id(cfg)
     dest = open_destination(cfg.output_uri)
-    if completion.find(dest, run_id, settings_fingerprint(cfg), cfg.overwrite).intact:
+    if completion.find(dest.for_checks(), run_id, settings_fingerprint(cfg), cfg.overwrite).intact:
         log.get().info("run already complete: `run` ends at once if the data is unchanged", uri=dest.describe(run_id))
     preflight.run(cfg, run_id)
     return 0
@@ -140,9 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     except JobError as e:
         return _fail(e)
     except Exception as e:  # noqa: BLE001 - the one place that turns a bug into exit code 1
-        from job import distributed
+        from job import diskspace, distributed
         from job.errors import OutOfMemoryError
 
+        if (full := diskspace.error_for(e)) is not None:  # ENOSPC from wherever it came (a library's own form)
+            return _fail(full)
         if distributed.is_worker() and (failure := distributed.collective_failure(e)):
             # The echo of another process's failure: that one's reason stays in the termination log.
             return _fail(failure, keep_termination_log=True)

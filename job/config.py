@@ -289,8 +289,8 @@ class Settings(BaseSettings):
         "commit."
     )
     storage_timeout_seconds: float = Field(
-        60, gt=0, description="Connect and read timeout of one S3 request: a transfer that stalls this long is "
-        "retried, and fails when its attempts are spent."
+        60, gt=0, description="Connect and read timeout of one S3 or Hub request: a transfer that stalls this long is "
+        "retried, and fails when its attempts are spent. Start-up checks wait at most 10 s, twice."
     )
     storage_deadline_seconds: float = Field(
         3600, gt=0, description="Upper bound on one whole S3 transfer (a model download, the results upload) and on "

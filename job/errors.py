@@ -30,6 +30,12 @@ EXIT_CODES: tuple[ExitCode, ...] = (
     ExitCode(8, "unavailable", True, "a source could not be reached after retries (network, throttling, 5xx)"),
     ExitCode(9, "quality", False, "FT_QUALITY_CHECK=fail: eval loss did not fall or sample answers did not stop; "
                                   "the results are published"),
+    # Final codes past 9 begin with a final code's digits, so that AWS Batch's five exit-code rules can hold them as
+    # patterns (scripts/render_cloud.py: "2*" ends 2 and 20).
+    # Final: a volume too small for what the run writes is as small on the retry (a new emptyDir has the same
+    # sizeLimit, a PVC keeps its contents), which would fail again only after the same download and training.
+    ExitCode(20, "disk_full", False, "no space left where the job writes (the path, its setting, free and needed "
+             "bytes are named); a larger volume is needed"),
 )
 CODE_BY_NAME = {e.name: e.code for e in EXIT_CODES}
 
@@ -92,6 +98,28 @@ class QualityError(JobError):
     """FT_QUALITY_CHECK=fail and the run's quality check found a problem (job/quality.py); raised after publishing."""
 
     exit_name = "quality"
+class DiskFullError(JobError):
+    """No space left on the filesystem of `path`, where `setting` (FT_WORK_DIR, FT_OUTPUT_URI, FT_CHECKPOINT_URI,
+    HF_HOME, ...) set to `value` points. `free` and `need` are bytes; `need` estimates what the run writes on that
+    filesystem (None when unknown). job.diskspace turns the libraries' forms of ENOSPC into this error."""
+
+    exit_name = "disk_full"
+
+    def __init__(self, path, setting: str, value, free: int | None, need: int | None = None):
+        self.path, self.setting, self.value, self.free, self.need = path, setting, value, free, need
+        free_text = "unknown" if free is None else f"{free:,} bytes ({human_bytes(free)})"
+        need_text = f", about {need:,} bytes ({human_bytes(need)}) needed there" if need else ""
+        super().__init__(f"no space left on device writing {path} ({setting}={value}): {free_text} free"
+                         f"{need_text}; give {setting} a larger volume, or free space on it")
+
+
+def human_bytes(n: int | float) -> str:
+    """1536 -> '1.5 KiB': a size for people."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 def first_line(e: BaseException, limit: int = 300) -> str:

@@ -105,7 +105,10 @@ def source_errors(source: Storage, setting: str):
     except PermissionError:
         raise InputError(f"{where}: permission denied") from None
     except network_errors() as e:  # the Hub unreachable after huggingface_hub's own retries: worth a later retry
-        raise UnavailableError(f"{where}: the Hub could not be reached ({first_line(e)})") from None
+        from huggingface_hub import constants
+
+        raise UnavailableError(f"{where}: the Hub could not be reached at {constants.ENDPOINT} (HF_ENDPOINT) "
+                               f"({type(e).__name__}: {first_line(e)})") from None
     except StorageError as e:  # S3: access denied, no such bucket or key (final), or unreachable (retriable)
         raise (UnavailableError if e.retriable else InputError)(f"{where}: {e}") from None
     except FileNotFoundError as e:

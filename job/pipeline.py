@@ -26,7 +26,7 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
     fingerprint = settings_fingerprint(cfg)
     # The processes of a node check, download and cache one after the other: the first does the work.
     with distributed.local_main_first():
-        found = completion.find(dest, run_id, fingerprint, cfg.overwrite)
+        found = completion.find(dest.for_checks(), run_id, fingerprint, cfg.overwrite)
         if found.intact:
             return already_complete(cfg, run_id, dest, found)
         placement = preflight.run(cfg, run_id)

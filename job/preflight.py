@@ -9,10 +9,11 @@ from pathlib import Path
 
 from job import log
 from job.config import Settings
-from job.errors import ConfigError, InputError, first_line, storage_failure
+from job import diskspace
+from job.errors import ConfigError, DiskFullError, InputError, first_line, human_bytes, storage_failure
 from job.fetch import MODEL_FILES, source_errors
-from job.model import Placement, choose_attention, meta_model, resolve_placement, resolve_targets
-from job.storage import HubStorage, Storage, open_destination, open_source
+from job.model import Placement, adaptable_modules, choose_attention, meta_model, resolve_placement, resolve_targets
+from job.storage import HubStorage, LocalStorage, S3Storage, Storage, open_destination, open_source
 
 PROBE = ".finetune-job-write-probe"
 
@@ -28,17 +29,20 @@ def run(cfg: Settings, run_id: str) -> Placement:
         # After a restart, global rank 0 (the one that resumes and mirrors) may be on another node.
         log.get().warning("with several nodes, checkpoints on a local path resume only if every node mounts the same "
                           "filesystem there; prefer FT_CHECKPOINT_URI=s3://...", uri=checkpoint_uri(cfg, run_id))
+    # Every store is asked with short timeouts and few attempts (Storage.for_checks): a silent endpoint fails here
+    # in well under a minute, naming the setting; the transfers later keep FT_STORAGE_ATTEMPTS and the timeouts.
     for uri, setting in destinations(cfg, run_id):
-        probe_write(open_destination(uri, setting), setting, f"{PROBE}-{run_id}{_rank_suffix()}")
-    model = open_source(cfg.base_model, "FT_BASE_MODEL", "model", cfg.model_revision)
-    dataset = open_source(cfg.dataset, "FT_DATASET", "dataset", cfg.dataset_revision)
+        probe_write(open_destination(uri, setting).for_checks(), setting, f"{PROBE}-{run_id}{_rank_suffix()}")
+    model = open_source(cfg.base_model, "FT_BASE_MODEL", "model", cfg.model_revision).for_checks()
+    dataset = open_source(cfg.dataset, "FT_DATASET", "dataset", cfg.dataset_revision).for_checks()
     for source, setting in ((model, "FT_BASE_MODEL"), (dataset, "FT_DATASET")):
         probe_read(source, setting)
     if isinstance(model, HubStorage) and not _hub_offline():
         check_disk_for(model, Path(_hub_cache()))
     if cfg.quantization != "none":
         check_bitsandbytes(placement)
-    check_model_settings(cfg, model, placement)
+    meta = check_model_settings(cfg, model, placement)
+    check_space(cfg, run_id, model, dataset, lora_parameters(cfg, meta) if meta is not None else None)
     log.get().info("preflight passed", run_id=run_id, device=placement.device, dtype=placement.dtype_name)
     return placement
 
@@ -88,26 +92,31 @@ def check_disk_for(model: HubStorage, cache: Path) -> None:
     """Free space where huggingface_hub caches downloads, against the size of the files to download."""
     from huggingface_hub import HfApi
 
-    with source_errors(model, "FT_BASE_MODEL"):
-        info = HfApi().model_info(model.repo_id, revision=model.revision, files_metadata=True)
+    from job.storage.base import CHECK_DEADLINE_SECONDS
+    from job.storage.hub import timeout
+
+    with source_errors(model, "FT_BASE_MODEL"), timeout(model.check_timeout, CHECK_DEADLINE_SECONDS):
+        info = HfApi().model_info(model.repo_id, revision=model.revision, files_metadata=True,
+                                  timeout=model.check_timeout)
     need = sum(s.size or 0 for s in info.siblings or [] if any(fnmatch(s.rfilename, p) for p in MODEL_FILES))
+    model.size = need
     cache.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(cache).free
     if need * 1.05 > free:
-        raise InputError(f"FT_BASE_MODEL={model.uri}: needs {need / 2**30:.1f} GiB in {cache}, only "
-                         f"{free / 2**30:.1f} GiB free (mount a larger volume at HF_HOME)")
+        raise DiskFullError(cache, _hf_setting("HF_HUB_CACHE"), cache, free, need)
 
 
-def check_model_settings(cfg: Settings, source: Storage, placement: Placement) -> None:
+def check_model_settings(cfg: Settings, source: Storage, placement: Placement):
     """FT_ATTENTION and FT_LORA_TARGET_MODULES against the model's architecture, read from its config.json alone
-    (the model is built on the meta device: no weights). Skipped, with a debug line, when config.json cannot be
-    read here (trusted remote code, an offline Hub cache without it); the same checks run again after load."""
+    (the model is built on the meta device: no weights), which is returned. Skipped (None), with a debug line, when
+    config.json cannot be read here (trusted remote code, an offline Hub cache without it); the same checks run
+    again after load."""
     import tempfile
 
     from transformers import AutoConfig
 
     if cfg.trust_remote_code:
-        return  # the config class is the model's own code, which only the fetch brings
+        return None  # the config class is the model's own code, which only the fetch brings
     with tempfile.TemporaryDirectory() as tmp:
         try:
             source.get("config.json", Path(tmp) / "config.json")
@@ -115,9 +124,10 @@ def check_model_settings(cfg: Settings, source: Storage, placement: Placement) -
             model = meta_model(config)
         except Exception as e:  # noqa: BLE001 - whatever stops the early check, the load-time one remains
             log.get().debug("model settings checked after load", reason=first_line(e))
-            return
+            return None
     choose_attention(cfg, placement, config)
     resolve_targets(cfg, model)
+    return model
 
 
 def check_bitsandbytes(placement: Placement) -> None:
@@ -147,3 +157,95 @@ def _hub_offline() -> bool:
     from huggingface_hub import constants
 
     return constants.HF_HUB_OFFLINE
+
+
+def lora_parameters(cfg: Settings, model) -> int:
+    """Trainable parameters of the adapter on `model` (built on the meta device): r x (in + out) per target."""
+    targets, _ = resolve_targets(cfg, model)
+    count = 0
+    for name, kind in adaptable_modules(model).items():
+        leaf = name.rsplit(".", 1)[-1]
+        chosen = kind != "output" if targets == "all-linear" else leaf in targets or name in targets
+        module = model.get_submodule(name)
+        if chosen and hasattr(module, "in_features"):
+            count += cfg.lora_r * (module.in_features + module.out_features)
+    return count
+
+
+def source_bytes(source: Storage) -> int | None:
+    """Total size of a source's files, when it can be told without downloading them."""
+    if getattr(source, "size", None):
+        return source.size  # a Hub model: check_disk_for summed its files
+    if isinstance(source, LocalStorage):  # read in place, nothing is copied
+        return 0
+    if isinstance(source, S3Storage):
+        try:
+            return sum(size for _, size in source.objects().values())
+        except OSError:
+            return None
+    return None
+
+
+def space_needs(cfg: Settings, run_id: str, model: Storage, dataset: Storage,
+                lora: int | None) -> list[diskspace.Location]:
+    """Where the run writes on local disk, and about how many bytes there (None: unknown). A checkpoint is the
+    adapter in fp32 plus Adam's two moments (12 bytes a LoRA parameter) and a few MiB of tokenizer and state; the
+    work directory holds FT_KEEP_CHECKPOINTS + 1 of them while the Trainer saves, a downloaded one to resume from,
+    the adapter, and S3 sources' copies; a Hub model goes to HF_HOME's cache, data to datasets' cache (~3x)."""
+    from datasets import config as datasets_config
+
+    from job.storage import is_local
+
+    checkpoint = lora * 12 + 8 * 2**20 if lora is not None else None
+    model_bytes, data_bytes = source_bytes(model), source_bytes(dataset)
+    work = None if checkpoint is None else (cfg.keep_checkpoints + 3) * checkpoint
+    if work is not None and not isinstance(model, HubStorage) and model_bytes is not None:
+        work += model_bytes + (data_bytes or 0)
+    places = [diskspace.Location(cfg.work_dir, "FT_WORK_DIR", str(cfg.work_dir), work)]
+    ckpt_uri = checkpoint_uri(cfg, run_id)
+    if is_local(cfg.output_uri):
+        out = None if checkpoint is None else lora * 4 + 8 * 2**20
+        if out is not None and ckpt_uri.startswith(cfg.output_uri.rstrip("/")):
+            out += (cfg.keep_checkpoints + 1) * checkpoint
+        places.append(diskspace.Location(_local(cfg.output_uri), "FT_OUTPUT_URI", cfg.output_uri, out))
+    if cfg.checkpoint_uri and is_local(cfg.checkpoint_uri):
+        need = None if checkpoint is None else (cfg.keep_checkpoints + 1) * checkpoint
+        places.append(diskspace.Location(_local(cfg.checkpoint_uri), "FT_CHECKPOINT_URI", cfg.checkpoint_uri, need))
+    if isinstance(model, HubStorage):
+        places.append(diskspace.Location(Path(_hub_cache()), _hf_setting("HF_HUB_CACHE"), _hub_cache(), model_bytes))
+    cache = Path(datasets_config.HF_DATASETS_CACHE)
+    places.append(diskspace.Location(cache, _hf_setting("HF_DATASETS_CACHE"), str(cache),
+                                     3 * data_bytes if data_bytes else None))
+    return places
+
+
+def check_space(cfg: Settings, run_id: str, model: Storage, dataset: Storage, lora: int | None) -> None:
+    """Watch where the run writes (so that a full disk later names its setting) and warn when a filesystem's free
+    space is below the estimate of what the run writes on it."""
+    places = space_needs(cfg, run_id, model, dataset, lora)
+    diskspace.watch(places)
+    by_device: dict[int | None, list[diskspace.Location]] = {}
+    for place in places:
+        by_device.setdefault(diskspace.device(place.path), []).append(place)
+    for group in by_device.values():
+        need = sum(p.need or 0 for p in group)
+        free = diskspace.free_bytes(group[0].path)
+        if free is not None and need > free:
+            log.get().warning(
+                f"free space looks too small: {human_bytes(free)} free for about {human_bytes(need)} this run writes "
+                f"there ({', '.join(f'{p.setting}={p.value}: ~{human_bytes(p.need or 0)}' for p in group)}; "
+                f"estimated from the model's size and {lora or 0:,} LoRA parameters, 12 bytes each per checkpoint)",
+                free=free, need=need)
+
+
+def _local(uri: str) -> Path:
+    from job.storage.uri import local_path
+
+    return local_path(uri)
+
+
+def _hf_setting(specific: str) -> str:
+    """The variable that placed a Hugging Face cache: its own (HF_HUB_CACHE, HF_DATASETS_CACHE) when set."""
+    import os
+
+    return specific if os.environ.get(specific) else "HF_HOME"

@@ -92,20 +92,24 @@ ECR = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com"
 
 def aws_retry_strategy() -> dict[str, Any]:
     """Retry a spot reclaim and the retriable exit codes, end the job on the final ones. evaluateOnExit holds at most
-    5 rules, the first that matches decides, and a failure no rule matches is retried. So: one EXIT rule per final
-    code, the rest falling through to a retry (a spot reclaim, which has no exit code, and a kill by signal, 137, too),
-    with the reclaim named first where a rule is left for it; or, when the final codes are too many for that, one
-    RETRY rule per retriable code and an EXIT rule for every other code."""
+    5 rules, the first that matches decides, a failure no rule matches is retried, and onExitCode is a pattern that
+    may end with `*`. So: one EXIT rule per final code, a final code's rule becoming "N*" where that also ends the
+    final codes beginning with its digits (2* for 2 and 20) and no retriable code or kill by signal (128 + n) begins
+    with them; the rest falls through to a retry (a spot reclaim, which has no exit code, and a kill by signal, 137,
+    too), with the reclaim named first where a rule is left for it."""
     spot = [{"onStatusReason": AWS_HOST_GONE, "action": "RETRY"}]
-    retriable = [e.code for e in EXIT_CODES if e.code and e.retriable]
-    if len(final_codes()) <= 5:
-        rules = spot[:5 - len(final_codes())] + [{"onExitCode": str(code), "action": "EXIT"} for code in final_codes()]
-    elif len(retriable) <= 3:
-        rules = spot + [{"onExitCode": str(code), "action": "RETRY"} for code in retriable]
-        rules.append({"onExitCode": "*", "action": "EXIT"})
-    else:
-        raise SystemExit(f"AWS Batch takes at most 5 evaluateOnExit rules: too few for the final exit codes "
-                         f"{final_codes()} or the retriable ones {retriable}")
+    finals = sorted(final_codes())
+    keep_retrying = [str(e.code) for e in EXIT_CODES if e.code and e.retriable] + [str(128 + n) for n in range(1, 65)]
+    patterns: dict[int, list[int]] = {}
+    for code in finals:
+        head = next((h for h in patterns if str(code).startswith(str(h))
+                     and not any(r.startswith(str(h)) for r in keep_retrying)), None)
+        patterns.setdefault(code, []) if head is None else patterns[head].append(code)
+    if len(patterns) > 5:
+        raise SystemExit(f"AWS Batch takes at most 5 evaluateOnExit rules: too few for the final exit codes {finals}; "
+                         "give a new final code the digits of an existing one (job/errors.py)")
+    rules = [{"onExitCode": f"{code}*" if more else str(code), "action": "EXIT"} for code, more in patterns.items()]
+    rules = spot[:5 - len(rules)] + rules
     return {"attempts": chart()["job"]["backoffLimit"] + 1, "evaluateOnExit": rules}
 
 

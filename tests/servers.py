@@ -3,6 +3,7 @@
 - S3Server: moto's S3 API server (ThreadedMotoServer) on 127.0.0.1, with real IAM authentication on demand;
 - FaultProxy: an HTTP proxy of our own between a client and a server, recording every request and failing the
   ones a rule picks: dropped connections, stalls, delays, 503s;
+- SilentServer: accepts connections and never answers (a hung load balancer, a stopped process behind a live port);
 - FakeHub: the routes huggingface_hub calls to read a repository (info, tree, resolve) and to write one (whoami,
   create, branch, preupload, LFS batch and upload, commit), with tokens, private repositories and commits.
 """
@@ -87,6 +88,30 @@ class S3Server:
 
     def stop(self) -> None:
         self._server.stop()
+
+
+class SilentServer:
+    """A loopback port that accepts every connection and never sends a byte; `url` is its address."""
+
+    def __init__(self):
+        import socket
+
+        self._socket = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        self.accepted: list = []  # held open, so that clients wait for an answer rather than see a reset
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                self.accepted.append(self._socket.accept()[0])
+            except OSError:  # closed by stop()
+                return
+
+    def stop(self) -> None:
+        self._socket.close()
+        for connection in self.accepted:
+            connection.close()
 
 
 @dataclass

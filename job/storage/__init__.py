@@ -17,6 +17,7 @@ from pathlib import Path
 
 from job.errors import ConfigError
 from job.storage.base import Storage, StorageError, StorageOptions
+from job.storage import hub
 from job.storage.hub import HubDestination, HubStorage
 from job.storage.local import LocalStorage
 from job.storage.s3 import S3Storage
@@ -34,9 +35,11 @@ for _name in ("botocore", "boto3", "s3transfer", "httpx2", "httpx"):
 
 
 def configure(options: StorageOptions) -> None:
-    """The options every store opened later in this process gets, unless given its own."""
+    """The options every store opened later in this process gets, unless given its own; and the timeout of every
+    request huggingface_hub sends (FT_STORAGE_TIMEOUT_SECONDS)."""
     global _options
     _options = options
+    hub.set_timeout(options.storage_timeout_seconds)
 
 
 def is_local(uri: str) -> bool:
@@ -78,7 +81,7 @@ def open_destination(uri: str, setting: str = "FT_OUTPUT_URI", options: StorageO
         return _s3(uri, setting, options)
     if uri.startswith("hf://"):
         return HubDestination(uri, uri.removeprefix("hf://").strip("/").removeprefix("models/"), options)
-    return LocalStorage(uri)
+    return LocalStorage(uri, setting)
 
 
 def _s3(uri: str, setting: str, options: StorageOptions | None) -> S3Storage:

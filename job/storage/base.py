@@ -19,9 +19,18 @@ class StorageError(OSError):
         self.retriable = retriable
 
 
+# Start-up checks (a probe write, a listing, one small read) ask little of a store: an endpoint that does not answer
+# them within these bounds is down, and the job says so in well under a minute rather than after the transfers'
+# patient retries (8 attempts x 60 s: ~8 minutes). A setting below a bound applies to the checks too.
+CHECK_ATTEMPTS = 2
+CHECK_TIMEOUT_SECONDS = 10.0
+CHECK_DEADLINE_SECONDS = 30.0
+
+
 @dataclasses.dataclass(frozen=True)
 class StorageOptions:
-    """How remote stores are reached; each field is the setting of the same name (`FT_HUB_PRIVATE`, ...)."""
+    """How remote stores are reached; each field is the setting of the same name (`FT_HUB_PRIVATE`, ...), except
+    `multipart_bytes` and `checking`."""
 
     hub_private: bool = True
     hub_revision: str | None = None
@@ -29,11 +38,28 @@ class StorageOptions:
     storage_timeout_seconds: float = 60.0
     storage_deadline_seconds: float = 3600.0
     multipart_bytes: int = 64 * 2**20  # not a setting: S3 part size, and the size from which uploads are multipart
+    checking: bool = False  # not a setting: these are the bounds of start-up checks (for_checks)
 
     @classmethod
     def of(cls, settings: Any) -> StorageOptions:
         defaults = cls()
         return cls(**{f.name: getattr(settings, f.name, getattr(defaults, f.name)) for f in dataclasses.fields(cls)})
+
+    def for_checks(self) -> StorageOptions:
+        """These options bounded for start-up checks: at most CHECK_ATTEMPTS attempts of CHECK_TIMEOUT_SECONDS
+        (connect, and each read) per request, and CHECK_DEADLINE_SECONDS per operation."""
+        return dataclasses.replace(
+            self, checking=True, storage_attempts=min(self.storage_attempts, CHECK_ATTEMPTS),
+            storage_timeout_seconds=min(self.storage_timeout_seconds, CHECK_TIMEOUT_SECONDS),
+            storage_deadline_seconds=min(self.storage_deadline_seconds, CHECK_DEADLINE_SECONDS))
+
+    def attempts_note(self) -> str:
+        """How many attempts a failed request had, and what set them, for messages."""
+        if self.checking:
+            return (f"after {self.storage_attempts} attempts of {self.storage_timeout_seconds:g} s (the start-up "
+                    "check's bounds)")
+        return (f"after {self.storage_attempts} attempts (FT_STORAGE_ATTEMPTS) of {self.storage_timeout_seconds:g} s "
+                "(FT_STORAGE_TIMEOUT_SECONDS)")
 
 
 class Storage(abc.ABC):
@@ -104,6 +130,11 @@ class Storage(abc.ABC):
 
     def bounded(self, seconds: float) -> Storage:
         """This store, with every transfer bounded by `seconds` (for background copies that must not hang)."""
+        return self
+
+    def for_checks(self) -> Storage:
+        """This store with StorageOptions.for_checks' short timeouts and few attempts, for start-up checks: a store
+        that does not answer fails them within about half a minute. A local store is itself."""
         return self
 
     def put_run(self, stage: Path, prefix: str, marker: str) -> None:

@@ -6,6 +6,7 @@ huggingface_hub reads HF_TOKEN, HF_HOME and HF_ENDPOINT itself; nothing here han
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import time
@@ -14,9 +15,67 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from job import log
-from job.storage.base import Storage, StorageError, StorageOptions
+from job.storage.base import CHECK_DEADLINE_SECONDS, CHECK_TIMEOUT_SECONDS, Storage, StorageError, StorageOptions
 
 MANIFEST = "manifest.json"  # publish's commit marker; on the Hub the commit itself is the atomic unit
+
+
+_timeout: float | None = None  # of every request huggingface_hub sends, as set_timeout last set it
+_deadline: float | None = None  # time.monotonic() after which no request is sent (within a `timeout` block)
+
+
+class HubDeadline(ConnectionError):
+    """Raised before a request once a start-up check's deadline has passed (huggingface_hub retries timeouts on its
+    own, up to 5 times with waits: without it a silent endpoint holds one check for minutes)."""
+
+
+def set_timeout(seconds: float | None) -> None:
+    """Bound huggingface_hub's requests: `seconds` to connect and for each read and write. Its shared HTTP client
+    has no timeout, and most HfApi calls pass `timeout=None`, so a silent endpoint would hang the job: a request
+    hook puts `seconds` in place of every missing timeout (hf_hub_download's own, HF_HUB_ETAG_TIMEOUT and
+    HF_HUB_DOWNLOAD_TIMEOUT, stay). Process-wide; None removes the bound."""
+    global _timeout
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils import _http
+
+    if seconds == _timeout:
+        return
+    base = _http.default_client_factory
+
+    def bound(request) -> None:
+        if _deadline is not None and time.monotonic() > _deadline:
+            raise HubDeadline(f"no answer from {request.url.scheme}://{request.url.netloc.decode()} within the "
+                              "start-up check's bound")
+        given = request.extensions.get("timeout") or {}
+        request.extensions["timeout"] = {k: seconds if given.get(k) is None else given[k]
+                                         for k in ("connect", "read", "write", "pool")}
+
+    def factory():
+        client = base()
+        hooks = client.event_hooks
+        client.event_hooks = {**hooks, "request": [*hooks.get("request", []), bound]}
+        return client
+
+    set_client_factory(factory)  # closes the current client: the next request gets a bounded one
+    _timeout = seconds
+
+
+@contextmanager
+def timeout(seconds: float | None, deadline_seconds: float | None = None) -> Iterator[None]:
+    """Within the block: requests time out after `seconds` (None: as they are), and none is sent once
+    `deadline_seconds` have passed (HubDeadline). The previous bounds after it."""
+    global _deadline
+    previous, previous_deadline = _timeout, _deadline
+    if seconds is None:
+        yield
+        return
+    set_timeout(seconds)
+    _deadline = time.monotonic() + deadline_seconds if deadline_seconds else None
+    try:
+        yield
+    finally:
+        _deadline = previous_deadline
+        set_timeout(previous)
 
 
 class HubStorage(Storage):
@@ -24,22 +83,32 @@ class HubStorage(Storage):
         super().__init__(uri)
         self.repo_id, self.repo_type, self.revision = repo_id, repo_type, revision
         self.commit: str | None = None  # the resolved commit, once fetched
+        self.check_timeout: float | None = None  # set by for_checks: the timeout of this store's requests
+
+    def for_checks(self) -> HubStorage:
+        checks = copy.copy(self)
+        checks.check_timeout = min(CHECK_TIMEOUT_SECONDS, _timeout or CHECK_TIMEOUT_SECONDS)
+        return checks
 
     def list(self, prefix: str = "") -> list[str]:
         from huggingface_hub import HfApi
 
-        files = HfApi().list_repo_files(self.repo_id, repo_type=self.repo_type, revision=self.revision)
+        with timeout(self.check_timeout, CHECK_DEADLINE_SECONDS):
+            files = HfApi().list_repo_files(self.repo_id, repo_type=self.repo_type, revision=self.revision)
         return sorted(f for f in files if f.startswith(prefix))
 
     def exists(self, key: str) -> bool:
         from huggingface_hub import file_exists
 
-        return file_exists(self.repo_id, key, repo_type=self.repo_type, revision=self.revision)
+        with timeout(self.check_timeout, CHECK_DEADLINE_SECONDS):
+            return file_exists(self.repo_id, key, repo_type=self.repo_type, revision=self.revision)
 
     def get(self, key: str, dest: Path) -> Path:
         from huggingface_hub import hf_hub_download
 
-        cached = hf_hub_download(self.repo_id, key, repo_type=self.repo_type, revision=self.revision)
+        with timeout(self.check_timeout, CHECK_DEADLINE_SECONDS):
+            cached = hf_hub_download(self.repo_id, key, repo_type=self.repo_type, revision=self.revision,
+                                     **({"etag_timeout": self.check_timeout} if self.check_timeout else {}))
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(cached, dest)
         return dest
@@ -86,6 +155,11 @@ class HubDestination(HubStorage):
     def __init__(self, uri: str, repo_id: str, options: StorageOptions):
         super().__init__(uri, repo_id, "model", options.hub_revision)
         self.options = options
+        if options.checking:
+            self.check_timeout = options.storage_timeout_seconds
+
+    def for_checks(self) -> HubDestination:
+        return HubDestination(self.uri, self.repo_id, self.options.for_checks())
 
     def describe(self, key: str = "") -> str:
         path = self._path(key)
@@ -117,16 +191,21 @@ class HubDestination(HubStorage):
         except ValueError as e:  # a malformed answer, or a card the Hub rejects: the same again next time
             raise StorageError(f"{what}: {' '.join(str(e).split())[:300]}", retriable=False) from None
         except Exception as e:  # noqa: BLE001 - the network: httpx errors, and LFS upload failures wrapping them
-            raise StorageError(f"{what}: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+            from huggingface_hub import constants
+
+            raise StorageError(f"{what}: {type(e).__name__}: {' '.join(str(e).split())[:300]} (the Hub at "
+                               f"{constants.ENDPOINT}, HF_ENDPOINT)") from None
 
     def _root_manifest(self) -> dict | None:
         """The manifest of the run now at the repository's root (at FT_HUB_REVISION), if any."""
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
-        with self._errors(f"reading {self.describe()}"):
+        with self._errors(f"reading {self.describe()}"), timeout(self.check_timeout, CHECK_DEADLINE_SECONDS):
             try:
-                return json.loads(Path(hf_hub_download(self.repo_id, MANIFEST, revision=self.revision)).read_text())
+                return json.loads(Path(hf_hub_download(
+                    self.repo_id, MANIFEST, revision=self.revision,
+                    **({"etag_timeout": self.check_timeout} if self.check_timeout else {}))).read_text())
             except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
                 return None
 
@@ -143,7 +222,7 @@ class HubDestination(HubStorage):
 
         what = f"writing to {self.describe()}"
         api = HfApi()
-        with self._errors(what):
+        with self._errors(what), timeout(self.check_timeout, CHECK_DEADLINE_SECONDS):
             role = api.whoami().get("auth", {}).get("accessToken", {}).get("role")
             if role == "read":
                 raise StorageError(f"{what}: HF_TOKEN is a read-only token; a write token is needed", retriable=False)

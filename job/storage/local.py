@@ -7,14 +7,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from job import diskspace
+from job.errors import DiskFullError
 from job.storage.base import Storage, file_sha256
 from job.storage.uri import local_path
 
 
 class LocalStorage(Storage):
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, setting: str = "FT_OUTPUT_URI"):
         super().__init__(uri)
         self.root = local_path(uri)
+        self.setting = setting  # what points here, for a message when its disk is full
 
     def _path(self, key: str) -> Path:
         return self.root / key if key else self.root
@@ -47,11 +50,25 @@ class LocalStorage(Storage):
                     raise
         os.close(fd)
         try:
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dest)
+            with diskspace.guard(self.place(src)):
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, dest)
+        except DiskFullError as e:
+            Path(tmp).unlink(missing_ok=True)
+            # Named by the file it was to be, with what is free once the partial copy is gone.
+            raise DiskFullError(dest, e.setting, e.value, diskspace.free_bytes(dest.parent), e.need) from None
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def place(self, src: Path | None = None) -> diskspace.Location:
+        """This store as a place that can run out of space: as preflight watches it (with its estimate), else as
+        itself, needing at least `src`'s size."""
+        root = self.root.absolute()
+        for place in diskspace.watched():
+            if root.is_relative_to(place.path.absolute()):
+                return place
+        return diskspace.Location(self.root, self.setting, self.uri, src.stat().st_size if src else None)
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)

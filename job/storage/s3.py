@@ -56,6 +56,7 @@ class S3Storage(Storage):
         self.options = options or StorageOptions()
         self._session = None
         self._lock = threading.Lock()
+        self.endpoint: str | None = None  # once a client exists: the URL requests go to, for messages
 
     # --- keys -----------------------------------------------------------------------------------------------------
     def _key(self, key: str) -> str:
@@ -85,6 +86,7 @@ class S3Storage(Storage):
                 self._session = boto3.session.Session()
             region = self._session.region_name or os.environ.get("AWS_REGION")
             client = self._session.client("s3", region_name=region, config=config)
+            self.endpoint = client.meta.endpoint_url
 
         def check_deadline(**_):
             if time.monotonic() > deadline:
@@ -92,6 +94,11 @@ class S3Storage(Storage):
 
         client.meta.events.register_first("before-send.s3", check_deadline)
         return client
+
+    def for_checks(self) -> S3Storage:
+        checks = copy.copy(self)  # the same session and lock
+        checks.options = self.options.for_checks()
+        return checks
 
     def bounded(self, seconds: float) -> S3Storage:
         bounded = copy.copy(self)  # the same session and lock
@@ -136,12 +143,14 @@ class S3Storage(Storage):
     def _error(self, e: Exception, what: str) -> Exception:
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
-        attempts = f"after {self.options.storage_attempts} attempts (FT_STORAGE_ATTEMPTS)"
+        attempts = self.options.attempts_note()
         if isinstance(e, StorageError | FileNotFoundError):
             return e
         if isinstance(e, DeadlineExceeded):
-            return StorageError(f"{what}: not done within FT_STORAGE_DEADLINE_SECONDS="
-                                f"{self.options.storage_deadline_seconds:g}")
+            bound = (f"{self.options.storage_deadline_seconds:g} s (the start-up check's bound)"
+                     if self.options.checking else
+                     f"FT_STORAGE_DEADLINE_SECONDS={self.options.storage_deadline_seconds:g}")
+            return StorageError(f"{what}: not done within {bound} (endpoint {self.endpoint or 'AWS default'})")
         if isinstance(e, NoCredentialsError | PartialCredentialsError):
             return StorageError(f"{what}: no AWS credentials (boto3 looks in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
                                 "AWS_PROFILE and ~/.aws, web identity (IRSA) and the instance profile)", retriable=False)

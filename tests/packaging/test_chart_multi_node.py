@@ -147,7 +147,7 @@ def test_the_jobset_runs_the_same_pods_and_restarts_them_together():
         {"name": "FinalExitCode", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]},
         {"name": "DeadlineExceeded", "action": "FailJobSet", "onJobFailureReasons": ["DeadlineExceeded"]}]
     fail_job = [r for r in spec["podFailurePolicy"]["rules"] if r["action"] == "FailJob"]
-    assert fail_job[0]["onExitCodes"]["values"] == [2, 3, 4, 5]
+    assert fail_job[0]["onExitCodes"]["values"] == [2, 3, 4, 5, 9]
     assert spec["activeDeadlineSeconds"] == values["job"]["activeDeadlineSeconds"]
     # The JobSet is what Kueue suspends and what the TTL deletes.
     assert jobset["spec"]["suspend"] is True and "suspend" not in spec

@@ -125,7 +125,7 @@ def test_notes_tell_how_to_follow_the_logs_and_where_the_adapter_lands():
     name = one(objs, "Job")["metadata"]["name"]
     assert f"kubectl -n ml logs -f job/{name}" in notes
     assert f"s3://ml-artifacts/finetune-job/{name}/" in notes
-    assert "Exit codes 2, 3, 4, 5 fail the Job at once" in notes
+    assert "Exit codes 2, 3, 4, 5, 9 fail the Job at once" in notes
 
 
 def test_a_change_of_settings_changes_the_pod_template():

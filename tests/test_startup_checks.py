@@ -1,0 +1,62 @@
+"""Start-up checks ask stores with short timeouts and few attempts; transfers keep the settings' patience."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from servers import SilentServer
+
+from job.storage import S3Storage, StorageOptions
+from job.storage.base import CHECK_ATTEMPTS, CHECK_DEADLINE_SECONDS, CHECK_TIMEOUT_SECONDS
+
+
+@pytest.fixture
+def silent():
+    server = SilentServer()
+    yield server
+    server.stop()
+
+
+def test_checks_are_bounded_and_transfers_keep_the_settings():
+    options = StorageOptions()  # the settings' defaults: 8 attempts of 60 s, an hour per transfer
+    store = S3Storage("s3://bucket/prefix", options)
+    checks = store.for_checks()
+    assert (checks.options.storage_attempts, checks.options.storage_timeout_seconds,
+            checks.options.storage_deadline_seconds) == (CHECK_ATTEMPTS, CHECK_TIMEOUT_SECONDS, CHECK_DEADLINE_SECONDS)
+    assert store.options == options and not store.options.checking  # the store used for transfers is unchanged
+    lower = StorageOptions(storage_attempts=1, storage_timeout_seconds=2).for_checks()
+    assert (lower.storage_attempts, lower.storage_timeout_seconds) == (1, 2)  # a lower setting applies to checks
+
+
+def test_a_silent_s3_endpoint_fails_a_check_within_its_bounds(silent, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", silent.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    store = S3Storage("s3://bucket/prefix", StorageOptions(storage_timeout_seconds=0.5)).for_checks()
+    start = time.monotonic()
+    with pytest.raises(OSError, match=f"{silent.url}.*after 2 attempts of 0.5 s .the start-up check's bounds"):
+        store.list()
+    assert time.monotonic() - start < 5
+
+
+def test_hub_requests_without_a_timeout_of_their_own_get_the_bound(silent, monkeypatch):
+    """huggingface_hub's HfApi calls pass timeout=None (its client has none either): without the bound a silent
+    Hub holds a request forever."""
+    from huggingface_hub import constants, get_session
+
+    from job.storage import hub
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the suite's default; this test talks to loopback
+
+    with hub.timeout(0.3):
+        start = time.monotonic()
+        with pytest.raises(Exception, match="(?i)timed out") as e:
+            get_session().get(f"{silent.url}/api/models/acme/x", timeout=None)
+        assert "Timeout" in type(e.value).__name__ and time.monotonic() - start < 3
+    with hub.timeout(5, deadline_seconds=0.01):
+        time.sleep(0.05)
+        with pytest.raises(hub.HubDeadline, match=silent.url):
+            get_session().get(f"{silent.url}/api/models/acme/x")
+    assert hub._deadline is None  # the bounds end with the block
