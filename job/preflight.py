@@ -12,7 +12,7 @@ from job.config import Settings
 from job.errors import ConfigError, InputError, first_line, storage_failure
 from job.fetch import MODEL_FILES, source_errors
 from job.model import Placement, choose_attention, meta_model, resolve_placement, resolve_targets
-from job.storage import HubStorage, Storage, open_destination, open_source
+from job.storage import HubStorage, LocalStorage, Storage, open_destination, open_source
 
 PROBE = ".finetune-job-write-probe"
 
@@ -80,6 +80,8 @@ def probe_read(source: Storage, setting: str) -> None:
     if isinstance(source, HubStorage) and _hub_offline():
         return  # HF_HUB_OFFLINE: only the local cache can answer, and fetching checks it
     with source_errors(source, setting):
+        if isinstance(source, LocalStorage):
+            source.check_readable()
         if not source.list():
             raise InputError(f"{setting}={source.uri}: no such file or directory, or it is empty")
 
