@@ -35,24 +35,15 @@ ENV PATH=/opt/venv/bin:$PATH \
 COPY requirements.lock /tmp/requirements.lock
 RUN "${PYTHON}" -m venv /opt/venv \
  && pip install --no-cache-dir --require-hashes --only-binary=:all: -r /tmp/requirements.lock
+
 # Then the package itself as a wheel, with the locked setuptools (no build isolation): nothing else comes from PyPI.
+# A stage of its own, so that building it leaves the build stage's /opt/venv (and its cached layer) untouched.
+FROM build AS wheel
 COPY pyproject.toml README.md /src/
 COPY job /src/job
 RUN pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /wheels /src
 
 FROM base
-ARG BASE_IMAGE=debian:bookworm-slim
-ARG VERSION=0.1.0
-ARG REVISION=unknown
-ARG CREATED=unknown
-LABEL org.opencontainers.image.title="finetune-job" \
-      org.opencontainers.image.description="QLoRA fine-tuning of an LLM as a batch job, configured by FT_* environment variables" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.created="${CREATED}" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.base.name="${BASE_IMAGE}"
-
 # A fixed UID and GID: the Helm chart's runAsUser, runAsGroup and fsGroup are 10001. /cache and /workspace are
 # writable by any UID (sticky, like /tmp), so that `--user` with another UID works without a volume on them.
 RUN groupadd --gid 10001 finetune \
@@ -64,7 +55,7 @@ RUN groupadd --gid 10001 finetune \
 # The dependencies (6 GB, nearly all CUDA libraries) are one layer that stays the same until the lock changes, so a
 # change of the job's code rebuilds, pushes and pulls only the small layer of its wheel.
 COPY --from=build /opt/venv /opt/venv
-COPY --from=build /wheels /wheels
+COPY --from=wheel /wheels /wheels
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-index /wheels/*.whl \
  && /opt/venv/bin/pip check \
  && rm -rf /wheels
@@ -89,6 +80,19 @@ ENV PATH=/opt/venv/bin:$PATH \
     NVIDIA_REQUIRE_CUDA="cuda>=13.0" \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
+
+# Last: REVISION and CREATED change with every build and would otherwise invalidate the layers after them.
+ARG BASE_IMAGE=debian:bookworm-slim
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG CREATED=unknown
+LABEL org.opencontainers.image.title="finetune-job" \
+      org.opencontainers.image.description="QLoRA fine-tuning of an LLM as a batch job, configured by FT_* environment variables" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="${BASE_IMAGE}"
 
 WORKDIR /workspace
 USER 10001:10001
