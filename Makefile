@@ -8,11 +8,12 @@ SMOL   := build/smollm2
 
 .PHONY: run run-tiny test install tiny smollm2 docs lock clean
 
-## Create the virtualenv with the locked dependencies (runtime + test tools) and the job itself.
-$(STAMP): requirements.lock requirements-dev.lock pyproject.toml
+## Create the virtualenv with the locked dependencies (requirements-dev.lock: the image's versions with torch's CPU
+## build, plus the test tools; every file checked against its hash) and the job itself, built with the locked setuptools.
+$(STAMP): requirements-dev.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.lock
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
 install: $(STAMP)
@@ -45,7 +46,7 @@ test: install
 docs: install
 	$(PY) scripts/update_readme.py
 
-## Re-pin requirements*.lock from pyproject.toml in a scratch virtualenv.
+## Re-pin requirements.lock (the image) and requirements-dev.lock (CPU development and CI) from pyproject.toml with uv.
 lock:
 	scripts/lock.sh
 

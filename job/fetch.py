@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -102,8 +103,9 @@ def source_errors(source: Storage, setting: str):
         status = getattr(e.response, "status_code", None) if getattr(e, "response", None) is not None else None
         error = UnavailableError if status is not None and (status >= 500 or status == 429) else InputError
         raise error(f"{where}: the Hub answered {first_line(e)}") from None
-    except PermissionError:
-        raise InputError(f"{where}: permission denied") from None
+    except PermissionError as e:
+        raise InputError(f"{where}: permission denied: {e.filename or source.uri} cannot be read by UID "
+                         f"{os.getuid()} (GID {os.getgid()}); make it readable to that user or group") from None
     except network_errors() as e:  # the Hub unreachable after huggingface_hub's own retries: worth a later retry
         from huggingface_hub import constants
 

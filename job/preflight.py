@@ -84,6 +84,8 @@ def probe_read(source: Storage, setting: str) -> None:
     if isinstance(source, HubStorage) and _hub_offline():
         return  # HF_HUB_OFFLINE: only the local cache can answer, and fetching checks it
     with source_errors(source, setting):
+        if isinstance(source, LocalStorage):
+            source.check_readable()
         if not source.list():
             raise InputError(f"{setting}={source.uri}: no such file or directory, or it is empty")
 

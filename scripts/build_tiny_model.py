@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -94,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
+    # transformers writes model.safetensors 0600 (a temporary file renamed): give it the umask's mode like the rest,
+    # so that a container running as another UID (the image's 10001) can read the mounted model.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in args.out.iterdir():
+        path.chmod((0o666 if path.is_file() else 0o777) & ~umask)
     n = sum(p.numel() for p in model.parameters())
     print(f"built tiny Llama ({n / 1e6:.2f}M parameters, vocab {len(tokenizer)}) at {args.out}")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -52,6 +53,9 @@ class LocalStorage(Storage):
         try:
             with diskspace.guard(self.place(src)):
                 shutil.copyfile(src, tmp)
+                # mkstemp makes the file 0600; a file written in place would have had the process umask's mode, which
+                # is what another reader of the volume (a serving pod with another UID) expects.
+                os.chmod(tmp, 0o666 & ~process_umask())
                 os.replace(tmp, dest)
         except DiskFullError as e:
             Path(tmp).unlink(missing_ok=True)
@@ -69,6 +73,21 @@ class LocalStorage(Storage):
             if root.is_relative_to(place.path.absolute()):
                 return place
         return diskspace.Location(self.root, self.setting, self.uri, src.stat().st_size if src else None)
+
+    def check_readable(self) -> None:
+        """Raise PermissionError (its `filename` the path) for the first file under the root this process cannot read,
+        or folder it cannot list: otherwise such a file is skipped by a listing or reported as missing by a loader."""
+        if not self.root.exists():  # raises PermissionError itself when a parent folder cannot be searched
+            return
+        if self.root.is_file():
+            _readable(self.root, os.R_OK)
+            return
+        _readable(self.root, os.R_OK | os.X_OK)
+        for parent, folders, files in os.walk(self.root):
+            for name in folders:
+                _readable(Path(parent, name), os.R_OK | os.X_OK)
+            for name in files:
+                _readable(Path(parent, name), os.R_OK)
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -90,3 +109,21 @@ class LocalStorage(Storage):
     def fetch(self, cache: Path, patterns: list[str] | None = None) -> Path:
         # Already local: read it in place rather than copying gigabytes of weights.
         return self.root
+
+
+def _readable(path: Path, mode: int) -> None:
+    if not os.access(path, mode):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+
+def process_umask() -> int:
+    """This process's umask (e.g. 0o022), read without changing it where Linux tells it (/proc/self/status)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: the only portable way, set and restored at once
+    os.umask(mask)
+    return mask
