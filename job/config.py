@@ -286,6 +286,16 @@ class Settings(BaseSettings):
         description="Budget after SIGTERM to finish the step and save a checkpoint; keep it below the pod's "
         "terminationGracePeriodSeconds (Kubernetes' default is 30).",
     )
+    lease_ttl_seconds: float = Field(
+        60, ge=1, le=3600, description="A run holds a lease at its checkpoint URI (`lease.json`) while it trains and "
+        "publishes, renewed every TTL/4; another attempt of the same run id takes it over once its heartbeat is older "
+        "than this (the holder was killed), with a warning naming the holder."
+    )
+    lease_wait_seconds: float = Field(
+        90, ge=0, description="How long an attempt that finds the run's lease held by a live attempt waits for it to "
+        "be released or go stale, then exits with code 10 (busy, retriable) naming the holder. Longer than "
+        "FT_LEASE_TTL_SECONDS, a retry after a kill -9 takes the dead attempt's lease over instead of failing."
+    )
     require_gpu: bool = Field(False, description="Fail in preflight when no CUDA GPU (or, for bf16, no bf16 support) is visible.")
 
     # --- scale out: several GPUs and nodes (torchrun) -------------------------------------------------------------

@@ -28,6 +28,7 @@ EXIT_CODES: tuple[ExitCode, ...] = (
     ExitCode(6, "upload", True, "writing results to the destination failed; local artifacts are kept"),
     ExitCode(7, "interrupted", True, "stopped by SIGTERM/SIGINT (eviction, preemption); a retry resumes"),
     ExitCode(8, "unavailable", True, "a source could not be reached after retries (network, throttling, 5xx)"),
+    ExitCode(10, "busy", True, "another attempt of this run id holds its lease (is still training or publishing)"),
 )
 CODE_BY_NAME = {e.name: e.code for e in EXIT_CODES}
 
@@ -84,6 +85,12 @@ class StopSignal(BaseException):
 
 class UnavailableError(JobError):
     exit_name = "unavailable"
+
+
+class LeaseHeldError(JobError):
+    """Another attempt of the same run id holds the run's lease (job/lease.py), or took it over from this one."""
+
+    exit_name = "busy"
 
 
 def first_line(e: BaseException, limit: int = 300) -> str:

@@ -6,7 +6,7 @@ import contextlib
 import shutil
 import time
 
-from job import data, distributed, fetch, log, model, preflight, publish, speed, tbsync, train
+from job import data, distributed, fetch, lease, log, model, preflight, publish, speed, tbsync, train
 from job.checkpoints import CheckpointStore
 from job.config import Settings
 from job.identity import resolve_run_id, settings_fingerprint
@@ -21,13 +21,17 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
     log.get().info("run starting", run_id=run_id, base_model=cfg.base_model, dataset=cfg.dataset,
                    output_uri=cfg.output_uri)
     dest = open_destination(cfg.output_uri)
-    scratch = cfg.work_dir / run_id
+    attempt = distributed.broadcast(lease.new_attempt_id())  # the processes of one attempt share its work dir
+    scratch = cfg.work_dir / run_id / attempt  # private: no attempt publishes another's files
     # The processes of a node check, download and cache one after the other: the first does the work.
     with distributed.local_main_first():
         publish.check_destination(dest, run_id, cfg.overwrite)
         placement = preflight.run(cfg, run_id)
+        held = lease.take(cfg, run_id, attempt)
+        if held.waited:  # the attempt we waited for may have completed the run
+            publish.check_destination(dest, run_id, cfg.overwrite)
         if distributed.local_rank() == 0:
-            shutil.rmtree(scratch, ignore_errors=True)
+            lease.clear_other_attempts(scratch)
         model_src = fetch.fetch_model(cfg)
         data_src = fetch.fetch_dataset(cfg)
         checkpoints = CheckpointStore(open_destination(preflight.checkpoint_uri(cfg, run_id), "FT_CHECKPOINT_URI"),
@@ -71,8 +75,11 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
                      **vars(plan)},
         "metrics": result.metrics,
     }
+    held.check()  # an attempt that lost the lease must not publish
     uri = publish.publish(scratch / "output", dest, cfg, run_id, facts)
     checkpoints.clear()  # the run is complete: nothing to resume
+    held.release()
+    shutil.rmtree(scratch, ignore_errors=True)
     distributed.barrier()
     summary = {"run_id": run_id, "output": uri, "adapter": dest.describe(f"{run_id}/adapter"),
                "tensorboard": dest.describe(f"{run_id}/tensorboard"),
