@@ -15,37 +15,24 @@ A lease is stale when its heartbeat is older than its TTL by the reader's clock,
 unchanged for longer than the TTL (so a holder whose clock runs ahead cannot keep it forever); a stale lease is
 taken over, with a warning naming the holder.
 
-Races, per backend (see `backend`):
-- local path: created with link(2) of a complete temporary file (fails if it exists); renewals, take-overs and the
-  release compare the nonce and replace the file under a mutex made with O_EXCL (broken when older than 30 s, i.e.
-  left by a process killed inside a millisecond-long section). Atomic on a local filesystem and on NFS.
-- S3: PutObject with If-None-Match: * to create, If-Match: <ETag> to renew or take over, DeleteObject with If-Match
-  to release; S3 (since 2024-11), MinIO and moto evaluate them atomically: of two racing attempts exactly one wins.
-- a store that refuses those headers (501 NotImplemented, an older S3-compatible server): write, wait
-  SETTLE_SECONDS, read back and keep the lease only if it still carries our nonce. A heuristic: two writers whose
-  writes land more than SETTLE_SECONDS apart are told apart, closer ones may both believe they won.
+How each store makes taking it race-free: job/lease_backends.py.
 """
 
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import socket
-import tempfile
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from job import log
 from job.errors import LeaseHeldError, first_line, storage_failure
-from job.storage import LocalStorage, S3Storage, Storage
-
-KEY = "lease.json"
-SETTLE_SECONDS = 2.0
-MUTEX_STALE_SECONDS = 30.0
+from job.lease_backends import KEY, Backend, Record, backend
+from job.storage import Storage
 
 
 def new_attempt_id() -> str:
@@ -53,235 +40,14 @@ def new_attempt_id() -> str:
     return "a-" + uuid.uuid4().hex[:12]
 
 
-@dataclass
-class Record:
-    """The lease's content. `heartbeat` and `started` are Unix seconds; `nonce` changes with every write."""
-
-    run_id: str
-    attempt: str
-    host: str
-    pid: int
-    started: float
-    heartbeat: float
-    ttl_s: float
-    nonce: str = ""
-
-    def stamped(self) -> Record:
-        return Record(**{**asdict(self), "heartbeat": time.time(), "nonce": uuid.uuid4().hex})
-
-    def describe(self) -> str:
-        age = max(0.0, time.time() - self.heartbeat)
-        return f"attempt {self.attempt} on {self.host} (pid {self.pid}), heartbeat {age:.0f}s ago"
-
-    @classmethod
-    def parse(cls, raw: bytes) -> Record | None:
-        try:
-            data = json.loads(raw)
-            return cls(**{k: data[k] for k in cls.__dataclass_fields__})
-        except (ValueError, KeyError, TypeError):
-            return None  # a torn or foreign file: treated as stale
-
-
-# --- backends: read, create if absent, replace if unchanged, remove if unchanged ----------------------------------
-class Backend:
-    """Conditional operations on one key. `token` is what identifies the version read (the nonce, or S3's ETag)."""
-
-    guarantee = "write, settle, read back"
-
-    def __init__(self, store: Storage):
-        self.store = store
-
-    def read(self) -> tuple[Record | None, str] | None:
-        """(record, token), or None when there is no lease. A record that cannot be parsed is (None, token)."""
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                raw = self.store.get(KEY, Path(tmp) / KEY).read_bytes()
-            except FileNotFoundError:
-                return None
-        record = Record.parse(raw)
-        return record, record.nonce if record else raw.hex()[:32]
-
-    def create(self, record: Record) -> str | None:
-        """Write `record` if there is no lease; its token, or None when another attempt was first."""
-        if self.read() is not None:
-            return None
-        return self._write_settled(record)
-
-    def replace(self, record: Record, token: str) -> str | None:
-        """Write `record` if the lease is still the version `token`; the new token, or None when it changed."""
-        found = self.read()
-        if found is None or found[1] != token:
-            return None
-        return self._write_settled(record)
-
-    def remove(self, token: str) -> None:
-        found = self.read()
-        if found is not None and found[1] == token:
-            self.store.delete(KEY)
-
-    def _write_settled(self, record: Record) -> str | None:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / KEY
-            path.write_text(json.dumps(asdict(record)))
-            self.store.put(path, KEY)
-        time.sleep(SETTLE_SECONDS)
-        found = self.read()
-        return record.nonce if found is not None and found[1] == record.nonce else None
-
-
-class LocalBackend(Backend):
-    guarantee = "link(2) to create, O_EXCL mutex to replace"
-
-    def __init__(self, store: LocalStorage):
-        super().__init__(store)
-        self.path = store.root / KEY
-
-    def create(self, record: Record) -> str | None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._temp(record)
-        try:
-            os.link(tmp, self.path)
-        except FileExistsError:
-            return None
-        finally:
-            tmp.unlink(missing_ok=True)
-        return record.nonce
-
-    def replace(self, record: Record, token: str) -> str | None:
-        with self._mutex():
-            found = self.read()
-            if found is None or found[1] != token:
-                return None
-            os.replace(self._temp(record), self.path)
-        return record.nonce
-
-    def remove(self, token: str) -> None:
-        with self._mutex():
-            found = self.read()
-            if found is not None and found[1] == token:
-                self.path.unlink(missing_ok=True)
-        self.store.delete(KEY)  # no-op on the file now; removes the folders left empty, as an object store would
-
-    def _temp(self, record: Record) -> Path:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{KEY}.", suffix=".partial")
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(asdict(record)))
-        return Path(tmp)
-
-    def _mutex(self):
-        return _Mutex(self.path.with_name(KEY + ".mutex"))
-
-
-class _Mutex:
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            try:
-                os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                return self
-            except FileExistsError:
-                try:
-                    if time.time() - self.path.stat().st_mtime > MUTEX_STALE_SECONDS:
-                        self.path.unlink(missing_ok=True)
-                except FileNotFoundError:
-                    pass
-                time.sleep(0.01)
-
-    def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
-
-
-class S3Backend(Backend):
-    guarantee = "conditional PutObject (If-None-Match / If-Match)"
-
-    def __init__(self, store: S3Storage):
-        super().__init__(store)
-        self.s3: S3Storage = store
-        self.conditional = True
-
-    def read(self):
-        def get(client):
-            from botocore.exceptions import ClientError
-
-            try:
-                obj = client.get_object(Bucket=self.s3.bucket, Key=self.s3._key(KEY))
-            except ClientError as e:
-                if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                    return None
-                raise
-            return obj["Body"].read(), obj["ETag"]
-
-        found = self.s3._call(f"reading {self.s3.describe(KEY)}", get)
-        return None if found is None else (Record.parse(found[0]), found[1])
-
-    def create(self, record: Record) -> str | None:
-        return self._put(record, {"IfNoneMatch": "*"}) if self.conditional else super().create(record)
-
-    def replace(self, record: Record, token: str) -> str | None:
-        if not self.conditional:
-            return super().replace(record, token)
-        return self._put(record, {"IfMatch": token})
-
-    def remove(self, token: str) -> None:
-        if not self.conditional:
-            return super().remove(token)
-        self.s3._call(f"deleting {self.s3.describe(KEY)}", self._lost_is_none(
-            lambda c: c.delete_object(Bucket=self.s3.bucket, Key=self.s3._key(KEY), IfMatch=token)))
-
-    def _put(self, record: Record, condition: dict) -> str | None:
-        body = json.dumps(asdict(record)).encode()
-        put = self._lost_is_none(lambda c: c.put_object(Bucket=self.s3.bucket, Key=self.s3._key(KEY), Body=body,
-                                                        ContentType="application/json", **condition))
-        answer = self.s3._call(f"writing {self.s3.describe(KEY)}", put)
-        if answer == "unsupported":
-            log.get().warning("the S3 store refuses conditional writes; the lease falls back to write, settle and "
-                              "read back", uri=self.s3.describe(KEY), settle_s=SETTLE_SECONDS)
-            self.conditional = False
-            return self.create(record) if "IfNoneMatch" in condition else self.replace(record, condition["IfMatch"])
-        return None if answer is None else answer["ETag"]
-
-    @staticmethod
-    def _lost_is_none(call):
-        """`call(client)`, with a failed precondition (412; 409 for a concurrent conditional write, 404 for a key
-        deleted meanwhile) as None and a refused header as "unsupported"."""
-
-        def run(client):
-            from botocore.exceptions import ClientError
-
-            try:
-                return call(client)
-            except ClientError as e:
-                code = e.response.get("Error", {}).get("Code", "")
-                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-                if status in (404, 409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict",
-                                                         "NoSuchKey"):
-                    return None
-                if status == 501 or code == "NotImplemented":
-                    return "unsupported"
-                raise
-
-        return run
-
-
-def backend(store: Storage) -> Backend:
-    """The strongest race-safe lease operations `store` offers."""
-    if isinstance(store, LocalStorage):
-        return LocalBackend(store)
-    if isinstance(store, S3Storage):
-        return S3Backend(store)
-    return Backend(store)
-
-
 # --- holding a lease --------------------------------------------------------------------------------------------------
 class Lease:
     """A lease this attempt holds, renewed by a daemon thread until `release()` (also run at interpreter exit).
     `lost` is a one-line reason once another attempt took it over (after our heartbeats failed for a TTL)."""
 
-    def __init__(self, ops: Backend, record: Record, token: str, waited: bool):
+    def __init__(self, ops: Backend, record: Record, token: str, waited: bool, took_over: str | None = None):
         self.ops, self.record, self.token, self.waited = ops, record, token, waited
+        self.took_over = took_over  # the attempt id of the stale lease taken over, if any
         self.lost: str | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -299,24 +65,48 @@ class Lease:
                 if self._stop.is_set():
                     return
                 try:
-                    token = self.ops.replace(self.record.stamped(), self.token)
+                    if not self._renew():
+                        return
                 except OSError as e:  # a storage hiccup: the next beat tries again, within the TTL
                     log.get().warning("lease heartbeat failed", uri=self.uri, error=first_line(e))
-                    continue
-                if token is None:
-                    found = self.ops.read()
-                    holder = found[0].describe() if found and found[0] else "nobody"
-                    self.lost = f"the lease at {self.uri} was taken over (now held by {holder})"
-                    log.get().error("lease lost: another attempt of this run took it over", uri=self.uri,
-                                    holder=holder)
-                    return
-                self.token = token
+
+    def _renew(self) -> bool:
+        """One heartbeat; False once the lease is lost."""
+        token = self.ops.replace(self.record.stamped(), self.token)
+        if token is None:
+            found = self.ops.read()
+            if found and found[0] and found[0].attempt == self.record.attempt:
+                token = found[1]  # our write landed but its answer was lost, and the retry was refused
+            else:
+                holder = found[0].describe() if found and found[0] else "nobody"
+                self.lost = f"the lease at {self.uri} was taken over (now held by {holder})"
+                log.get().warning("lease lost: another attempt of this run took it over", uri=self.uri,
+                                  holder=holder)
+                return False
+        self.token = token
+        return True
 
     def check(self) -> None:
-        """Raise LeaseHeldError when the lease was lost: this attempt must not write the run's results."""
+        """Raise LeaseHeldError unless the lease is still ours, read back from the store now (one small read): this
+        attempt must not mirror, prune or publish once another has taken the run over."""
+        with self._lock:
+            if not self.lost and not self._stop.is_set():
+                try:
+                    found = self.ops.read()
+                except OSError as e:  # cannot tell: the heartbeat's verdict stands
+                    log.get().warning("the lease could not be read back", uri=self.uri, error=first_line(e))
+                    found = None, self.token
+                if found is None or (found[1] != self.token and not (found[0] and found[0].attempt ==
+                                                                      self.record.attempt)):
+                    holder = found[0].describe() if found and found[0] else "nobody"
+                    self.lost = f"the lease at {self.uri} was taken over (now held by {holder})"
         if self.lost:
             raise LeaseHeldError(f"FT_RUN_ID={self.record.run_id}: {self.lost}; this attempt stops without "
                                  "publishing")
+
+    def guard(self, store: Storage) -> GuardedStore:
+        """`store`, writing only while this lease is held."""
+        return GuardedStore(store, self)
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lease if it is still ours. Best effort: a failure is logged."""
@@ -335,14 +125,36 @@ class Lease:
                               uri=self.uri, error=first_line(e))
 
 
+class GuardedStore:
+    """A store whose writes first check that `lease` is still held (Lease.check), for the writers that run beside
+    training (the live TensorBoard sync): an attempt that lost the run writes nothing more into it."""
+
+    def __init__(self, store: Storage, lease: Lease):
+        self.store, self.lease = store, lease
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def bounded(self, seconds: float) -> GuardedStore:
+        return GuardedStore(self.store.bounded(seconds), self.lease)
+
+    def put(self, src: Path, key: str) -> None:
+        self.lease.check()
+        self.store.put(src, key)
+
+
 class NoLease:
     """What a process that does not hold the lease (a worker of a distributed run) gets: nothing to do."""
 
     waited = False
     lost = None
+    took_over = None
 
     def check(self) -> None:
         pass
+
+    def guard(self, store: Storage) -> Storage:
+        return store
 
     def release(self) -> None:
         pass
@@ -353,13 +165,15 @@ def acquire(store: Storage, run_id: str, attempt: str, ttl: float, wait: float, 
     `wait` seconds while another attempt's is live, at once (with a warning) when it is stale (see the module).
     Raises LeaseHeldError (exit code `busy`) naming the holder when it stays live; InputError or UnavailableError
     when the store cannot be read or written."""
-    ops = backend(store)
+    ops = backend(store.bounded(max(ttl, 10.0)))  # no lease operation may hang longer than a TTL
     mine = Record(run_id, attempt, socket.gethostname(), os.getpid(), time.time(), 0.0, ttl)
-    deadline, waited, seen = time.monotonic() + wait, False, {}
+    deadline, waited, seen, took_over = time.monotonic() + wait, False, {}, None
     try:
         while True:
             found = ops.read()
-            if found is None:
+            if found is not None and found[0] is not None and found[0].attempt == attempt:
+                record, token = found  # our write landed though its answer was lost (and a retry was refused)
+            elif found is None:
                 token = ops.create(record := mine.stamped())
             else:
                 holder, token_seen = found
@@ -379,9 +193,10 @@ def acquire(store: Storage, run_id: str, attempt: str, ttl: float, wait: float, 
                 log.get().warning("taking over a stale lease", uri=store.describe(KEY),
                                   holder=asdict(holder) if holder else "unreadable", ttl_s=ttl)
                 token = ops.replace(record := mine.stamped(), token_seen)
+                took_over = holder.attempt if holder else None
             if token is not None:
                 log.get().info("lease taken", uri=store.describe(KEY), attempt=attempt, guarantee=ops.guarantee)
-                return Lease(ops, record, token, waited)
+                return Lease(ops, record, token, waited, took_over)
     except OSError as e:
         raise storage_failure(f"FT_CHECKPOINT_URI={store.uri}: the run's lease cannot be taken ({first_line(e)})",
                               e) from None
@@ -405,13 +220,25 @@ def take(cfg, run_id: str, attempt: str) -> Lease | NoLease:
     return acquire(store, run_id, attempt, cfg.lease_ttl_seconds, cfg.lease_wait_seconds)
 
 
-def clear_other_attempts(scratch: Path) -> None:
-    """Remove the work directories of earlier attempts of this run (`scratch` is `<FT_WORK_DIR>/<run id>/<attempt>`),
-    once this attempt holds the lease: none of them is live. They hold nothing to resume (checkpoints are resumed from
-    the checkpoint URI)."""
+def remove_work_dir(scratch: Path) -> None:
+    """Remove this attempt's work directory, and the run's folder above it when no other attempt's is left."""
+    import shutil
+
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        scratch.parent.rmdir()
+    except OSError:
+        pass  # another attempt's folder (or none at all)
+
+
+def clear_other_attempts(scratch: Path, held: Lease | NoLease) -> None:
+    """Remove the work directories of earlier attempts of this run (`scratch` is `<FT_WORK_DIR>/<run id>/<attempt>`)
+    once this attempt holds the lease: they ended, releasing it. They hold nothing to resume (checkpoints are resumed
+    from the checkpoint URI). Spared: the attempt whose stale lease was taken over, which may be frozen rather than
+    dead (it finds the lease lost and stops with `busy` when it wakes); a later attempt removes it."""
     import shutil
 
     if scratch.parent.is_dir():
         for other in scratch.parent.iterdir():
-            if other.name != scratch.name:
+            if other.name not in (scratch.name, held.took_over):
                 shutil.rmtree(other, ignore_errors=True) if other.is_dir() else other.unlink(missing_ok=True)

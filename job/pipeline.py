@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import shutil
 import time
 
 from job import data, distributed, fetch, lease, log, model, preflight, publish, speed, tbsync, train
@@ -28,15 +27,15 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
         publish.check_destination(dest, run_id, cfg.overwrite)
         placement = preflight.run(cfg, run_id)
         held = lease.take(cfg, run_id, attempt)
-        if held.waited:  # the attempt we waited for may have completed the run
-            publish.check_destination(dest, run_id, cfg.overwrite)
+        publish.check_destination(dest, run_id, cfg.overwrite)  # again: the attempt before may have completed it
         if distributed.local_rank() == 0:
-            lease.clear_other_attempts(scratch)
+            lease.clear_other_attempts(scratch, held)
         model_src = fetch.fetch_model(cfg)
         data_src = fetch.fetch_dataset(cfg)
         checkpoints = CheckpointStore(open_destination(preflight.checkpoint_uri(cfg, run_id), "FT_CHECKPOINT_URI"),
                                       cfg.keep_checkpoints, settings_fingerprint(cfg), data_src.revision,
                                       cfg.on_data_change)
+        checkpoints.guard = held.check  # an attempt whose lease was taken over must not mirror nor prune
         if distributed.is_main():
             checkpoints.check_data()  # before the model loads: resuming on changed data is refused (or restarts)
         tokenizer = data.load_tokenizer(model_src.path, cfg)
@@ -55,7 +54,7 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
     main = distributed.is_main()  # the one process that writes TensorBoard, checkpoints and results
     log.get().info("tensorboard logs", path=str(scratch / "output" / "tensorboard"),
                    hint=f"tensorboard --logdir {scratch / 'output' / 'tensorboard'}")
-    sync = tbsync.TensorBoardSync(dest, scratch / "output" / "tensorboard", f"{run_id}/tensorboard",
+    sync = tbsync.TensorBoardSync(held.guard(dest), scratch / "output" / "tensorboard", f"{run_id}/tensorboard",
                                   cfg.tb_sync_seconds) if main else contextlib.nullcontext()
     with sync:
         result = train.train(cfg, base, tokenizer, train_ds, eval_ds, placement, scratch, console, checkpoints,
@@ -79,7 +78,7 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
     uri = publish.publish(scratch / "output", dest, cfg, run_id, facts)
     checkpoints.clear()  # the run is complete: nothing to resume
     held.release()
-    shutil.rmtree(scratch, ignore_errors=True)
+    lease.remove_work_dir(scratch)
     distributed.barrier()
     summary = {"run_id": run_id, "output": uri, "adapter": dest.describe(f"{run_id}/adapter"),
                "tensorboard": dest.describe(f"{run_id}/tensorboard"),

@@ -12,7 +12,7 @@ from dataclasses import asdict
 import pytest
 from servers import S3Server
 
-from job import lease
+from job import lease, lease_backends
 from job.errors import CODE_BY_NAME, LeaseHeldError
 from job.storage import LocalStorage, S3Storage
 
@@ -118,8 +118,8 @@ def test_heartbeats_renew_and_a_taken_over_lease_is_lost(store):
     held.check()
     # Another attempt overwrites it (as a take-over after our heartbeats stalled would): the next beat notices.
     ops = lease.backend(store)
-    _, token = ops.read()
-    assert ops.replace(record("a-thief", time.time(), host="other-pod"), token)
+    while not ops.replace(record("a-thief", time.time(), host="other-pod"), ops.read()[1]):
+        pass  # a heartbeat renewed it between our read and our write: read again
     deadline = time.monotonic() + 10
     while held.lost is None and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -131,7 +131,7 @@ def test_heartbeats_renew_and_a_taken_over_lease_is_lost(store):
 
 
 def test_without_conditional_writes_write_settle_and_read_back(tmp_path, monkeypatch):
-    monkeypatch.setattr(lease, "SETTLE_SECONDS", 0.2)
+    monkeypatch.setattr(lease_backends, "SETTLE_SECONDS", 0.2)
     store = LocalStorage(str(tmp_path / "ckpt"))
     ops = lease.Backend(store)  # the generic protocol, as for a store without conditional writes
     mine = record("a-1", time.time())
@@ -153,3 +153,37 @@ def test_the_lease_file_is_plain_json_without_secrets(tmp_path, monkeypatch):
     assert "very-secret" not in text
     held.release()
     assert not (tmp_path / "ckpt").exists()  # no empty folder left behind
+
+
+def test_an_attempt_that_lost_the_lease_mirrors_no_checkpoint(tmp_path):
+    from job.checkpoints import CheckpointStore
+
+    store = LocalStorage(str(tmp_path / "ckpt"))
+    held = lease.acquire(store, "run1", "a-first", ttl=30, wait=0)
+    checkpoints = CheckpointStore(store, keep=2)
+    checkpoints.guard = held.check
+    saved = tmp_path / "local" / "checkpoint-2"
+    saved.mkdir(parents=True)
+    (saved / "adapter_model.safetensors").write_bytes(b"weights")
+    held.lost = "the lease at ... was taken over (now held by attempt a-thief)"
+    with pytest.raises(LeaseHeldError):
+        checkpoints.mirror(saved, 2)
+    assert checkpoints.steps() == []
+    held.release()
+
+
+def test_the_live_tensorboard_sync_writes_nothing_once_the_lease_is_lost(tmp_path):
+    from job.tbsync import TensorBoardSync
+
+    store, dest, local = LocalStorage(str(tmp_path / "ckpt")), LocalStorage(str(tmp_path / "out")), tmp_path / "tb"
+    held = lease.acquire(store, "run1", "a-first", ttl=30, wait=0)
+    sync = TensorBoardSync(held.guard(dest), local, "run1/tensorboard", 1)
+    local.mkdir()
+    (local / "events.1").write_bytes(b"before")
+    assert sync.sync() == 1 and (tmp_path / "out" / "run1" / "tensorboard" / "events.1").is_file()
+    ops = lease.backend(store)
+    assert ops.replace(record("a-thief", time.time(), host="other-pod"), ops.read()[1])  # taken over
+    (local / "events.2").write_bytes(b"after")
+    assert sync.sync() == 0 and not (tmp_path / "out" / "run1" / "tensorboard" / "events.2").exists()
+    assert "other-pod" in held.lost
+    held.release()
