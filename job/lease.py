@@ -12,7 +12,8 @@ What: {"run_id", "attempt", "host", "pid", "started", "heartbeat", "ttl_s", "non
 holder rewrites it every FT_LEASE_TTL_SECONDS / 4 (a daemon thread). An attempt that finds a live lease waits up to
 FT_LEASE_WAIT_SECONDS for it to be released or go stale, then exits with code `busy` (retriable), naming the holder.
 A lease is stale when its heartbeat is older than its TTL by the reader's clock, or when the reader has seen it
-unchanged for longer than the TTL (so a holder whose clock runs ahead cannot keep it forever); a stale lease is
+unchanged for longer than the TTL (so a holder whose clock runs ahead cannot keep it forever), or at once when the
+holder ran on this host, in this PID namespace, and its pid is gone (lease_backends.holder_gone); a stale lease is
 taken over, with a warning naming the holder.
 
 How each store makes taking it race-free: job/lease_backends.py.
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from job import log
 from job.errors import LeaseHeldError, first_line, storage_failure
-from job.lease_backends import KEY, Backend, Record, backend
+from job.lease_backends import KEY, Backend, Record, backend, holder_gone, pid_namespace
 from job.storage import Storage
 
 
@@ -166,7 +167,7 @@ def acquire(store: Storage, run_id: str, attempt: str, ttl: float, wait: float, 
     Raises LeaseHeldError (exit code `busy`) naming the holder when it stays live; InputError or UnavailableError
     when the store cannot be read or written."""
     ops = backend(store.bounded(max(ttl, 10.0)))  # no lease operation may hang longer than a TTL
-    mine = Record(run_id, attempt, socket.gethostname(), os.getpid(), time.time(), 0.0, ttl)
+    mine = Record(run_id, attempt, socket.gethostname(), os.getpid(), time.time(), 0.0, ttl, pid_ns=pid_namespace())
     deadline, waited, seen, took_over = time.monotonic() + wait, False, {}, None
     try:
         while True:
@@ -203,7 +204,7 @@ def acquire(store: Storage, run_id: str, attempt: str, ttl: float, wait: float, 
 
 
 def _stale(holder: Record | None, unchanged_for: float) -> bool:
-    if holder is None:
+    if holder is None or holder_gone(holder):
         return True
     return time.time() - holder.heartbeat > holder.ttl_s or unchanged_for > holder.ttl_s
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 import time
 import uuid
@@ -42,6 +43,7 @@ class Record:
     heartbeat: float
     ttl_s: float
     nonce: str = ""
+    pid_ns: str = ""  # the holder's PID namespace (/proc/self/ns/pid), so that `pid` is only judged where it means
 
     def stamped(self) -> Record:
         return Record(**{**asdict(self), "heartbeat": time.time(), "nonce": uuid.uuid4().hex})
@@ -54,9 +56,32 @@ class Record:
     def parse(cls, raw: bytes) -> Record | None:
         try:
             data = json.loads(raw)
-            return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+            return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
         except (ValueError, KeyError, TypeError):
             return None  # a torn or foreign file: treated as stale
+
+
+def pid_namespace() -> str:
+    """This process's PID namespace ("pid:[4026531836]"), or "" where there is no /proc."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def holder_gone(holder: Record) -> bool:
+    """Whether the holder is provably dead: same host and PID namespace as this process, and its pid is gone.
+    Elsewhere (another pod, a container restarted in place whose new process may have the old pid) only the
+    heartbeat's age can tell."""
+    if not holder.pid_ns or holder.pid_ns != pid_namespace() or holder.host != socket.gethostname():
+        return False
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
 
 
 # --- backends: read, create if absent, replace if unchanged, remove if unchanged ----------------------------------

@@ -149,7 +149,7 @@ def test_the_lease_file_is_plain_json_without_secrets(tmp_path, monkeypatch):
     store = LocalStorage(str(tmp_path / "ckpt"))
     held = lease.acquire(store, "run1", "a-1", ttl=30, wait=0)
     text = (tmp_path / "ckpt" / "lease.json").read_text()
-    assert set(json.loads(text)) == {"run_id", "attempt", "host", "pid", "started", "heartbeat", "ttl_s", "nonce"}
+    assert set(json.loads(text)) == {"run_id", "attempt", "host", "pid", "started", "heartbeat", "ttl_s", "nonce", "pid_ns"}
     assert "very-secret" not in text
     held.release()
     assert not (tmp_path / "ckpt").exists()  # no empty folder left behind
@@ -187,3 +187,23 @@ def test_the_live_tensorboard_sync_writes_nothing_once_the_lease_is_lost(tmp_pat
     assert sync.sync() == 0 and not (tmp_path / "out" / "run1" / "tensorboard" / "events.2").exists()
     assert "other-pod" in held.lost
     held.release()
+
+
+def test_a_dead_holder_on_this_host_is_taken_over_at_once(store):
+    import os
+    import socket
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()  # a pid that no longer exists
+    gone = record("a-killed", time.time(), host=socket.gethostname())  # a fresh heartbeat: not stale by age
+    gone.pid, gone.pid_ns = proc.pid, lease_backends.pid_namespace()
+    assert lease.backend(store).create(gone)
+    held = lease.acquire(store, "run1", "a-new", ttl=30, wait=0)
+    assert held.took_over == "a-killed"
+    held.release()
+    alive = record("a-alive", time.time(), host=socket.gethostname())
+    alive.pid, alive.pid_ns = os.getppid(), lease_backends.pid_namespace()
+    assert lease.backend(store).create(alive)
+    with pytest.raises(LeaseHeldError):  # its pid lives: only the heartbeat's age could free it
+        lease.acquire(store, "run1", "a-new", ttl=30, wait=0)
