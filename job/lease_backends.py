@@ -137,9 +137,12 @@ class LocalBackend(Backend):
     def __init__(self, store: LocalStorage):
         super().__init__(store)
         self.path = store.root / KEY
+        self.made: list[Path] = []  # folders the lease created (the run's folder, say): removed with it when empty
 
     def create(self, record: Record) -> str | None:
+        missing = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.made = self.made or missing
         tmp = self._temp(record)
         try:
             os.link(tmp, self.path)
@@ -167,6 +170,13 @@ class LocalBackend(Backend):
             if found is not None and found[1] == token:
                 self.path.unlink(missing_ok=True)
         self.store.delete(KEY)  # no-op on the file now; removes the folders left empty, as an object store would
+        for folder in self.made:  # deepest first
+            try:
+                folder.rmdir()
+            except FileNotFoundError:
+                continue  # removed with the lease's own folder
+            except OSError:
+                break  # not empty: checkpoints, results
 
     def _temp(self, record: Record) -> Path:
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{KEY}.", suffix=".partial")

@@ -207,3 +207,15 @@ def test_a_dead_holder_on_this_host_is_taken_over_at_once(store):
     assert lease.backend(store).create(alive)
     with pytest.raises(LeaseHeldError):  # its pid lives: only the heartbeat's age could free it
         lease.acquire(store, "run1", "a-new", ttl=30, wait=0)
+
+
+def test_the_folders_the_lease_made_go_with_it(tmp_path):
+    (tmp_path / "out").mkdir()
+    store = LocalStorage(str(tmp_path / "out" / "run1" / "checkpoints"))
+    held = lease.acquire(store, "run1", "a-1", ttl=30, wait=0)
+    held.release()  # a run that failed before writing anything leaves no run folder behind
+    assert list((tmp_path / "out").iterdir()) == []
+    held = lease.acquire(store, "run1", "a-2", ttl=30, wait=0)
+    (tmp_path / "out" / "run1" / "README.md").write_text("results")
+    held.release()
+    assert [p.name for p in (tmp_path / "out" / "run1").iterdir()] == ["README.md"]
