@@ -58,6 +58,7 @@ class CheckpointStore:
         self.store, self.keep, self.fingerprint = store, keep, fingerprint
         self.data, self.on_data_change = data, on_data_change
         self.log = log.get()
+        self.guard = lambda: None  # raises when this attempt may no longer write here (lease.Lease.check)
 
     def steps(self) -> list[int]:
         """Steps of every checkpoint that has files here, complete or not, newest first."""
@@ -66,6 +67,7 @@ class CheckpointStore:
 
     def mirror(self, local: Path, step: int) -> None:
         """Upload a saved checkpoint, then its marker, then the `latest` pointer; prune old ones."""
+        self.guard()
         name = f"checkpoint-{step}"
         files = {p.relative_to(local).as_posix(): file_sha256(p) for p in sorted(local.rglob("*")) if p.is_file()}
         marker = {"step": step, "settings": self.fingerprint, "data": self.data, "files": files}

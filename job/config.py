@@ -319,6 +319,16 @@ class Settings(BaseSettings):
         "terminationGracePeriodSeconds (Kubernetes' default is 30; AWS Batch's and Google Cloud Batch's stop also "
         "kill after 30 s). In a SageMaker training job the default is 110, below its 120-second stop.",
     )
+    lease_ttl_seconds: float = Field(
+        60, ge=1, le=3600, description="A run holds a lease at its checkpoint URI (`lease.json`) while it trains and "
+        "publishes, renewed every TTL/4; another attempt of the same run id takes it over once its heartbeat is older "
+        "than this (the holder was killed), with a warning naming the holder."
+    )
+    lease_wait_seconds: float = Field(
+        90, ge=0, description="How long an attempt that finds the run's lease held by a live attempt waits for it to "
+        "be released or go stale, then exits with code 10 (busy, retriable) naming the holder. Longer than "
+        "FT_LEASE_TTL_SECONDS, a retry after a kill -9 takes the dead attempt's lease over instead of failing."
+    )
     require_gpu: bool = Field(False, description="Fail in preflight when no CUDA GPU (or, for bf16, no bf16 support) is visible.")
 
     # --- scale out: several GPUs and nodes (torchrun) -------------------------------------------------------------

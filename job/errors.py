@@ -30,6 +30,7 @@ EXIT_CODES: tuple[ExitCode, ...] = (
     ExitCode(8, "unavailable", True, "a source could not be reached after retries (network, throttling, 5xx)"),
     ExitCode(9, "quality", False, "FT_QUALITY_CHECK=fail: eval loss did not fall or sample answers did not stop; "
                                   "the results are published"),
+    ExitCode(10, "busy", True, "another attempt of this run id holds its lease (is still training or publishing)"),
     # Final codes past 9 begin with a final code's digits, so that AWS Batch's five exit-code rules can hold them as
     # patterns (scripts/render_cloud.py: "2*" ends 2 and 20).
     # Final: a volume too small for what the run writes is as small on the retry (a new emptyDir has the same
@@ -120,6 +121,10 @@ def human_bytes(n: int | float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+class LeaseHeldError(JobError):
+    """Another attempt of the same run id holds the run's lease (job/lease.py), or took it over from this one."""
+
+    exit_name = "busy"
 
 
 def first_line(e: BaseException, limit: int = 300) -> str:

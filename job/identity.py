@@ -15,7 +15,7 @@ from job.config import Settings
 PLATFORM_JOB_IDS = ("AWS_BATCH_JOB_ID", "CLOUD_RUN_EXECUTION", "BATCH_JOB_UID", "TRAINING_JOB_NAME")
 # Settings that do not change what is trained, left out of the run-id fingerprint.
 NOT_FINGERPRINTED = {"run_id", "overwrite", "log_format", "log_level", "work_dir", "termination_log",
-                     "termination_grace_seconds", "require_gpu", "save_steps", "save_minutes", "keep_checkpoints",
+                     "termination_grace_seconds", "require_gpu", "lease_ttl_seconds", "lease_wait_seconds", "save_steps", "save_minutes", "keep_checkpoints",
                      "checkpoint_uri", "on_data_change", "hub_private", "hub_revision", "tb_sync_seconds",
                      "bad_records", "bad_records_max_fraction",  # what happens to a bad row, not what is trained
                      "storage_attempts", "storage_timeout_seconds", "storage_deadline_seconds",

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import shutil
 import time
 
-from job import (completion, data, distributed, export, fetch, log, model, preflight, publish, quality, speed, tbsync,
-                 train)
+from job import (completion, data, distributed, export, fetch, lease, log, model, preflight, publish, quality, speed,
+                 tbsync, train)
 from job.checkpoints import CheckpointStore
 from job.config import Settings
 from job.identity import resolve_run_id, settings_fingerprint
@@ -22,21 +21,28 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
     log.get().info("run starting", run_id=run_id, base_model=cfg.base_model, dataset=cfg.dataset,
                    output_uri=cfg.output_uri)
     dest = open_destination(cfg.output_uri)
-    scratch = cfg.work_dir / run_id
     fingerprint = settings_fingerprint(cfg)
+    attempt = distributed.broadcast(lease.new_attempt_id())  # the processes of one attempt share its work dir
+    scratch = cfg.work_dir / run_id / attempt  # private: no attempt publishes another's files
     # The processes of a node check, download and cache one after the other: the first does the work.
     with distributed.local_main_first():
         found = completion.find(dest.for_checks(), run_id, fingerprint, cfg.overwrite)
         if found.intact:
             return already_complete(cfg, run_id, dest, found)
         placement = preflight.run(cfg, run_id)
+        held = lease.take(cfg, run_id, attempt)
+        found = completion.find(dest.for_checks(), run_id, fingerprint, cfg.overwrite)  # again: the attempt we
+        if found.intact:  # waited for may have completed the run
+            held.release()
+            return already_complete(cfg, run_id, dest, found)
         if distributed.local_rank() == 0:
-            shutil.rmtree(scratch, ignore_errors=True)
+            lease.clear_other_attempts(scratch, held)
         model_src = fetch.fetch_model(cfg)
         data_src = fetch.fetch_dataset(cfg)
         checkpoints = CheckpointStore(open_destination(preflight.checkpoint_uri(cfg, run_id), "FT_CHECKPOINT_URI"),
                                       cfg.keep_checkpoints, fingerprint, data_src.revision,
                                       cfg.on_data_change)
+        checkpoints.guard = held.check  # an attempt whose lease was taken over must not mirror nor prune
         if distributed.is_main():
             checkpoints.check_data()  # before the model loads: resuming on changed data is refused (or restarts)
         tokenizer = data.load_tokenizer(model_src.path, cfg)
@@ -55,7 +61,7 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
     main = distributed.is_main()  # the one process that writes TensorBoard, checkpoints and results
     log.get().info("tensorboard logs", path=str(scratch / "output" / "tensorboard"),
                    hint=f"tensorboard --logdir {scratch / 'output' / 'tensorboard'}")
-    sync = tbsync.TensorBoardSync(dest, scratch / "output" / "tensorboard", f"{run_id}/tensorboard",
+    sync = tbsync.TensorBoardSync(held.guard(dest), scratch / "output" / "tensorboard", f"{run_id}/tensorboard",
                                   cfg.tb_sync_seconds) if main else contextlib.nullcontext()
     with sync:
         result = train.train(cfg, base, tokenizer, train_ds, eval_ds, placement, scratch, console, checkpoints,
@@ -83,12 +89,15 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
                         "vllm_problems": export.check_for_servers(stage / "adapter")}
     if cfg.export == "merged":
         facts["export"] = export.export_merged(cfg, model_src.path, stage / "adapter", tokenizer, stage / export.MERGED)
+    held.check()  # an attempt that lost the lease must not publish
     with stopper.deferred("publishing"):  # a signal now lets the uploads finish, the manifest last
         uri = publish.publish(stage, dest, cfg, run_id, facts, replace=found.manifest is not None)
     stopper.complete()  # the outcome is decided: what follows is best effort and a signal ends the run with 0
     if stopper.requested:
         log.get().warning("the run was published before stopping", signal=stopper.requested, uri=uri)
     completion.remove_checkpoints(checkpoints)  # nothing to resume; a failure is finished by the next attempt
+    held.release()  # best effort, as the clean-up
+    lease.remove_work_dir(scratch)
     distributed.barrier()
     quality.enforce(cfg, facts["quality"])  # FT_QUALITY_CHECK=fail: published, then exit code 9
     summary = {"run_id": run_id, "output": uri, "adapter": dest.describe(f"{run_id}/adapter"),

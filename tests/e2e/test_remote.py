@@ -114,7 +114,7 @@ def test_upload_failure_is_retried_then_exits_6_with_local_results_and_no_manife
     proc = run_job(s3_env(server, proxy, FT_RUN_ID="broken", FT_STORAGE_ATTEMPTS="3"), tmp_path)
     proxy.clear()
     assert proc.returncode == CODE_BY_NAME["upload"], proc.stdout[-3000:]
-    stage = tmp_path / "work" / "broken" / "output"
+    (stage,) = (tmp_path / "work" / "broken").glob("a-*/output")  # the attempt's own work dir, kept on failure
     message = the_error(proc)
     assert "writing to s3://results/runs/broken failed" in message and "after 3 attempts" in message
     assert f"the results are kept in {stage}" in message
