@@ -221,6 +221,20 @@ def take(cfg, run_id: str, attempt: str) -> Lease | NoLease:
     return acquire(store, run_id, attempt, cfg.lease_ttl_seconds, cfg.lease_wait_seconds)
 
 
+def remove_leftover(store: Storage) -> None:
+    """Remove a lease left at a complete run's checkpoint store (its holder was stopped or killed after the manifest
+    was written, before releasing it). Nobody can be training a complete run, so whoever holds it is only cleaning
+    up, and its release of a lease already gone is harmless. Best effort, as all clean-up after the manifest."""
+    from job.lease_backends import KEY
+
+    try:
+        if store.exists(KEY):
+            store.delete(KEY)
+    except Exception as e:  # noqa: BLE001 - the run is complete: nothing here may fail it
+        log.get().warning("removing the complete run's leftover lease failed", uri=store.describe(KEY),
+                          error=first_line(e))
+
+
 def remove_work_dir(scratch: Path) -> None:
     """Remove this attempt's work directory, and the run's folder above it when no other attempt's is left."""
     import shutil

@@ -115,6 +115,7 @@ def already_complete(cfg: Settings, run_id: str, dest, found: completion.Complet
     if distributed.is_main():
         store = open_destination(preflight.checkpoint_uri(cfg, run_id), "FT_CHECKPOINT_URI")
         completion.remove_checkpoints(CheckpointStore(store, cfg.keep_checkpoints))
+        lease.remove_leftover(store)
     summary = {"run_id": run_id, "output": dest.describe(run_id), "adapter": dest.describe(f"{run_id}/adapter"),
                "tensorboard": dest.describe(f"{run_id}/tensorboard"), "created": found.manifest.get("created")}
     log.get().info("run already complete: nothing to train", **summary)
