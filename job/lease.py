@@ -225,8 +225,6 @@ def remove_leftover(store: Storage) -> None:
     """Remove a lease left at a complete run's checkpoint store (its holder was stopped or killed after the manifest
     was written, before releasing it). Nobody can be training a complete run, so whoever holds it is only cleaning
     up, and its release of a lease already gone is harmless. Best effort, as all clean-up after the manifest."""
-    from job.lease_backends import KEY
-
     try:
         if store.exists(KEY):
             store.delete(KEY)
