@@ -37,7 +37,8 @@ def start_http(handler: type[BaseHTTPRequestHandler], owner) -> ThreadingHTTPSer
 
 
 class S3Server:
-    """moto's S3 (and IAM) API on a free loopback port."""
+    """moto's S3 (and IAM) API on a free loopback port, starting empty: moto keeps its buckets in the process, shared
+    by every server a test session starts, so a new server clears what an earlier module's left."""
 
     def __init__(self):
         from moto.server import ThreadedMotoServer
@@ -47,6 +48,7 @@ class S3Server:
         self._server.start()
         self.port = self._server.get_host_and_port()[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        self.reset()
 
     def env(self, url: str | None = None) -> dict[str, str]:
         """What a job needs to reach this server (or a proxy in front of it): only the standard AWS variables."""

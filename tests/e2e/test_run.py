@@ -153,11 +153,16 @@ def test_success_writes_no_termination_log(demo):
 
 
 def test_a_completed_run_is_not_overwritten(demo, tiny_model):
+    """The same run again (a retried Job) finds it complete and ends at once; other training settings under its run
+    id are a configuration error. Neither touches the published run."""
     tmp, run_dir, _ = demo
     before = (run_dir / "manifest.json").stat().st_mtime_ns
     proc = run_job(demo_env(tiny_model, FT_OVERWRITE="false"), tmp)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert "run already complete: nothing to train" in proc.stdout and "training started" not in proc.stdout
+    proc = run_job(demo_env(tiny_model, FT_OVERWRITE="false", FT_LEARNING_RATE="0.001"), tmp)
     assert proc.returncode == CODE_BY_NAME["config"]
-    assert "FT_RUN_ID=demo: a completed run already exists" in proc.stdout
+    assert "FT_RUN_ID=demo: a completed run with other training settings already exists" in proc.stdout
     assert (run_dir / "manifest.json").stat().st_mtime_ns == before
 
 

@@ -113,14 +113,15 @@ def assert_same_training(evs: list[dict], reference: list[dict]) -> None:
     assert metrics(reference)["eval_loss_after"] < metrics(reference)["eval_loss_before"] - 0.3  # it learned
 
 
-def assert_one_result_set(out: Path, run_id: str = "dist") -> None:
+def assert_one_result_set(out: Path, run_id: str = "dist", attempts: int = 1) -> None:
     run_dir = out / run_id
     manifests = list(out.rglob("manifest.json"))
     assert manifests == [run_dir / "manifest.json"]
-    # rank 0's only: its training scalars and its sample answers (job/quality.py), files named <time>.<host>.<pid>.<n>
+    # rank 0's only, one process per attempt: its training scalars (each attempt's kept, issue 15) and the last one's
+    # sample answers (job/quality.py), in files named <time>.<host>.<pid>.<n>
     events = list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
     answered = bool(json.loads(manifests[0].read_text())["quality"].get("generations"))
-    assert len(events) == 1 + answered and len({e.name.split(".")[-2] for e in events}) == 1, events
+    assert len(events) == attempts + answered and len({e.name.split(".")[-2] for e in events}) == attempts, events
     listed = json.loads(manifests[0].read_text())["files"]
     on_disk = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(listed) == on_disk
@@ -192,7 +193,7 @@ def test_sigterm_to_one_node_stops_both_and_a_restart_resumes(single, tiny_model
     reference = losses(single)
     for step, loss in resumed.items():  # exactly the uninterrupted training, continued
         assert loss == pytest.approx(reference[step], rel=2e-3), (step, resumed, reference)
-    assert_one_result_set(tmp_path / "out")
+    assert_one_result_set(tmp_path / "out", attempts=2)
 
 
 def test_a_hung_peer_ends_the_run_after_the_timeout(tiny_model, tmp_path):
