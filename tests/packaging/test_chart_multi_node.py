@@ -9,6 +9,7 @@ import re
 
 import helm_python as helm
 import pytest
+from job.errors import EXIT_CODES
 from chart_support import (
     CHART, JOBSET_CRD, by_kind, ci_values, container, env, job_spec, jobset_errors, one, pod_spec, render, rk,
     with_output, workload,
@@ -147,7 +148,7 @@ def test_the_jobset_runs_the_same_pods_and_restarts_them_together():
         {"name": "FinalExitCode", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]},
         {"name": "DeadlineExceeded", "action": "FailJobSet", "onJobFailureReasons": ["DeadlineExceeded"]}]
     fail_job = [r for r in spec["podFailurePolicy"]["rules"] if r["action"] == "FailJob"]
-    assert fail_job[0]["onExitCodes"]["values"] == [2, 3, 4, 5, 9]
+    assert fail_job[0]["onExitCodes"]["values"] == [e.code for e in EXIT_CODES if e.code and not e.retriable]
     assert spec["activeDeadlineSeconds"] == values["job"]["activeDeadlineSeconds"]
     # The JobSet is what Kueue suspends and what the TTL deletes.
     assert jobset["spec"]["suspend"] is True and "suspend" not in spec

@@ -158,14 +158,25 @@ def test_the_job_accepts_each_definitions_settings_and_names_the_run_after_the_j
 
 
 def test_a_change_to_the_exit_codes_reaches_every_definition(monkeypatch):
-    """The retry rules are derived, not copied: make 6 final and both services end the job on it."""
+    """The retry rules are derived, not copied: make 9 retriable and both services retry it; with a rule to spare,
+    AWS Batch also names the spot reclaim."""
+    changed = tuple(e if e.code != 9 else replace(e, retriable=True) for e in EXIT_CODES)
+    monkeypatch.setattr(rc, "EXIT_CODES", changed)
+    strategy = rc.aws_batch()["retryStrategy"]  # final 2, 3, 4, 5, 20: four rules ("2*"), and one for the reclaim
+    assert {e.code: aws_action(strategy, e.code) for e in changed[1:]} == {
+        e.code: "EXIT" if e.code in (2, 3, 4, 5, 20) else "RETRY" for e in changed[1:]}
+    assert strategy["evaluateOnExit"][0] == {"onStatusReason": rc.AWS_HOST_GONE, "action": "RETRY"}
+    assert aws_errors(rc.aws_batch(), "batch", "RegisterJobDefinition") == ""
+    assert rc.gcp_batch()["taskGroups"][0]["taskSpec"]["lifecyclePolicies"][0]["actionCondition"]["exitCodes"] == [
+        2, 3, 4, 5, 20]
+
+
+def test_more_final_exit_codes_than_aws_batch_has_rules_for_stop_the_generator(monkeypatch):
+    """A sixth pattern (6 made final besides 2*, 3, 4, 5, 9) cannot be written: the generator says so, not AWS."""
     changed = tuple(e if e.code != 6 else replace(e, retriable=False) for e in EXIT_CODES)
     monkeypatch.setattr(rc, "EXIT_CODES", changed)
-    strategy = rc.aws_batch()["retryStrategy"]  # 5 final codes: rules for the retriable ones, then EXIT on any
-    assert [aws_action(strategy, e.code) for e in changed[1:]] == ["RETRY", *["EXIT"] * 5, "RETRY", "RETRY"]
-    assert aws_action(strategy, None, SPOT_RECLAIM) == "RETRY"
-    assert aws_errors(rc.aws_batch(), "batch", "RegisterJobDefinition") == ""
-    assert 6 in rc.gcp_batch()["taskGroups"][0]["taskSpec"]["lifecyclePolicies"][0]["actionCondition"]["exitCodes"]
+    with pytest.raises(SystemExit, match="at most 5 evaluateOnExit rules"):
+        rc.aws_batch()
 
 
 def test_the_readme_names_each_definition_and_its_stop_and_grace():
