@@ -25,6 +25,9 @@ from job.storage.uri import uri_problem
 
 PREFIX = "FT_"
 CONFIG_FILE_VAR = "FT_CONFIG_FILE"
+# Variables of the libraries underneath (huggingface_hub, boto3; and AWS_* as a whole), which stay theirs: an
+# FT_-prefixed or YAML copy of one is refused with a pointer to the real name rather than a did-you-mean.
+STANDARD_VARIABLES = ("HF_TOKEN", "HF_HOME", "HF_ENDPOINT", "HF_HUB_CACHE", "HF_DATASETS_CACHE")
 
 # transformers' optimizer and scheduler names, listed here so that validation needs no heavy import.
 OPTIMIZERS = (
@@ -561,10 +564,19 @@ def _unknown(keys: list[str], where: str) -> list[str]:
     known = [env_name(f) for f in Settings.model_fields] + [CONFIG_FILE_VAR]
     problems = []
     for key in keys:
+        # Names are upper-case, as documented; pydantic-settings would read ft_lora_r as FT_LORA_R, but code that reads
+        # a variable before the settings exist (FT_TERMINATION_LOG, the FT_RUN_ID given to workers) would not.
         if key in known:
             continue
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]}?" if close else f"; `finetune-job env` lists the {len(known)} known ones"
+        own = key.upper().removeprefix(PREFIX)
+        if key.upper() in known:
+            hint = f"; setting names are upper-case: {key.upper()}"
+        elif own in STANDARD_VARIABLES or own.startswith("AWS_"):
+            hint = f"; {own} is not an FT_* setting: set {own} itself in the environment, where its library reads it"
+        elif close := difflib.get_close_matches(key.upper(), known, n=1, cutoff=0.6):
+            hint = f"; did you mean {close[0]}?"
+        else:
+            hint = f"; `finetune-job env` lists the {len(known)} known ones"
         problems.append(f"{key}: unknown setting{where}{hint}")
     return problems
 
@@ -573,7 +585,7 @@ def load_settings() -> Settings:
     """Read and validate every setting from the environment (and FT_CONFIG_FILE); raise one ConfigError that lists
     every problem found, before anything is downloaded."""
     environ = os.environ
-    problems = _unknown(sorted(k for k in environ if k.startswith(PREFIX)), "")
+    problems = _unknown(sorted(k for k in environ if k.upper().startswith(PREFIX)), "")
     yaml_file = environ.get(CONFIG_FILE_VAR)
     yaml_keys = [env_name(k) for k in _read_yaml(yaml_file)]
     problems += _unknown(yaml_keys, f" in {CONFIG_FILE_VAR}={yaml_file}")

@@ -71,10 +71,17 @@ def model_name(cfg: Settings) -> str:
 def fetch_dataset(cfg: Settings) -> Fetched:
     source = open_source(cfg.dataset, "FT_DATASET", "dataset", cfg.dataset_revision)
     path = _fetch(source, "FT_DATASET", cfg.work_dir / "dataset", DATA_FILES)
-    if path.is_file() and path.suffix not in DATA_BUILDERS:
-        raise ConfigError([f"FT_DATASET={cfg.dataset}: unsupported file type {path.suffix or '(none)'}; "
-                           f"valid: {', '.join(DATA_BUILDERS)}"])
+    check_data_file(cfg.dataset, path)
     return Fetched(cfg.dataset, path, _dataset_revision(source, path))
+
+
+def check_data_file(dataset: str, path: Path) -> None:
+    """Raise ConfigError (exit 2) when FT_DATASET (`dataset`, as set) is one file at `path` of a type that is not
+    read (only .jsonl, .json, .csv, .parquet); a directory is filtered by DATA_FILES instead. Preflight calls it on
+    a local file, fetching on every file."""
+    if path.is_file() and path.suffix not in DATA_BUILDERS:
+        raise ConfigError([f"FT_DATASET={dataset}: unsupported file type {path.suffix or '(none)'}; "
+                           f"valid: {', '.join(DATA_BUILDERS)}"])
 
 
 @contextmanager

@@ -3,6 +3,7 @@ the start of every run, before the model is fetched or loaded."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from fnmatch import fnmatch
 from pathlib import Path
@@ -11,7 +12,7 @@ from job import log
 from job.config import Settings
 from job import diskspace
 from job.errors import ConfigError, DiskFullError, InputError, first_line, human_bytes, storage_failure
-from job.fetch import MODEL_FILES, source_errors
+from job.fetch import MODEL_FILES, check_data_file, source_errors
 from job.model import Placement, adaptable_modules, choose_attention, meta_model, resolve_placement, resolve_targets
 from job.storage import HubStorage, LocalStorage, S3Storage, Storage, open_destination, open_source
 
@@ -37,6 +38,9 @@ def run(cfg: Settings, run_id: str) -> Placement:
     dataset = open_source(cfg.dataset, "FT_DATASET", "dataset", cfg.dataset_revision).for_checks()
     for source, setting in ((model, "FT_BASE_MODEL"), (dataset, "FT_DATASET")):
         probe_read(source, setting)
+    if isinstance(dataset, LocalStorage):
+        check_data_file(cfg.dataset, dataset.root)
+    check_work_dir(cfg.work_dir)
     if isinstance(model, HubStorage) and not _hub_offline():
         check_disk_for(model, Path(_hub_cache()))
     if cfg.quantization != "none":
@@ -78,6 +82,20 @@ def probe_write(dest: Storage, setting: str, key: str) -> None:
         dest.probe_write(key)
     except (OSError, NotImplementedError) as e:
         raise storage_failure(f"{setting}={dest.uri}: not writable ({first_line(e)})", e) from None
+
+
+def check_work_dir(work_dir: Path) -> None:
+    """Raise InputError (exit 3) when FT_WORK_DIR cannot become a writable directory: a file stands at it or at a
+    folder above it, or the nearest existing folder is not writable. Creates nothing."""
+    existing = work_dir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"FT_WORK_DIR={work_dir}: {existing} is a file, not a directory; give a directory the job "
+                         "may create and write")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"FT_WORK_DIR={work_dir}: {existing} is not writable by UID {os.getuid()}; give a directory "
+                         "the job may create and write")
 
 
 def probe_read(source: Storage, setting: str) -> None:

@@ -70,6 +70,30 @@ def test_unknown_key_in_yaml_file_is_named_with_the_file(monkeypatch, tmp_path):
     assert "did you mean FT_LEARNING_RATE?" in line
 
 
+@pytest.mark.parametrize("name, expected", [
+    ("ft_lora_r", "ft_lora_r: unknown setting; setting names are upper-case: FT_LORA_R"),
+    ("FT_lora_r", "FT_lora_r: unknown setting; setting names are upper-case: FT_LORA_R"),
+    ("ft_lora_rank", "ft_lora_rank: unknown setting; did you mean FT_LORA_R?"),
+])
+def test_a_setting_name_in_another_case_is_refused_not_silently_read(monkeypatch, name, expected):
+    # pydantic-settings alone would read ft_lora_r as FT_LORA_R and ignore a misspelt ft_lora_rank.
+    assert problems(monkeypatch, **{name: "8"}) == [expected]
+
+
+@pytest.mark.parametrize("name, own", [("FT_HF_TOKEN", "HF_TOKEN"), ("FT_AWS_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY")])
+def test_a_library_variable_given_as_a_setting_points_to_its_own_name(monkeypatch, name, own):
+    (line,) = problems(monkeypatch, **{name: "s3cr3t-value"})
+    assert line == f"{name}: unknown setting; {own} is not an FT_* setting: set {own} itself in the environment, " \
+                   "where its library reads it"
+
+
+def test_hf_token_in_the_yaml_file_points_to_the_environment_variable(monkeypatch, tmp_path):
+    f = tmp_path / "settings.yaml"
+    f.write_text("hf_token: hf_abcdefghijklmnopqrstuvwxyz0123\n")
+    (line,) = problems(monkeypatch, FT_CONFIG_FILE=str(f))
+    assert "set HF_TOKEN itself in the environment" in line and "hf_abcdef" not in line
+
+
 @pytest.mark.parametrize("content, expected", [
     ("- a\n- b\n", "must hold a mapping"),
     ("a: [b\n", "not readable YAML"),

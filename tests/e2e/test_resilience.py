@@ -176,6 +176,9 @@ def test_non_finite_loss_ends_with_the_diverged_code(tiny_model, tmp_path):
     ({"FT_CHECKPOINT_URI": "/etc/hostname/ckpt"}, "input", "FT_CHECKPOINT_URI=/etc/hostname/ckpt: not writable"),
     ({"FT_REQUIRE_GPU": "true"}, "config", "FT_REQUIRE_GPU=true: no CUDA GPU is visible"),
     ({"FT_DATASET": "/nonexistent/data"}, "input", "FT_DATASET=/nonexistent/data: no such file or directory"),
+    # Found by `check` too, not only by the run after the model is loaded (exit 2) or by a traceback (exit 1).
+    ({"FT_DATASET": "/etc/hostname"}, "config", "FT_DATASET=/etc/hostname: unsupported file type (none); valid: "),
+    ({"FT_WORK_DIR": "/etc/hostname/work"}, "input", "FT_WORK_DIR=/etc/hostname/work: /etc/hostname is a file"),
 ])
 def test_preflight_failures_are_fast_and_coded(tiny_model, tmp_path, env, code, message):
     for command in ("check", "run"):
@@ -187,6 +190,8 @@ def test_preflight_failures_are_fast_and_coded(tiny_model, tmp_path, env, code, 
         assert proc.returncode == CODE_BY_NAME[code], proc.stdout[-2000:]
         assert message in proc.stdout
         assert '"source ready"' not in proc.stdout and '"loading model"' not in proc.stdout
+        assert "Traceback" not in proc.stdout + proc.stderr
+        assert not (tmp_path / "out").exists()  # nothing half-written at the destination
 
 
 @pytest.mark.parametrize("second_signal, grace, reason", [

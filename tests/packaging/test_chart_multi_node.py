@@ -9,7 +9,6 @@ import re
 
 import helm_python as helm
 import pytest
-
 from job.errors import EXIT_CODES
 from chart_support import (
     CHART, JOBSET_CRD, by_kind, ci_values, container, env, job_spec, jobset_errors, one, pod_spec, render, rk,

@@ -158,18 +158,23 @@ def test_the_job_accepts_each_definitions_settings_and_names_the_run_after_the_j
 
 
 def test_a_change_to_the_exit_codes_reaches_every_definition(monkeypatch):
-    """The retry rules are derived, not copied: make 6 final (and 9 retriable, to stay within AWS's five rules) and
-    both services end the job on 6 and retry 9; a final code too many for five rules is refused by the generator."""
-    changed = tuple(replace(e, retriable=e.code == 9) if e.code in (6, 9) else e for e in EXIT_CODES)
+    """The retry rules are derived, not copied: make 9 retriable and both services retry it; with a rule to spare,
+    AWS Batch also names the spot reclaim."""
+    changed = tuple(e if e.code != 9 else replace(e, retriable=True) for e in EXIT_CODES)
     monkeypatch.setattr(rc, "EXIT_CODES", changed)
-    strategy = rc.aws_batch()["retryStrategy"]
-    assert {e.code: aws_action(strategy, e.code) for e in changed[1:]} == \
-        {e.code: "RETRY" if e.retriable else "EXIT" for e in changed[1:]}
-    assert aws_action(strategy, None, SPOT_RECLAIM) == "RETRY"
+    strategy = rc.aws_batch()["retryStrategy"]  # final 2, 3, 4, 5, 20: four rules ("2*"), and one for the reclaim
+    assert {e.code: aws_action(strategy, e.code) for e in changed[1:]} == {
+        e.code: "EXIT" if e.code in (2, 3, 4, 5, 20) else "RETRY" for e in changed[1:]}
+    assert strategy["evaluateOnExit"][0] == {"onStatusReason": rc.AWS_HOST_GONE, "action": "RETRY"}
     assert aws_errors(rc.aws_batch(), "batch", "RegisterJobDefinition") == ""
-    codes = rc.gcp_batch()["taskGroups"][0]["taskSpec"]["lifecyclePolicies"][0]["actionCondition"]["exitCodes"]
-    assert 6 in codes and 9 not in codes
-    monkeypatch.setattr(rc, "EXIT_CODES", tuple(replace(e, retriable=False) if e.code == 6 else e for e in EXIT_CODES))
+    assert rc.gcp_batch()["taskGroups"][0]["taskSpec"]["lifecyclePolicies"][0]["actionCondition"]["exitCodes"] == [
+        2, 3, 4, 5, 20]
+
+
+def test_more_final_exit_codes_than_aws_batch_has_rules_for_stop_the_generator(monkeypatch):
+    """A sixth pattern (6 made final besides 2*, 3, 4, 5, 9) cannot be written: the generator says so, not AWS."""
+    changed = tuple(e if e.code != 6 else replace(e, retriable=False) for e in EXIT_CODES)
+    monkeypatch.setattr(rc, "EXIT_CODES", changed)
     with pytest.raises(SystemExit, match="at most 5 evaluateOnExit rules"):
         rc.aws_batch()
 
