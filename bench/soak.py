@@ -90,13 +90,17 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         adapter = "n/a" if r["max_diff"] is None else ("identical" if r["identical"] else f"{r['max_diff']:.2g}")
         result = "ok" if not r["problems"] else "; ".join(r["problems"])[:300]
-        lines.append(f"| {r['seed']} | {r['dest']} | {'; '.join(r['moments'])} | {' '.join(map(str, r['codes']))} "
+        sent = r["signalled_at"] + [None] * (len(r["moments"]) - len(r["signalled_at"]))
+        moments = [m if at is not None else f"({m}: not reached)" for m, at in zip(r["moments"], sent)]
+        lines.append(f"| {r['seed']} | {r['dest']} | {'; '.join(moments)} | {' '.join(map(str, r['codes']))} "
                      f"| {adapter} | {r['seconds']:.0f} | {result} |")
     return "\n".join(lines)
 
 
 def summary(rows: list[dict]) -> dict:
-    by_moment = collections.Counter(f"{h} in {p}" for r in rows for h, p in zip(r["how"], r["phases"]))
+    # The signals that landed (a moment drawn for a restart that ended before it, or never reached its phase, did not).
+    by_moment = collections.Counter(f"{h} in {p}" for r in rows
+                                    for h, p, sent in zip(r["how"], r["phases"], r["signalled_at"]) if sent is not None)
     codes = collections.Counter(str(c) for r in rows for c in r["codes"])
     return {"trials": len(rows), "failed": sum(1 for r in rows if r["problems"]),
             "identical_adapters": sum(1 for r in rows if r["identical"]),
