@@ -9,7 +9,9 @@ signals.install()
 def main() -> int:
     from job.cli import main as cli_main
 
-    return cli_main()
+    code = cli_main()
+    signals.STOPPER.finish(code)  # the outcome is decided: a signal while the interpreter shuts down cannot change it
+    return code
 
 
 if __name__ == "__main__":

@@ -206,6 +206,7 @@ def publish(stage: Path, dest: Storage, cfg: Settings, run_id: str, facts: dict[
     (stage / "README.md").write_text(model_card(cfg, run_id, facts))
     manifest = build_manifest(stage, cfg, run_id, facts)
     (stage / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    log.get().info("publishing", uri=dest.describe(run_id), files=len(manifest["files"]) + 1)
     try:
         check_destination(dest, run_id, cfg.overwrite or replace)
         if not dest.versioned:  # the Hub replaces a run in the same commit that adds the new one

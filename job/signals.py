@@ -12,6 +12,8 @@ only the standard library for that reason. What a signal does depends on the pha
   FT_TERMINATION_GRACE_SECONDS; a second signal ends it at once.
 - `complete` (the manifest is written: the run's outcome is decided): the process ends at once with 0; the
   checkpoint clean-up it cuts short is finished by the next attempt with this run id.
+- `finished` (the entrypoint has its exit code, `finish()`): SIGTERM and SIGINT are ignored while the interpreter
+  shuts down, so the process ends with that code.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class Stopper:
         self.stage = "start-up"  # what the run is doing, for the messages
         self.requested: str | None = None
         self.peer_requested = False
+        self.code = SUCCESS  # the process's exit code, once finish() has it
 
     @property
     def training(self) -> bool:
@@ -92,9 +95,21 @@ class Stopper:
         """The manifest is written: from now on a signal ends the process with 0."""
         self.phase, self.stage = "complete", "clean-up"
 
+    def finish(self, code: int) -> None:
+        """The process's exit code is decided: ignore SIGTERM and SIGINT from now on. While the interpreter shuts
+        down (threads joined, modules torn down: a few tenths of a second after a run) no Python handler runs, and
+        CPython gives a handled signal its default action back, so a signal then would end the process as killed by
+        it (-15; 143 in a pod) instead of with `code`; an ignored signal stays ignored."""
+        self.phase, self.code = "finished", code
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     def _handle(self, signum, frame) -> None:
         # Runs between two bytecodes of whatever the main thread does: it decides, and raises nothing.
         name = signal.Signals(signum).name
+        if self.phase == "finished":  # came in just before finish() ignored it: the decided code stands
+            self._flush()
+            os._exit(self.code)
         if self.phase == "complete":
             self._exit_now(SUCCESS, f"stopped by {name} after the run was published; the next attempt with this run "
                                     "id removes its checkpoints", level="warning")
@@ -111,7 +126,7 @@ class Stopper:
 
     def _watchdog(self) -> None:
         time.sleep(self.grace)
-        if self.phase == "complete":
+        if self.phase in ("complete", "finished"):
             return
         what, outcome = ("the checkpoint could not be saved", "the last periodic checkpoint stands") \
             if self.stage == "training" else (f"{self.stage} could not finish", "a retry resumes")
@@ -122,12 +137,16 @@ class Stopper:
         self._say(level, reason, exit_code=code, reason="success" if code == SUCCESS else "interrupted")
         if code != SUCCESS:
             self.on_exit(f"interrupted: {reason}")
+        self._flush()
+        os._exit(code)
+
+    @staticmethod
+    def _flush() -> None:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
             except BaseException:  # noqa: BLE001 - a stream busy in the interrupted code: its tail is lost
                 pass
-        os._exit(code)
 
     @staticmethod
     def _say(level: str, message: str, **fields) -> None:

@@ -85,6 +85,15 @@ class StepTrainer(SFTTrainer):
         finally:
             self.data_collator = collate
 
+    def _run_epoch(self, *args, **kwargs):
+        # transformers (5.x) trains a step before it compares the step count with max_steps: an attempt resumed from
+        # the checkpoint of the run's last step (stopped after saving it, before publishing) would train one step
+        # past the recipe when FT_MAX_STEPS ends inside an epoch. There is nothing left to train.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     def _get_train_sampler(self, train_dataset=None):
         """The guide's group_by_length over the global step (transformers groups by its per-process batch, which
         would change the data order with the process count); else transformers' seeded random order."""

@@ -22,3 +22,28 @@ def test_the_train_loss_weighs_each_logged_loss_by_the_steps_it_covers():
                {"loss": 2.0, "step": 15}, {"loss": 1.0, "step": 20}, {"train_loss": 0.0, "step": 20}]
     assert train_loss(history) == pytest.approx((4 + 3 * 9 + 2 * 5 + 1 * 5) / 20)
     assert train_loss([]) is None
+
+
+LATE_SIGNAL = """
+import os, signal, sys, threading, time
+from job import signals
+
+stopper = signals.install()
+# Joined while the interpreter shuts down: the signal lands after the entrypoint has its exit code.
+threading.Thread(target=lambda: (time.sleep(0.5), os.kill(os.getpid(), signal.SIGTERM))).start()
+stopper.finish(3)  # as job/__main__.py does with cli.main's code
+sys.exit(3)
+"""
+
+
+def test_a_signal_after_the_exit_code_is_decided_does_not_change_it(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    log = tmp_path / "termination-log"
+    proc = subprocess.run([sys.executable, "-c", LATE_SIGNAL], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "FT_TERMINATION_LOG": str(log)})
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert not log.exists() and "Traceback" not in proc.stderr
