@@ -43,8 +43,12 @@ def problems(metrics: dict[str, float], generations: dict[str, Any] | None, cfg:
 def scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """train/loss and eval/loss as (step, value) pairs, read back from the run's event files by TensorBoard's own
     reader; tags that were not written are absent."""
+    import logging
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    # Its directory watcher logs each file it reads at INFO ("No path found after ..."): noise in the job's log.
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)
     acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
     acc.Reload()
     found = acc.Tags().get("scalars", [])
