@@ -102,6 +102,20 @@ VARIANTS = {
                        "FT_EVAL_STEPS": "10", "FT_SAVE_STEPS": "5"},
     "2nodes-1gpu": {**SCALE, "_nodes": "2"},
 }
+# Scale-out at the recipe (issue 19): the same global batch - the guide's 4 samples per optimizer step, and an explicit
+# 16 - on one GPU, on two processes of one node (DDP, FSDP2) and on two single-GPU nodes over loopback. Each process
+# computes its half of every step (job/speed.py); `1gpu-bN` is the reference its x_1gpu divides by.
+for _b in (4, 16):
+    _step = {**RECIPE, "FT_PROFILE": "fast", "FT_BATCH_SIZE": str(_b)}
+    VARIANTS |= {f"1gpu-b{_b}": _step, f"ddp-b{_b}": {**_step, "FT_NPROC_PER_NODE": "2"},
+                 f"fsdp-b{_b}": {**_step, "FT_NPROC_PER_NODE": "2", "FT_STRATEGY": "fsdp"},
+                 f"2nodes-b{_b}": {**_step, "_nodes": "2"}}
+
+
+def one_gpu_reference(name: str) -> str:
+    """The one-GPU variant a scale-out variant is compared with: same global batch, same settings otherwise."""
+    suffix = name.split("-", 1)[-1]
+    return f"1gpu-{suffix}" if f"1gpu-{suffix}" in VARIANTS and suffix.startswith("b") else "1gpu-ga2"
 
 
 def build_model(path: Path, shape: dict) -> None:
@@ -441,8 +455,9 @@ def summarize(results: list[dict], tflops: float) -> list[dict]:
         r["x_guide"] = r["tokens_per_s"] / rate["guide"] if "guide" in rate and single and same else None
         r["x_peer"] = r["tokens_per_s"] / max(peers) if peers and single else None
         # scale-out: speed-up over one GPU with the same global batch (ideal: the number of GPUs)
-        one = rate.get("1gpu-ga2")
+        one = rate.get(one_gpu_reference(r["variant"]))
         r["x_1gpu"] = r["tokens_per_s"] / one if one and r.get("processes", 1) > 1 else None
+        r["scaling"] = r["x_1gpu"] / r["processes"] if r["x_1gpu"] else None  # efficiency: 1.0 is linear
     return rows
 
 

@@ -85,6 +85,17 @@ class StepTrainer(SFTTrainer):
         finally:
             self.data_collator = collate
 
+    def get_eval_dataloader(self, eval_dataset=None):
+        """transformers' evaluation dataloader; under several processes over a set filled up to a multiple of
+        processes x evaluation batch size with samples that carry no loss (`fill_to_multiple`). accelerate otherwise
+        evens out the processes' last batches by repeating samples from the start of the set (even_batches), which
+        the per-token tally would count twice: a two-GPU evaluation of 60 samples in batches of 32 counted 4 twice
+        and reported 1.3% above one GPU's (bench/NOTES.md, issue 19)."""
+        if self.accelerator.num_processes > 1 and not isinstance(eval_dataset, str):
+            dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+            eval_dataset = fill_to_multiple(dataset, self.accelerator.num_processes * self.args.eval_batch_size)
+        return super().get_eval_dataloader(eval_dataset)
+
     def _run_epoch(self, *args, **kwargs):
         # transformers (5.x) trains a step before it compares the step count with max_steps: an attempt resumed from
         # the checkpoint of the run's last step (stopped after saving it, before publishing) would train one step
@@ -148,8 +159,9 @@ class StepTrainer(SFTTrainer):
                                  torch.as_tensor(seen, device=labelled.device)]).double()
             self._tallies[mode] = tally + self._tallies[mode] if mode in self._tallies else tally
         if self._eval_tally is not None and not model.training:  # a per-token mean over this batch: weigh it back
-            n = trained_tokens(inputs).to(self._eval_tally.device)
-            self._eval_tally += torch.stack([loss.detach().double() * n, n.double()])
+            n = trained_tokens(inputs).to(self._eval_tally.device).double()
+            # a batch of fill-ups alone has no tokens (and, through trl's mean, a NaN loss): it adds nothing
+            self._eval_tally += torch.stack([torch.where(n > 0, loss.detach().double() * n, 0.0), n])
         return (loss, outputs) if return_outputs else loss
 
     def _plain_loss(self) -> bool:
@@ -177,7 +189,7 @@ class StepTrainer(SFTTrainer):
                         metric_key_prefix="eval"):
         """transformers' loop, with `<prefix>_loss` replaced by the per-token mean over every evaluation sample
         (transformers averages per-batch means weighted by rows, which a padding-free row of many samples breaks).
-        Under several processes, accelerate may repeat a few samples to even out the last batches."""
+        Under several processes each sample counts once (get_eval_dataloader)."""
         self._eval_tally = torch.zeros(2, dtype=torch.float64, device=self.args.device)
         try:
             output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
@@ -190,6 +202,24 @@ class StepTrainer(SFTTrainer):
         if tally[1] > 0:
             output.metrics[f"{metric_key_prefix}_loss"] = (tally[0] / tally[1]).item()
         return output
+
+
+def fill_to_multiple(dataset, multiple: int):
+    """`dataset` (a datasets.Dataset of tokenized samples) followed by as many one-token copies of its first sample
+    as make its length a multiple of `multiple`. A one-token sample carries no loss: its only label predicts nothing
+    (the causal shift drops a row's first label; padding-free, each sample's first label is -100). Per-token columns
+    (input_ids, masks) keep their first element; packed rows' `seq_lengths` become [1]."""
+    from datasets import Dataset, concatenate_datasets
+
+    missing = -len(dataset) % multiple
+    if not missing or not len(dataset):
+        return dataset
+    first = dataset[0]
+    tokens = len(first["input_ids"])
+    filler = {k: v[:1] if isinstance(v, list) and len(v) == tokens else v for k, v in first.items()}
+    if "seq_lengths" in filler:
+        filler["seq_lengths"] = [1]
+    return concatenate_datasets([dataset, Dataset.from_list([filler] * missing, features=dataset.features)])
 
 
 def steps_per_epoch(rows: int, global_batch: int) -> int:

@@ -87,3 +87,21 @@ def test_the_optimizer_implementation_is_the_plans_choice_the_update_is_not(opti
 
     cfg = Settings.model_construct(optim=optim, profile=profile)
     assert effective_optim(cfg, Placement(device, torch.bfloat16), fsdp) == expected
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_evaluation_fill_ups_carry_no_loss(padding_free):
+    # Under several processes the evaluation set is filled up to a multiple of processes x batch size (issue 19):
+    # the fill-ups must add no trained token in either collation, and the real samples keep theirs.
+    from datasets import Dataset
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from job.steps import fill_to_multiple, trained_tokens
+
+    rows = [{"input_ids": [5, 6, 7, 8][: 2 + i % 3], "completion_mask": [0, 1, 1, 1][: 2 + i % 3]} for i in range(5)]
+    filled = fill_to_multiple(Dataset.from_list(rows), 4)
+    assert len(filled) == 8 and filled[5:] == {"input_ids": [[5]] * 3, "completion_mask": [[0]] * 3}
+    assert fill_to_multiple(filled, 4) is filled
+    collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=padding_free)
+    assert trained_tokens(collate(list(filled)[5:])) == 0
+    assert trained_tokens(collate(list(filled))) == trained_tokens(collate(rows)) > 0

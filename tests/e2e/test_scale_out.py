@@ -149,6 +149,32 @@ def test_two_processes_on_one_node_train_as_one(single, tiny_model, tmp_path):
     assert any("lora_A" in n for n, _ in model.named_parameters())
 
 
+def manifest_metrics(tmp: Path) -> dict:
+    return json.loads((tmp / "out" / "dist" / "manifest.json").read_text())["metrics"]
+
+
+def test_two_processes_at_the_guides_four_samples_per_step_train_as_one(tiny_model, tmp_path):
+    # The guide's recipe: 4 samples per optimizer step, 2 per process. The 33 held-out samples do not split evenly
+    # over 2 processes: each must still count once in the eval loss (accelerate repeats samples to even out the
+    # processes' last batches; StepTrainer fills the set with samples that carry no loss instead). Before training
+    # both evaluate the same model, so the figures agree to float32 summation order.
+    guide = {"FT_BATCH_SIZE": "4", "OMP_NUM_THREADS": "1"}
+    one = run_job(settings(tiny_model, **guide), tmp_path / "one")
+    two = run_job(settings(tiny_model, FT_NPROC_PER_NODE="2", **guide), tmp_path / "two")
+    for proc in (one, two):
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    split = next(e for e in events(two) if e["event"] == "global batch kept across processes")
+    assert (split["processes"], split["step_samples"], split["global_batch"]) == (2, 2, 4)
+    want, got = losses(events(one)), losses(events(two))
+    assert sorted(got) == sorted(want) and len(want) == STEPS
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=2e-3), (step, got, want)
+    m1, m2 = manifest_metrics(tmp_path / "one"), manifest_metrics(tmp_path / "two")
+    assert m2["eval_loss_before"] == pytest.approx(m1["eval_loss_before"], rel=1e-6)
+    assert m2["eval_loss_after"] == pytest.approx(m1["eval_loss_after"], rel=2e-3)
+    assert m1["eval_loss_after"] < m1["eval_loss_before"] - 0.1  # it learned
+
+
 def test_two_nodes_on_loopback_train_as_one(single, tiny_model, tmp_path):
     nodes = two_nodes(settings(tiny_model), tmp_path)
     codes = [node.wait() for node in nodes]
