@@ -189,10 +189,13 @@ def test_two_nodes_on_loopback_train_as_one(single, tiny_model, tmp_path):
 
 
 def test_sigterm_to_one_node_stops_both_and_a_restart_resumes(single, tiny_model, tmp_path):
-    env = settings(tiny_model, FT_SAVE_STEPS="0", FT_SAVE_MINUTES="0")
+    # A checkpoint every step (saving does not change the training, test_two_processes_on_one_node_train_as_one)
+    # slows the 12 steps from ~0.3 s to seconds: the signal must land before the last step, which a loaded machine's
+    # ~0.3 s from the log line to the workers' flag otherwise missed (the run then ended at step 12 with exit 8).
+    env = settings(tiny_model, FT_SAVE_STEPS="1", FT_SAVE_MINUTES="0")
     first, second = two_nodes(env, tmp_path)
     deadline = time.monotonic() + 240
-    while '"step": 5,' not in first.text() + second.text():  # rank 0 may be on either node
+    while '"step": 3,' not in first.text() + second.text():  # rank 0 may be on either node
         assert time.monotonic() < deadline and first.proc.poll() is None, first.text()[-3000:]
         time.sleep(0.2)
     second.proc.send_signal(signal.SIGTERM)  # the pod of node 1 is preempted
@@ -203,6 +206,7 @@ def test_sigterm_to_one_node_stops_both_and_a_restart_resumes(single, tiny_model
     steps = {int(e["event"].split(" at step ")[1].split(";")[0]) for e in stops if " at step " in e["event"]}
     assert len(steps) == 1, stops  # every rank stopped at the same step
     stopped_at = steps.pop()
+    assert stopped_at < STEPS, "the signal landed after the last step: nothing left to resume"
     checkpoints = tmp_path / "out" / "dist" / "checkpoints"
     assert json.loads((checkpoints / "latest").read_text())["step"] == stopped_at
     mirrored = json.loads((checkpoints / f"checkpoint-{stopped_at}" / "checkpoint.json").read_text())["files"]
