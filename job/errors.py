@@ -21,7 +21,8 @@ class ExitCode:
 EXIT_CODES: tuple[ExitCode, ...] = (
     ExitCode(0, "success", False, "the adapter, logs and manifest are at the destination"),
     ExitCode(1, "unexpected", True, "a bug or an unforeseen failure; the log has the traceback"),
-    ExitCode(2, "config", False, "a setting is invalid or unknown; nothing was downloaded"),
+    ExitCode(2, "config", False, "a setting is invalid or unknown, or does not fit the model or data (a split, a "
+             "column, a chat template); found before training starts"),
     ExitCode(3, "input", False, "a model or dataset is missing, unreadable or access was denied"),
     ExitCode(4, "diverged", False, "the training loss became NaN or infinite"),
     ExitCode(5, "out_of_memory", False, "the GPU (or host) ran out of memory; lower the batch or sequence length"),

@@ -199,11 +199,15 @@ def _fmt(v: Any) -> str:
 
 def publish(stage: Path, dest: Storage, cfg: Settings, run_id: str, facts: dict[str, Any],
             replace: bool = False) -> str:
-    """Write the card and manifest into `stage`, upload everything, the manifest last. Returns the run's URI.
+    """Write the card (also as adapter/README.md) and manifest into `stage`, upload everything, the manifest last.
+    Returns the run's URI.
     `replace` (or FT_OVERWRITE) replaces a completed run found there: one whose files do not match its manifest.
     Anything else under the run's prefix that the manifest does not list (a file of an earlier attempt, a partial
     upload) is removed before the manifest is written; checkpoints stay until the run is complete."""
-    (stage / "README.md").write_text(model_card(cfg, run_id, facts))
+    card = model_card(cfg, run_id, facts)
+    (stage / "README.md").write_text(card)
+    if (stage / "adapter").is_dir():  # instead of peft's placeholder, for an adapter folder copied on its own
+        (stage / "adapter" / "README.md").write_text(card)
     manifest = build_manifest(stage, cfg, run_id, facts)
     (stage / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     log.get().info("publishing", uri=dest.describe(run_id), files=len(manifest["files"]) + 1)

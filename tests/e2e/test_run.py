@@ -138,6 +138,7 @@ def test_model_card_describes_the_run(demo):
     card = (run_dir / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: peft" in card
     assert "nf4" in card and "r=64, alpha=16" in card
+    assert (run_dir / "adapter" / "README.md").read_text() == card  # not peft's placeholder
 
 
 def test_secrets_reach_no_output(demo):
