@@ -17,9 +17,11 @@ FROM ${BASE_IMAGE} AS base
 ARG PYTHON=python3.11
 # Debian's security fixes of these packages come with a rebuild; pinning their exact versions would break the build
 # each time the archive drops an old one. The base image's tag is the pin.
+# gcc, libc6-dev and the Python headers: on a GPU, Triton (Liger's kernels, FT_COMPILE) builds small C launchers at
+# run time with the system C compiler ("Failed to find C compiler" without one); .ci/image-test.sh builds one.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends "${PYTHON}" ca-certificates \
+ && apt-get install -y --no-install-recommends "${PYTHON}" ca-certificates gcc libc6-dev "${PYTHON}-dev" \
  && rm -rf /var/lib/apt/lists/*
 
 FROM base AS build

@@ -68,7 +68,9 @@ chown 10001:10001 "$scratch/out"  # what the chart's fsGroup does to a volume
 grep -v -E '^(#|FT_BASE_MODEL|FT_DATASET|FT_OUTPUT_URI|FT_WORK_DIR)=?' examples/tiny.env | grep . > "$scratch/env"
 printf 'FT_BASE_MODEL=/models/m\nFT_DATASET=/data/sample-text.jsonl\nFT_OUTPUT_URI=/out\nFT_RUN_ID=image-test\n' \
   >> "$scratch/env"
-as_the_chart=(podman run --rm --network none --read-only --tmpfs /tmp --tmpfs /cache --user 10001:10001
+# /tmp and /cache as the chart's emptyDir volumes are: writable and executable (podman's --tmpfs is noexec by default)
+as_the_chart=(podman run --rm --network none --read-only --tmpfs /tmp:rw,exec,mode=1777 --tmpfs /cache:rw,exec,mode=1777
+              --user 10001:10001
               --cap-drop ALL --security-opt no-new-privileges --env-file "$scratch/env"
               -v "$scratch/data:/data:ro" -v "$scratch/out:/out")
 
@@ -97,6 +99,28 @@ print(f"UID 20002 read {len(on_disk)} published files; every checksum matches th
 EOF
 modes=$(find "$run_dir" -type f -printf '%m\n' | sort -u | tr '\n' ' ')
 [ "$modes" = "644 " ] || { say "FAIL: published file modes are $modes, not 644"; exit 1; }
+
+# What Triton does on a GPU before its first kernel (Liger's kernels, FT_COMPILE): build a Python extension with the
+# system C compiler and Python's headers into a cache under $HOME (/tmp), and load it.
+rc=0
+"${as_the_chart[@]}" -i --entrypoint /opt/venv/bin/python "$IMAGE" - > "$scratch/cc.log" 2>&1 <<'EOF' || rc=$?
+import importlib.util, os, shutil, subprocess, sysconfig, tempfile
+cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
+assert cc, "no C compiler: Triton cannot build its launchers"
+scheme = sysconfig.get_default_scheme()
+include = sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"]
+work = tempfile.mkdtemp(dir=os.path.expanduser("~"))
+src, so = os.path.join(work, "probe.c"), os.path.join(work, "probe" + sysconfig.get_config_var("EXT_SUFFIX"))
+with open(src, "w") as f:
+    f.write('#include <Python.h>\nstatic struct PyModuleDef m = {PyModuleDef_HEAD_INIT, "probe", NULL, -1, NULL};\n'
+            "PyMODINIT_FUNC PyInit_probe(void) { return PyModule_Create(&m); }\n")
+subprocess.check_call([cc, src, "-O3", "-shared", "-fPIC", "-o", so, f"-I{include}"])
+spec = importlib.util.spec_from_file_location("probe", so)
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+print(f"built and loaded a Python extension with {cc} in {work}")
+EOF
+[ "$rc" = 0 ] || { tail -20 "$scratch/cc.log"; say "FAIL: no C toolchain for Triton in the image (exit $rc)"; exit 1; }
+say "$(tail -1 "$scratch/cc.log")"
 
 # A model file the job's UID cannot read: exit 3, "permission denied" naming the file, the setting and the UID.
 cp -r "$scratch/model" "$scratch/locked"

@@ -61,6 +61,8 @@ VARIANTS = {
     # of steady small steps (steps 21-30).
     "fast-fused": {**RECIPE, "FT_PROFILE": "fast", "FT_OPTIM": "adamw_torch_fused"},
     "fast-noliger": {**RECIPE, "FT_PROFILE": "fast", "FT_USE_LIGER": "false"},
+    # regional torch.compile of the decoder layers (FT_COMPILE; its compile time is inside the epoch's wall time)
+    "fast-compile": {**RECIPE, "FT_PROFILE": "fast", "FT_COMPILE": "true"},
     "profile-b4": {**RECIPE, "FT_PROFILE": "fast", "_runner": "profile", "_skip": "20",
                    "_steps": "10", "FT_MAX_STEPS": "40"},
     "profile-b4-fused": {**RECIPE, "FT_PROFILE": "fast", "FT_OPTIM": "adamw_torch_fused", "_runner": "profile",

@@ -211,6 +211,12 @@ class Settings(BaseSettings):
         None, description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy). Default: "
         "on with a CUDA GPU when liger-kernel is installed, except in the `guide` profile."
     )
+    compile: bool = Field(
+        False, description="Regional compilation: torch.compile each decoder layer (dynamic token counts, one graph "
+        "shared by the layers) so that a step launches fewer, fused kernels, after a one-time compile of ~10-60 s. "
+        "The same steps within numerical noise; generation (sample answers) runs eagerly. Off by default: its gain on "
+        "a GPU is not measured yet (bench/RESULTS.md)."
+    )
     attention: Literal["auto", "varlen", "sdpa", "flex_attention", "eager"] = Field(
         "auto", description="Attention implementation. `varlen`: torch's variable-length flash attention (torch >= "
         "2.11, Ampere or newer GPU, bf16/fp16), which attends within each sample of a padding-free row and builds no "

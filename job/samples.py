@@ -23,6 +23,7 @@ import torch
 
 from job.chat import ChatMasker
 from job.config import Settings
+from job.speed import eager
 
 IGNORE = -100
 SHOWN_PROMPT_CHARS = 200  # a prompt is shown by its end: the system prompt and template text are the same in each
@@ -86,7 +87,7 @@ def generate(model, tokenizer, prompts: list[Prompt], max_new_tokens: int, stop_
         width = max(len(p.ids) for p in part)
         ids = torch.tensor([[pad] * (width - len(p.ids)) + p.ids for p in part], device=device)
         mask = torch.tensor([[0] * (width - len(p.ids)) + [1] * len(p.ids) for p in part], device=device)
-        with torch.no_grad():
+        with torch.no_grad(), eager():  # FT_COMPILE's layers would recompile for every KV-cache shape
             generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                        do_sample=False, temperature=None, top_p=None, top_k=None,
                                        eos_token_id=sorted(stop_ids), pad_token_id=pad, use_cache=True)

@@ -155,3 +155,27 @@ def _size_micro_batch(cfg: Settings, placement: Placement, model_config, liger: 
     log.get().warning("micro-batch may not fit in free GPU memory", free_gib=round(free / 2**30, 1),
                       micro_batch_tokens=smallest)
     return smallest, forced is not False
+
+
+def compile_layers(model) -> int:
+    """FT_COMPILE: compile every decoder layer of `model` (transformers' GradientCheckpointingLayer subclasses) in
+    place with torch.compile(dynamic=True), leaving parameter names and state dicts unchanged; returns how many. With
+    dynamo's inlining of nn.Modules (torch >= 2.5) the layers share their graphs: one for the first layer (its input
+    needs no gradient) and one for the others, per mode (training, evaluation), whatever the token count."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile(dynamic=True)
+    log.get().info("decoder layers compiled", layers=len(layers), mode="torch.compile(dynamic=True), per layer")
+    return len(layers)
+
+
+def eager():
+    """A context in which compiled modules run eagerly (generation: a KV cache would recompile each layer)."""
+    import contextlib
+
+    import torch
+
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance else contextlib.nullcontext()

@@ -17,7 +17,7 @@ from job.errors import DivergedError, InterruptedJob, OutOfMemoryError
 from job.history import RunHistory
 from job.model import Placement, lora_config
 from job.signals import Stopper
-from job.speed import SpeedPlan
+from job.speed import SpeedPlan, compile_layers
 
 
 @dataclass
@@ -187,6 +187,8 @@ def build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, checkpoin
         for param in trainer.model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
+    if cfg.compile:
+        compile_layers(trainer.model)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     log.get().info("model ready", trainable_params=trainable, total_params=total,
                    trainable_pct=round(100 * trainable / total, 3))
@@ -239,6 +241,10 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
         stopped_early(trainer, guard, stopper, checkpoints)
         if eval_ds is not None:
             result.metrics["eval_loss_after"] = final_eval_loss(trainer)
+        if cfg.compile:  # a handful; one per layer or per step would mean recompilations ate the gain
+            from torch._dynamo.utils import counters
+
+            log.get().info("compiled graphs", graphs=counters["stats"]["unique_graphs"])
     except torch.OutOfMemoryError as e:
         raise OutOfMemoryError(
             f"out of GPU memory ({str(e).splitlines()[0][:200]}); lower FT_MICRO_BATCH_TOKENS (the same steps in "

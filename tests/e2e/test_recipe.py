@@ -19,6 +19,7 @@ PLANS = {
     "fast": {"FT_PROFILE": "fast"},  # one padding-free micro-batch per step
     "split": {"FT_PROFILE": "fast", "FT_MICRO_BATCH_TOKENS": "64"},  # a micro-batch per sample or two
     "lean": {"FT_PROFILE": "lean", "FT_MICRO_BATCH_TOKENS": "128"},
+    "compiled": {"FT_PROFILE": "fast", "FT_COMPILE": "true"},  # regional torch.compile of the decoder layers
 }
 
 
@@ -59,10 +60,22 @@ def test_padding_free_and_split_steps_train_what_padded_steps_train(runs):
     """The same per-step losses and the same adapter, within float32 noise, however a step is computed."""
     reference = runs["guide"]
     assert reference["losses"][-1] < reference["losses"][0]  # it learns, so equal losses mean something
-    for name in ("fast", "split", "lean"):
+    for name in ("fast", "split", "lean", "compiled"):
         assert runs[name]["losses"] == pytest.approx(reference["losses"], rel=1e-4), name
         for key, weight in reference["adapter"].items():
             torch.testing.assert_close(runs[name]["adapter"][key], weight, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_compiled_layers_share_their_graphs(runs, tiny_model):
+    """FT_COMPILE compiles every decoder layer; they share their graphs (one per layer, or per token count, would
+    mean recompilations eating the gain): training and evaluation, each one for the first layer (its input needs no
+    gradient) and one for the others. The sample answers after training run eagerly (no KV-cache recompilations)."""
+    log = runs["compiled"]["log"]
+    layers = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
+    assert next(e for e in log if e["event"] == "decoder layers compiled")["layers"] == layers
+    assert 1 <= next(e for e in log if e["event"] == "compiled graphs")["graphs"] <= 4
+    assert runs["compiled"]["manifest"]["quality"]["generations"]["samples"]
+    assert not any(e["event"] == "decoder layers compiled" for e in runs["fast"]["log"])
 
 
 def test_evaluation_is_one_per_token_mean_however_it_is_batched(runs):
