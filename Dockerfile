@@ -18,10 +18,11 @@ ARG PYTHON=python3.11
 # Debian's security fixes of these packages come with a rebuild; pinning their exact versions would break the build
 # each time the archive drops an old one. The base image's tag is the pin.
 # gcc, libc6-dev and the Python headers: on a GPU, Triton (Liger's kernels, FT_COMPILE) builds small C launchers at
-# run time with the system C compiler ("Failed to find C compiler" without one); .ci/image-test.sh builds one.
+# run time with the system C compiler ("Failed to find C compiler" without one); g++: FT_COMPILE on a CPU (inductor's
+# C++ backend). .ci/image-test.sh builds an extension and compiles a function with both.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends "${PYTHON}" ca-certificates gcc libc6-dev "${PYTHON}-dev" \
+ && apt-get install -y --no-install-recommends "${PYTHON}" ca-certificates gcc g++ libc6-dev "${PYTHON}-dev" \
  && rm -rf /var/lib/apt/lists/*
 
 FROM base AS build

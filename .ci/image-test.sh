@@ -101,7 +101,7 @@ modes=$(find "$run_dir" -type f -printf '%m\n' | sort -u | tr '\n' ' ')
 [ "$modes" = "644 " ] || { say "FAIL: published file modes are $modes, not 644"; exit 1; }
 
 # What Triton does on a GPU before its first kernel (Liger's kernels, FT_COMPILE): build a Python extension with the
-# system C compiler and Python's headers into a cache under $HOME (/tmp), and load it.
+# system C compiler and Python's headers into a cache under $HOME (/tmp), and load it; and FT_COMPILE on a CPU.
 rc=0
 "${as_the_chart[@]}" -i --entrypoint /opt/venv/bin/python "$IMAGE" - > "$scratch/cc.log" 2>&1 <<'EOF' || rc=$?
 import importlib.util, os, shutil, subprocess, sysconfig, tempfile
@@ -117,7 +117,10 @@ with open(src, "w") as f:
 subprocess.check_call([cc, src, "-O3", "-shared", "-fPIC", "-o", so, f"-I{include}"])
 spec = importlib.util.spec_from_file_location("probe", so)
 spec.loader.exec_module(importlib.util.module_from_spec(spec))
-print(f"built and loaded a Python extension with {cc} in {work}")
+import torch  # FT_COMPILE on a CPU: inductor's C++ backend (g++), its cache under $HOME
+fn = torch.compile(lambda x: torch.nn.functional.silu(x) * 2 + 1)
+assert torch.allclose(fn(torch.ones(8)), torch.nn.functional.silu(torch.ones(8)) * 2 + 1)
+print(f"built and loaded a Python extension with {cc} in {work}; torch.compile ran on the CPU")
 EOF
 [ "$rc" = 0 ] || { tail -20 "$scratch/cc.log"; say "FAIL: no C toolchain for Triton in the image (exit $rc)"; exit 1; }
 say "$(tail -1 "$scratch/cc.log")"

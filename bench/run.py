@@ -114,10 +114,14 @@ for _b in (4, 16):
                  f"2nodes-b{_b}": {**_step, "_nodes": "2"}}
 
 
-def one_gpu_reference(name: str) -> str:
-    """The one-GPU variant a scale-out variant is compared with: same global batch, same settings otherwise."""
-    suffix = name.split("-", 1)[-1]
-    return f"1gpu-{suffix}" if f"1gpu-{suffix}" in VARIANTS and suffix.startswith("b") else "1gpu-ga2"
+def one_gpu_reference(name: str) -> str | None:
+    """The one-GPU variant a scale-out variant is compared with (same global batch, same settings otherwise, the
+    same "-d0"), or None where there is none."""
+    base, d0 = (name[:-3], "-d0") if name.endswith("-d0") else (name, "")
+    if base in ("ddp-2gpu", "fsdp-2gpu", "fsdp-2gpu-eval", "2nodes-1gpu"):  # the packed 8192-token scale-out
+        return "1gpu-ga2" + d0
+    suffix = base.split("-", 1)[-1]
+    return f"1gpu-{suffix}{d0}" if f"1gpu-{suffix}" in VARIANTS else None
 
 
 def build_model(path: Path, shape: dict) -> None:
@@ -457,7 +461,7 @@ def summarize(results: list[dict], tflops: float) -> list[dict]:
         r["x_guide"] = r["tokens_per_s"] / rate["guide"] if "guide" in rate and single and same else None
         r["x_peer"] = r["tokens_per_s"] / max(peers) if peers and single else None
         # scale-out: speed-up over one GPU with the same global batch (ideal: the number of GPUs)
-        one = rate.get(one_gpu_reference(r["variant"]))
+        one = rate.get(one_gpu_reference(r["variant"]) or "")
         r["x_1gpu"] = r["tokens_per_s"] / one if one and r.get("processes", 1) > 1 else None
         r["scaling"] = r["x_1gpu"] / r["processes"] if r["x_1gpu"] else None  # efficiency: 1.0 is linear
     return rows

@@ -59,6 +59,7 @@ class CheckpointStore:
         self.data, self.on_data_change = data, on_data_change
         self.log = log.get()
         self.guard = lambda: None  # raises when this attempt may no longer write here (lease.Lease.check)
+        self.run_complete = lambda: False  # whether the run's results are published (completion.find)
 
     def steps(self) -> list[int]:
         """Steps of every checkpoint that has files here, complete or not, newest first."""
@@ -81,8 +82,25 @@ class CheckpointStore:
             self.store.delete_tree(name)
             raise
         write_json(self.store, LATEST, {"checkpoint": name, "step": step})
+        self.recheck_after_writing()
         self.log.info("checkpoint mirrored", step=step, uri=self.store.describe(name))
         self.prune()
+
+    def recheck_after_writing(self) -> None:
+        """The guard again, after the writes: an attempt frozen between the first check and its writes (a paused node)
+        may have lost the run meanwhile. If the attempt that took over has published and cleaned up, whatever
+        checkpoint is here now is this stale attempt's own: remove it all, then raise. Otherwise the new owner's
+        checkpoints may be among the files, and they stay (its own next mirror and clean-up settle them)."""
+        try:
+            self.guard()
+        except Exception:
+            if self.run_complete():
+                for step in self.steps():
+                    self.store.delete_tree(f"checkpoint-{step}")
+                self.store.delete(LATEST)
+                self.log.warning("a checkpoint written after this attempt lost the run was removed",
+                                 uri=self.store.describe())
+            raise
 
     def prune(self) -> None:
         complete = [s for s in self.steps() if self.store.exists(f"checkpoint-{s}/{MARKER}")]

@@ -214,8 +214,9 @@ class Settings(BaseSettings):
     compile: bool = Field(
         False, description="Regional compilation: torch.compile each decoder layer (dynamic token counts, one graph "
         "shared by the layers) so that a step launches fewer, fused kernels, after a one-time compile of ~10-60 s. "
-        "The same steps within numerical noise; generation (sample answers) runs eagerly. Off by default: its gain on "
-        "a GPU is not measured yet (bench/RESULTS.md)."
+        "The same steps within numerical noise (with LoRA dropout, other random masks: the same in distribution); "
+        "generation (sample answers) runs eagerly. Off by default: its gain on a GPU is not measured yet "
+        "(bench/RESULTS.md)."
     )
     attention: Literal["auto", "varlen", "sdpa", "flex_attention", "eager"] = Field(
         "auto", description="Attention implementation. `varlen`: torch's variable-length flash attention (torch >= "

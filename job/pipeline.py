@@ -43,6 +43,7 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
                                       cfg.keep_checkpoints, fingerprint, data_src.revision,
                                       cfg.on_data_change)
         checkpoints.guard = held.check  # an attempt whose lease was taken over must not mirror nor prune
+        checkpoints.run_complete = lambda: completion.find(dest.for_checks(), run_id, fingerprint, False).intact
         if distributed.is_main():
             checkpoints.check_data()  # before the model loads: resuming on changed data is refused (or restarts)
         tokenizer = data.load_tokenizer(model_src.path, cfg)

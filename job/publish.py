@@ -87,7 +87,10 @@ def build_manifest(stage: Path, cfg: Settings, run_id: str, facts: dict[str, Any
     })
 
 
-def model_card(cfg: Settings, run_id: str, facts: dict[str, Any]) -> str:
+def model_card(cfg: Settings, run_id: str, facts: dict[str, Any], root: str = "") -> str:
+    """The run's model card (README.md): Hub metadata, what was trained on what, quality, how to load it. `root` is
+    the run's folder relative to the card: "" for the run's own card, "../" for its copy in adapter/, whose links
+    and loading snippet then point from there."""
     from huggingface_hub import ModelCardData
 
     data = ModelCardData(
@@ -125,15 +128,16 @@ A LoRA adapter for `{cfg.base_model}`, trained by [finetune-job](https://github.
 |---|---|
 {table}
 
-{quality_section(facts)}## Use
+{quality_section(facts, root)}## Use
 
-{usage(cfg, run_id)}
-`manifest.json` beside this card holds the full configuration, package versions and a sha256 of every file.
+{usage(cfg, run_id, root)}
+`{root}manifest.json` {"in the run's folder" if root else "beside this card"} holds the full configuration, package \
+versions and a sha256 of every file.
 """
     return redact(body)
 
 
-def usage(cfg: Settings, run_id: str) -> str:
+def usage(cfg: Settings, run_id: str, root: str = "") -> str:
     """The card's loading snippet: the adapter and tokenizer from the Hub repository (a Hub destination) or from a
     copy of the run's folder; the base model by the name adapter_config.json records (fetch.model_name), which
     AutoPeftModelForCausalLM loads itself unless it is an S3 URI."""
@@ -143,6 +147,9 @@ def usage(cfg: Settings, run_id: str) -> str:
         where = cfg.output_uri.removeprefix("hf://").strip("/").removeprefix("models/")
         revision = f", revision={cfg.hub_revision!r}" if cfg.hub_revision else ""
         adapter, tokenizer, note = f'"{where}"{revision}', f'"{where}"{revision}', ""
+    elif root:  # the card in adapter/: paths from there
+        adapter, tokenizer = '"."', f'"{root}tokenizer"'
+        note = f"In a copy of this adapter's folder (`{cfg.output_uri.rstrip('/')}/{run_id}/adapter`):\n\n"
     else:
         adapter, tokenizer = '"adapter"', '"tokenizer"'
         note = f"In a copy of this run's folder (`{cfg.output_uri.rstrip('/')}/{run_id}`):\n\n"
@@ -204,10 +211,9 @@ def publish(stage: Path, dest: Storage, cfg: Settings, run_id: str, facts: dict[
     `replace` (or FT_OVERWRITE) replaces a completed run found there: one whose files do not match its manifest.
     Anything else under the run's prefix that the manifest does not list (a file of an earlier attempt, a partial
     upload) is removed before the manifest is written; checkpoints stay until the run is complete."""
-    card = model_card(cfg, run_id, facts)
-    (stage / "README.md").write_text(card)
+    (stage / "README.md").write_text(model_card(cfg, run_id, facts))
     if (stage / "adapter").is_dir():  # instead of peft's placeholder, for an adapter folder copied on its own
-        (stage / "adapter" / "README.md").write_text(card)
+        (stage / "adapter" / "README.md").write_text(model_card(cfg, run_id, facts, root="../"))
     manifest = build_manifest(stage, cfg, run_id, facts)
     (stage / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     log.get().info("publishing", uri=dest.describe(run_id), files=len(manifest["files"]) + 1)

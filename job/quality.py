@@ -127,15 +127,16 @@ def assess(cfg: Settings, model, tokenizer, eval_ds, stage: Path, metrics: dict[
     return report
 
 
-def card_section(facts: dict[str, Any]) -> str:
+def card_section(facts: dict[str, Any], root: str = "") -> str:
     """The model card's quality section from the manifest's facts: the loss curves, the sample answers, any problem
-    found, and the merged model when one was exported."""
+    found, and the merged model when one was exported. `root`: the run's folder relative to the card ("" for the
+    run's own card, "../" for the copy in adapter/)."""
     report = facts.get("quality")
     if not report:
         return ""
     parts = ["## Quality", ""]
     if report.get("curves"):
-        parts += [f"![train and eval loss]({report['curves']})", ""]
+        parts += [f"![train and eval loss]({root}{report['curves']})", ""]
     if gen := report.get("generations"):
         parts += [f"Greedy answers to {len(gen['samples'])} {gen['source']} before and after training (at most "
                   f"{gen['max_new_tokens']} new tokens): {gen['stopped_before']:.0%} stopped with an end-of-turn "
@@ -145,7 +146,7 @@ def card_section(facts: dict[str, Any]) -> str:
     for problem in report.get("vllm_problems", []):
         parts += [f"> **vLLM will not load this adapter:** {problem}", ""]
     if merged := facts.get("export", {}).get("merged"):
-        parts += [f"`{merged['path']}/` holds the adapter merged into a {merged['dtype']} copy of the base model "
+        parts += [f"`{root}{merged['path']}/` holds the adapter merged into a {merged['dtype']} copy of the base model "
                   "(safetensors and the tokenizer), for servers without LoRA support.", ""]
     return "\n".join(parts) + "\n"
 

@@ -91,10 +91,14 @@ class StepTrainer(SFTTrainer):
         evens out the processes' last batches by repeating samples from the start of the set (even_batches), which
         the per-token tally would count twice: a two-GPU evaluation of 60 samples in batches of 32 counted 4 twice
         and reported 1.3% above one GPU's (bench/NOTES.md, issue 19)."""
-        if self.accelerator.num_processes > 1 and not isinstance(eval_dataset, str):
-            dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-            eval_dataset = fill_to_multiple(dataset, self.accelerator.num_processes * self.args.eval_batch_size)
-        return super().get_eval_dataloader(eval_dataset)
+        if self.accelerator.num_processes == 1:
+            return super().get_eval_dataloader(eval_dataset)
+        # A named set (of a dict of them) is filled too. Passed on as a dataset, it is cached under "eval", which
+        # matters only with persistent dataloader workers (the job has none).
+        dataset = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else \
+            eval_dataset if eval_dataset is not None else self.eval_dataset
+        return super().get_eval_dataloader(
+            fill_to_multiple(dataset, self.accelerator.num_processes * self.args.eval_batch_size))
 
     def _run_epoch(self, *args, **kwargs):
         # transformers (5.x) trains a step before it compares the step count with max_steps: an attempt resumed from

@@ -244,7 +244,8 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
         if cfg.compile:  # a handful; one per layer or per step would mean recompilations ate the gain
             from torch._dynamo.utils import counters
 
-            log.get().info("compiled graphs", graphs=counters["stats"]["unique_graphs"])
+            log.get().info("compiled graphs", graphs=counters["stats"]["unique_graphs"],
+                           graph_breaks=sum(counters["graph_break"].values()))
     except torch.OutOfMemoryError as e:
         raise OutOfMemoryError(
             f"out of GPU memory ({str(e).splitlines()[0][:200]}); lower FT_MICRO_BATCH_TOKENS (the same steps in "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from job.checkpoints import LATEST, MARKER, CheckpointStore
 from job.storage import LocalStorage
 
@@ -125,3 +127,24 @@ def test_changed_data_with_restart_deletes_the_checkpoints_and_starts_over(tmp_p
 def test_a_checkpoint_without_a_data_fingerprint_still_resumes(tmp_path):
     store(tmp_path).mirror(fake_checkpoint(tmp_path, 10), 10)  # an older version's marker: no "data"
     assert data_store(tmp_path, "sha256:bbb").restore(tmp_path / "resume")[1] == 10
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_a_checkpoint_written_after_the_run_was_taken_over_is_removed_once_the_run_is_published(tmp_path, complete):
+    # An attempt frozen between its lease check and its writes (issue 20's "frozen holder") wakes up after another
+    # attempt took the run over: the check after the writes catches it. When the new owner has already published and
+    # removed the checkpoints, what is there is only the stale attempt's, and it goes; else nothing is touched.
+    from job.errors import LeaseHeldError
+
+    ckpts = store(tmp_path)
+    checks = iter([None])  # the first check passes; then the lease is gone
+
+    def guard():
+        if next(checks, "lost"):
+            raise LeaseHeldError("FT_RUN_ID=r: the lease was taken over")
+
+    ckpts.guard, ckpts.run_complete = guard, lambda: complete
+    with pytest.raises(LeaseHeldError):
+        ckpts.mirror(fake_checkpoint(tmp_path, 4), 4)
+    left = sorted(p.relative_to(tmp_path / "remote").as_posix() for p in (tmp_path / "remote").rglob("*") if p.is_file())
+    assert left == [] if complete else {LATEST, "checkpoint-4/checkpoint.json"} <= set(left)

@@ -138,7 +138,11 @@ def test_model_card_describes_the_run(demo):
     card = (run_dir / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: peft" in card
     assert "nf4" in card and "r=64, alpha=16" in card
-    assert (run_dir / "adapter" / "README.md").read_text() == card  # not peft's placeholder
+    # adapter/README.md: the same card instead of peft's placeholder, its links and snippet pointing from there
+    adapter_card = (run_dir / "adapter" / "README.md").read_text()
+    assert adapter_card.startswith("---\n") and "r=64, alpha=16" in adapter_card
+    assert 'from_pretrained(".")' in adapter_card and 'from_pretrained("../tokenizer")' in adapter_card
+    assert "](loss.png)" in card and "](../loss.png)" in adapter_card and "`../manifest.json`" in adapter_card
 
 
 def test_secrets_reach_no_output(demo):
