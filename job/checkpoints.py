@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from job import log
-from job.errors import ConfigError, DiskFullError, UnavailableError
+from job.errors import ConfigError, DiskFullError, LeaseHeldError, UnavailableError
 from job.storage.base import file_sha256
 from job.storage import Storage
 
@@ -93,7 +93,7 @@ class CheckpointStore:
         checkpoints may be among the files, and they stay (its own next mirror and clean-up settle them)."""
         try:
             self.guard()
-        except Exception:
+        except LeaseHeldError:
             if self.run_complete():
                 for step in self.steps():
                     self.store.delete_tree(f"checkpoint-{step}")
