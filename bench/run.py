@@ -57,10 +57,16 @@ VARIANTS = {
     "unsloth-b4": {**RECIPE, "_runner": "unsloth", "_batch": "4"},
     "fast": {**RECIPE, "FT_PROFILE": "fast"},  # the job's default
     "lean-b4": {**RECIPE, "FT_PROFILE": "lean"},
+    # issue 17's lean target: all-linear r64, 2048-token samples, the guide's 4 samples per step, under 10 GiB
+    "lean-b4-2k": {**RECIPE, "FT_PROFILE": "lean", "FT_MAX_SEQ_LENGTH": "2048", "FT_LORA_TARGET_MODULES": "all-linear"},
     # Issue 17's candidates at the guide's recipe: torch's fused AdamW instead of bitsandbytes' paged one, and a profile
     # of steady small steps (steps 21-30).
     "fast-fused": {**RECIPE, "FT_PROFILE": "fast", "FT_OPTIM": "adamw_torch_fused"},
     "fast-noliger": {**RECIPE, "FT_PROFILE": "fast", "FT_USE_LIGER": "false"},
+    # the 4-bit weights dequantized before every product, as before FT_DEQUANTIZE_ONCE (on by default in `fast`)
+    "fast-nodq": {**RECIPE, "FT_PROFILE": "fast", "FT_DEQUANTIZE_ONCE": "false"},
+    "profile-b4-dq": {**RECIPE, "FT_PROFILE": "fast", "_runner": "profile", "_skip": "20", "_steps": "10",
+                      "FT_MAX_STEPS": "40"},
     # regional torch.compile of the decoder layers (FT_COMPILE; its compile time is inside the epoch's wall time)
     "fast-compile": {**RECIPE, "FT_PROFILE": "fast", "FT_COMPILE": "true"},
     "profile-b4": {**RECIPE, "FT_PROFILE": "fast", "_runner": "profile", "_skip": "20",

@@ -57,7 +57,8 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
     base.name_or_path = base.config.name_or_path = fetch.model_name(cfg)
     load_seconds = time.monotonic() - load_start
     # Every process must train alike: rank 0's plan (sized from its free memory) for all.
-    plan = distributed.broadcast(speed.plan(cfg, placement, base.config, distributed.world_size()))
+    plan = distributed.broadcast(speed.plan(cfg, placement, base.config, distributed.world_size(),
+                                            speed.dequantized_size(base, placement.dtype)))
     log.get().info("speed plan", **vars(plan), load_s=round(load_seconds, 2))
     main = distributed.is_main()  # the one process that writes TensorBoard, checkpoints and results
     log.get().info("tensorboard logs", path=str(scratch / "output" / "tensorboard"),

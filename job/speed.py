@@ -8,6 +8,7 @@ and still fit a 24 GB card, and both compute the same steps. bench/NOTES.md says
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ class SpeedPlan:
     liger: bool
     attention: str
     processes: int = 1
+    dequantize_once: bool = False  # a bf16 copy of the 4-bit base weights, dequantized once (job/speed.py)
 
     @property
     def global_batch(self) -> int:
@@ -63,14 +65,22 @@ def activation_bytes_per_token(model_config, checkpointing: bool, liger: bool) -
     return kept + (0 if liger else 4 * vocab)
 
 
-def plan(cfg: Settings, placement: Placement, model_config, processes: int = 1) -> SpeedPlan:
-    """The plan for this hardware. Raises ConfigError when the global batch cannot be split evenly over the
-    processes, or Liger is asked for where it cannot run."""
+def plan(cfg: Settings, placement: Placement, model_config, processes: int = 1, dequantized_bytes: int = 0) -> SpeedPlan:
+    """The plan for this hardware. `dequantized_bytes`: what a compute-dtype copy of the model's 4-bit weights would
+    take (dequantized_size; 0 for a model without them). Raises ConfigError when the global batch cannot be split
+    evenly over the processes, or Liger or FT_DEQUANTIZE_ONCE is asked for where it cannot run."""
     gpu = placement.device == "cuda"
+    sharded = processes > 1 and cfg.strategy == "fsdp"
+    if cfg.dequantize_once and (sharded or not dequantized_bytes):
+        why = "FSDP shards the 4-bit weights; use FT_STRATEGY=ddp" if sharded else "the model has no 4-bit weights"
+        raise ConfigError([f"FT_DEQUANTIZE_ONCE=true: {why}"])
     attention = getattr(model_config, "_attn_implementation", None) or cfg.attention  # as resolved at load
     if cfg.use_liger and not (gpu and liger_available()):
         raise ConfigError(["FT_USE_LIGER=true: Liger's kernels need a CUDA GPU and the liger-kernel package"])
-    liger = cfg.use_liger if cfg.use_liger is not None else cfg.profile != "guide" and gpu and liger_available()
+    # Under FT_COMPILE, inductor fuses what Liger's kernels fuse (RMSNorm, RoPE, SwiGLU), and Liger's Triton kernels
+    # fail to build inside a compiled graph (liger-kernel 0.8.5, RMSNorm: "'float' object has no attribute 'to'").
+    liger = cfg.use_liger if cfg.use_liger is not None else \
+        cfg.profile != "guide" and gpu and liger_available() and not cfg.compile
     if cfg.global_batch % processes:
         raise ConfigError([f"FT_GRADIENT_ACCUMULATION_STEPS={cfg.gradient_accumulation_steps}: the global batch of "
                            f"{cfg.global_batch} samples (FT_BATCH_SIZE={cfg.batch_size} x "
@@ -82,14 +92,20 @@ def plan(cfg: Settings, placement: Placement, model_config, processes: int = 1) 
     if not padding_free:
         ckpt = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else cfg.profile != "fast"
         micro = min(cfg.batch_size, step)
-        return _logged(SpeedPlan(False, None, micro, step, cfg.batch_size, ckpt, liger, attention, processes))
+        return _logged(SpeedPlan(False, None, micro, step, cfg.batch_size, ckpt, liger, attention, processes,
+                                 bool(cfg.dequantize_once)))
     tokens, ckpt = _size_micro_batch(cfg, placement, model_config, liger, attention, step)
-    eval_tokens = _eval_tokens(placement, model_config, attention, tokens)
+    dequantize = cfg.dequantize_once
+    if dequantize is None:
+        dequantize = gpu and cfg.profile == "fast" and not sharded and dequantized_bytes > 0 and \
+            tokens * activation_bytes_per_token(model_config, ckpt, liger) * SAFETY + dequantized_bytes <= free_gpu_bytes()
+    reserve = dequantized_bytes if dequantize else 0
+    eval_tokens = _eval_tokens(placement, model_config, attention, tokens, reserve)
     return _logged(SpeedPlan(True, tokens, None, step, max(1, eval_tokens // cfg.row_length), ckpt, liger, attention,
-                             processes))
+                             processes, dequantize))
 
 
-def _eval_tokens(placement: Placement, model_config, attention: str, train_tokens: int) -> int:
+def _eval_tokens(placement: Placement, model_config, attention: str, train_tokens: int, reserve: int = 0) -> int:
     """Tokens per padding-free evaluation batch (FT_MAX_SEQ_LENGTH-long samples' worth). Evaluation only runs
     forward, keeping one layer's activations at a time, so on a GPU with the varlen kernel it takes the largest
     batch up to VARLEN_MAX_MICRO_BATCH_TOKENS whose activations fit with checkpointing's estimate (an upper bound for
@@ -98,7 +114,7 @@ def _eval_tokens(placement: Placement, model_config, attention: str, train_token
     evaluations; bench/NOTES.md). The reported loss does not depend on it: StepTrainer tallies it per token."""
     if placement.device != "cuda" or attention != "varlen":  # sdpa's dense mask grows with the square of a batch
         return train_tokens
-    free = free_gpu_bytes()
+    free = free_gpu_bytes() - reserve
     fits = [t for t in (VARLEN_MAX_MICRO_BATCH_TOKENS >> i for i in range(5))
             if t * activation_bytes_per_token(model_config, True, False) * SAFETY <= free]
     return max([train_tokens, *fits[:1]])
@@ -155,6 +171,71 @@ def _size_micro_batch(cfg: Settings, placement: Placement, model_config, liger: 
     log.get().warning("micro-batch may not fit in free GPU memory", free_gib=round(free / 2**30, 1),
                       micro_batch_tokens=smallest)
     return smallest, forced is not False
+
+
+def _linear4bit_modules(model) -> list:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return []
+    import bitsandbytes as bnb
+
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def dequantized_size(model, dtype) -> int:
+    """Bytes a `dtype` copy of every 4-bit weight of `model` takes (2 per parameter in bf16: ~13 GB for a 7B Llama);
+    0 when the model has none."""
+    import torch
+
+    per = torch.empty((), dtype=dtype).element_size()
+    return sum(m.weight.quant_state.shape.numel() * per for m in _linear4bit_modules(model)
+               if getattr(m.weight, "quant_state", None) is not None)
+
+
+@functools.cache
+def _dequantized_class(base: type) -> type:
+    import torch
+
+    class Dequantized(base):
+        """A bitsandbytes 4-bit linear layer that multiplies by `self.dequantized`, its weight dequantized once to the
+        compute dtype, shape (out_features, in_features). For a batch of more than one token bitsandbytes computes
+        F.linear(x, dequantize_4bit(W)) too (bitsandbytes.autograd._functions.MatMul4Bit and its CUDA fallback),
+        dequantizing again before every product in the forward and the backward pass; here only the
+        dequantization is skipped. The weight needs no gradient, so autograd keeps no extra tensor."""
+
+        def forward(self, x):
+            w = self.dequantized
+            bias = None if self.bias is None else self.bias.to(w.dtype)
+            return torch.nn.functional.linear(x.to(w.dtype), w, bias).to(x.dtype)
+
+    Dequantized.__name__ = Dequantized.__qualname__ = f"Dequantized{base.__name__}"
+    return Dequantized
+
+
+def dequantize_once(model, dtype) -> int:
+    """FT_DEQUANTIZE_ONCE: give every bitsandbytes 4-bit linear layer of `model` a `dtype` copy of its weight and
+    compute with it (the 4-bit weight stays, for checkpoints and merging). Returns the bytes the copies take. Undo
+    with release_dequantized."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    total, layers = 0, _linear4bit_modules(model)
+    with torch.no_grad():
+        for module in layers:
+            weight = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype)
+            module.dequantized = weight
+            module.__class__ = _dequantized_class(type(module))
+            total += weight.numel() * weight.element_size()
+    log.get().info("4-bit base weights dequantized once", layers=len(layers), bytes=total, gib=round(total / 2**30, 2),
+                   dtype=str(dtype))
+    return total
+
+
+def release_dequantized(model) -> None:
+    """Undo dequantize_once: the layers compute from their 4-bit weights again and the copies are freed."""
+    for module in _linear4bit_modules(model):
+        if hasattr(module, "dequantized"):
+            module.__class__ = type(module).__mro__[1]
+            del module.dequantized
 
 
 def compile_layers(model) -> int:

@@ -17,7 +17,7 @@ from job.errors import DivergedError, InterruptedJob, OutOfMemoryError
 from job.history import RunHistory
 from job.model import Placement, lora_config
 from job.signals import Stopper
-from job.speed import SpeedPlan, compile_layers
+from job.speed import SpeedPlan, compile_layers, dequantize_once, release_dequantized
 
 
 @dataclass
@@ -187,6 +187,8 @@ def build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, checkpoin
         for param in trainer.model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
+    if speed.dequantize_once:
+        dequantize_once(trainer.model, placement.dtype)
     if cfg.compile:
         compile_layers(trainer.model)
     trainable, total = trainer.model.get_nb_trainable_parameters()
@@ -245,7 +247,8 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
             from torch._dynamo.utils import counters
 
             log.get().info("compiled graphs", graphs=counters["stats"]["unique_graphs"],
-                           graph_breaks=sum(counters["graph_break"].values()))
+                           graph_breaks=sum(counters["graph_break"].values()),
+                           reasons=[r[:300] for r, _ in counters["graph_break"].most_common(3)])
     except torch.OutOfMemoryError as e:
         raise OutOfMemoryError(
             f"out of GPU memory ({str(e).splitlines()[0][:200]}); lower FT_MICRO_BATCH_TOKENS (the same steps in "
@@ -255,6 +258,7 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
     finally:
         if writer is not None:
             writer.close()
+        release_dequantized(trainer.model)  # its memory back; sample answers compute as the adapter's users will
     save_adapter(trainer, stage / "adapter")
     result.model = trainer.model
     if distributed.is_main():

@@ -221,3 +221,93 @@ def test_packed_rows_are_padding_free_even_in_the_guide_profile(tiny_model):
 
     p = plan(settings(profile="guide", packing=True, packing_length=2048), CPU, AutoConfig.from_pretrained(tiny_model))
     assert (p.padding_free, p.micro_batch_size) == (True, None)
+
+
+SEVEN_B_4BIT = 6_476_005_376 * 2  # bytes of a bf16 copy of a 7B Llama's 4-bit linear weights (224 of them)
+
+
+@pytest.mark.parametrize("profile, free_gib, batch, strategy, processes, expected", [
+    ("fast", 130, 4, "ddp", 1, True),     # an H200: the 12 GiB copy fits beside the micro-batch
+    ("fast", 130, 4, "ddp", 2, True),     # each DDP process keeps its own full model anyway
+    ("fast", 130, 4, "fsdp", 2, False),   # FSDP shards the 4-bit weights: a full copy would undo it
+    ("fast", 19, 4, "ddp", 1, True),      # a 24 GB card: the guide's step is checkpointed anyway and fits beside
+    ("fast", 19, 64, "ddp", 1, False),    # ... but a 16k-token micro-batch would not fit beside the copy
+    ("lean", 130, 4, "ddp", 1, False),    # lean is for memory
+    ("guide", 130, 4, "ddp", 1, False),   # the guide's computation
+])
+def test_dequantize_once_only_where_the_copy_fits_beside_the_plan(monkeypatch, profile, free_gib, batch, strategy,
+                                                                  processes, expected):
+    from transformers import LlamaConfig
+
+    fake_gpu(monkeypatch, free_gib)
+    config = LlamaConfig(hidden_size=4096, num_hidden_layers=32, vocab_size=32000, intermediate_size=11008)
+    config._attn_implementation = "varlen"
+    cfg = settings(profile=profile, max_seq_length=1024, batch_size=batch, use_liger=False, strategy=strategy)
+    alone = plan(cfg, Placement("cuda", torch.bfloat16), config, processes)
+    p = plan(cfg, Placement("cuda", torch.bfloat16), config, processes, SEVEN_B_4BIT)
+    assert p.dequantize_once is expected
+    # the copy never changes the micro-batch nor checkpointing: it is only taken where they stay as they were
+    assert (p.micro_batch_tokens, p.gradient_checkpointing, p.step_samples) == \
+        (alone.micro_batch_tokens, alone.gradient_checkpointing, alone.step_samples)
+    assert not alone.dequantize_once  # a model without 4-bit weights has nothing to dequantize
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"FT_DEQUANTIZE_ONCE": "true", "FT_QUANTIZATION": "int8"},
+     "FT_DEQUANTIZE_ONCE=true: needs 4-bit base weights .FT_QUANTIZATION=nf4 or fp4., not FT_QUANTIZATION=int8"),
+    ({"FT_DEQUANTIZE_ONCE": "true", "FT_STRATEGY": "fsdp", "FT_NPROC_PER_NODE": "2"},
+     "FT_DEQUANTIZE_ONCE=true with FT_STRATEGY=fsdp: FSDP shards the 4-bit weights"),
+    ({"FT_USE_LIGER": "true", "FT_COMPILE": "true"},
+     "FT_USE_LIGER=true with FT_COMPILE=true: Liger's Triton kernels fail to build inside torch.compile's graphs"),
+])
+def test_plan_combinations_that_cannot_run_are_refused_before_any_download(monkeypatch, env, message):
+    from job.config import load_settings
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match=message):
+        load_settings()
+
+
+def test_dequantized_layers_compute_what_the_4bit_layers_compute(tiny_model):
+    """The same logits and input gradients as bitsandbytes' own 4-bit path (which also multiplies by the dequantized
+    weight), the copies the size dequantized_size predicts, and release_dequantized puts the 4-bit path back."""
+    import bitsandbytes as bnb
+
+    from job.speed import dequantize_once, dequantized_size, release_dequantized
+
+    model = load_model(tiny_model, settings(quantization="nf4"), CPU)
+    ids = torch.randint(3, 500, (2, 24))
+
+    def forward():
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+        loss = model(inputs_embeds=embeds, labels=ids).loss
+        loss.backward()
+        return loss.detach(), embeds.grad
+
+    loss4, grad4 = forward()
+    size = dequantized_size(model, torch.float32)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and size == sum(m.in_features * m.out_features * 4 for m in layers)
+    assert dequantize_once(model, torch.float32) == size
+    assert all(type(m).__name__.startswith("Dequantized") and m.dequantized.dtype == torch.float32 for m in layers)
+    loss_dq, grad_dq = forward()
+    torch.testing.assert_close(loss_dq, loss4, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_dq, grad4, rtol=1e-4, atol=1e-6)
+    release_dequantized(model)
+    assert all(type(m) is not None and not hasattr(m, "dequantized") and "Dequantized" not in type(m).__name__
+               for m in layers)
+    torch.testing.assert_close(forward()[0], loss4)
+
+
+def test_compiled_layers_leave_ligers_kernels_off_by_default(monkeypatch):
+    """Liger's Triton kernels fail inside torch.compile's graphs; compiled layers get inductor's fusions instead."""
+    from transformers import LlamaConfig
+
+    fake_gpu(monkeypatch, 130)
+    monkeypatch.setattr("job.speed.liger_available", lambda: True)
+    config = LlamaConfig(hidden_size=4096, num_hidden_layers=32, vocab_size=32000, intermediate_size=11008)
+    config._attn_implementation = "varlen"
+    gpu = Placement("cuda", torch.bfloat16)
+    assert plan(settings(), gpu, config).liger is True
+    assert plan(settings(compile=True), gpu, config).liger is False

@@ -20,6 +20,7 @@ PLANS = {
     "split": {"FT_PROFILE": "fast", "FT_MICRO_BATCH_TOKENS": "64"},  # a micro-batch per sample or two
     "lean": {"FT_PROFILE": "lean", "FT_MICRO_BATCH_TOKENS": "128"},
     "compiled": {"FT_PROFILE": "fast", "FT_COMPILE": "true"},  # regional torch.compile of the decoder layers
+    "dequantized": {"FT_PROFILE": "fast", "FT_DEQUANTIZE_ONCE": "true"},  # the 4-bit weights dequantized once
 }
 
 
@@ -60,7 +61,7 @@ def test_padding_free_and_split_steps_train_what_padded_steps_train(runs):
     """The same per-step losses and the same adapter, within float32 noise, however a step is computed."""
     reference = runs["guide"]
     assert reference["losses"][-1] < reference["losses"][0]  # it learns, so equal losses mean something
-    for name in ("fast", "split", "lean", "compiled"):
+    for name in ("fast", "split", "lean", "compiled", "dequantized"):
         assert runs[name]["losses"] == pytest.approx(reference["losses"], rel=1e-4), name
         for key, weight in reference["adapter"].items():
             torch.testing.assert_close(runs[name]["adapter"][key], weight, rtol=1e-3, atol=1e-5, msg=name)
@@ -77,6 +78,17 @@ def test_compiled_layers_share_their_graphs(runs, tiny_model):
     assert 1 <= compiled["graphs"] <= 4 and compiled["graph_breaks"] == 0
     assert runs["compiled"]["manifest"]["quality"]["generations"]["samples"]
     assert not any(e["event"] == "decoder layers compiled" for e in runs["fast"]["log"])
+
+
+def test_dequantized_weights_are_used_for_training_and_released(runs):
+    """FT_DEQUANTIZE_ONCE keeps the copies through training (the equal losses above say they compute what the 4-bit
+    layers compute) and releases them before the sample answers; the default on the CPU leaves them off."""
+    log = runs["dequantized"]["log"]
+    copied = next(e for e in log if e["event"] == "4-bit base weights dequantized once")
+    assert copied["bytes"] > 0 and copied["layers"] > 0
+    assert runs["dequantized"]["manifest"]["training"]["dequantize_once"] is True
+    assert runs["fast"]["manifest"]["training"]["dequantize_once"] is False
+    assert runs["dequantized"]["manifest"]["quality"]["generations"]["samples"]
 
 
 def test_evaluation_is_one_per_token_mean_however_it_is_batched(runs):
