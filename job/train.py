@@ -246,9 +246,12 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
         if cfg.compile:  # a handful; one per layer or per step would mean recompilations ate the gain
             from torch._dynamo.utils import counters
 
+            caches = {f"{k.removeprefix('fxgraph_').removeprefix('autograd_')}_{layer}": counters[group][k]
+                      for group, layer in (("inductor", "inductor"), ("aot_autograd", "aot"))
+                      for k in counters[group] if "cache_" in k}  # why a warm TORCHINDUCTOR_CACHE_DIR is slow
             log.get().info("compiled graphs", graphs=counters["stats"]["unique_graphs"],
                            graph_breaks=sum(counters["graph_break"].values()),
-                           reasons=[r[:300] for r, _ in counters["graph_break"].most_common(3)])
+                           reasons=[r[:300] for r, _ in counters["graph_break"].most_common(3)], **caches)
     except torch.OutOfMemoryError as e:
         raise OutOfMemoryError(
             f"out of GPU memory ({str(e).splitlines()[0][:200]}); lower FT_MICRO_BATCH_TOKENS (the same steps in "
