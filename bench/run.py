@@ -266,7 +266,8 @@ def run_variant(name: str, round_: int, gpus: list[int], model: Path, data: dict
             "eval_loss": [m.get("eval_loss_before"), m.get("eval_loss_after")] if "eval_loss_after" in m else None,
             "processes": manifest["placement"].get("processes", 1), "strategy": manifest["placement"].get("strategy"),
             "plan": {k: t.get(k) for k in ("padding_free", "micro_batch_tokens", "micro_batch_size", "gradient_checkpointing",
-                                           "liger", "attention", "global_batch", "steps_per_epoch")}}
+                                           "liger", "attention", "global_batch", "steps_per_epoch",
+                                           "dequantize_once")}}
 
 
 class Waiter:

@@ -214,11 +214,12 @@ class Settings(BaseSettings):
     )
     dequantize_once: bool | None = Field(
         None, description="Keep a compute-dtype (bf16) copy of the frozen 4-bit base weights on the GPU, dequantized "
-        "once, instead of dequantizing each weight before every matrix product (twice per weight and micro-batch). The "
-        "products are QLoRA's own (bitsandbytes multiplies by the dequantized weight too); it costs 2 bytes per base "
-        "parameter (~13 GB for a 7B model) and saves the dequantization kernels and their launches. Default: on in "
-        "`fast` on a GPU when the copy fits beside the micro-batch without changing its size or checkpointing, and "
-        "not under FSDP (which shards the 4-bit weights); released when training ends.",
+        "once, instead of dequantizing each weight before every matrix product (twice per weight and micro-batch, "
+        "three times with gradient checkpointing). The products are QLoRA's own (bitsandbytes multiplies by the "
+        "dequantized weight too); it costs 2 bytes per base parameter (~13 GB for a 7B model) and saves the "
+        "dequantization kernels and their launches. Default: on in `fast` on a GPU when the copy fits beside the "
+        "micro-batch without changing its size or checkpointing, and not under FSDP (which shards the 4-bit weights). "
+        "`true`: the copy first, and micro-batches sized in the memory it leaves. Released when training ends.",
     )
     compile: bool = Field(
         False, description="Regional compilation: torch.compile each decoder layer (dynamic token counts, one graph "

@@ -74,6 +74,9 @@ def plan(cfg: Settings, placement: Placement, model_config, processes: int = 1, 
     if cfg.dequantize_once and (sharded or not dequantized_bytes):
         why = "FSDP shards the 4-bit weights; use FT_STRATEGY=ddp" if sharded else "the model has no 4-bit weights"
         raise ConfigError([f"FT_DEQUANTIZE_ONCE=true: {why}"])
+    if cfg.dequantize_once and gpu and dequantized_bytes > free_gpu_bytes():
+        raise ConfigError([f"FT_DEQUANTIZE_ONCE=true: the {_gib(dequantized_bytes)} GiB copy of the 4-bit weights does "
+                           f"not fit in this GPU's {_gib(free_gpu_bytes())} GiB of free memory; leave it unset"])
     attention = getattr(model_config, "_attn_implementation", None) or cfg.attention  # as resolved at load
     if cfg.use_liger and not (gpu and liger_available()):
         raise ConfigError(["FT_USE_LIGER=true: Liger's kernels need a CUDA GPU and the liger-kernel package"])
@@ -94,7 +97,9 @@ def plan(cfg: Settings, placement: Placement, model_config, processes: int = 1, 
         micro = min(cfg.batch_size, step)
         return _logged(SpeedPlan(False, None, micro, step, cfg.batch_size, ckpt, liger, attention, processes,
                                  bool(cfg.dequantize_once)))
-    tokens, ckpt = _size_micro_batch(cfg, placement, model_config, liger, attention, step)
+    # Asked for, the copy comes first and the micro-batch is sized in the memory left beside it.
+    forced = dequantized_bytes if cfg.dequantize_once else 0
+    tokens, ckpt = _size_micro_batch(cfg, placement, model_config, liger, attention, step, forced)
     dequantize = cfg.dequantize_once
     if dequantize is None:
         dequantize = gpu and cfg.profile == "fast" and not sharded and dequantized_bytes > 0 and \
@@ -120,6 +125,10 @@ def _eval_tokens(placement: Placement, model_config, attention: str, train_token
     return max([train_tokens, *fits[:1]])
 
 
+def _gib(n: int) -> float:
+    return round(n / 2**30, 1)
+
+
 def _logged(p: SpeedPlan) -> SpeedPlan:
     if p.processes > 1:
         log.get().info("global batch kept across processes", processes=p.processes, step_samples=p.step_samples,
@@ -139,17 +148,17 @@ def free_gpu_bytes() -> int:
 
 
 def _size_micro_batch(cfg: Settings, placement: Placement, model_config, liger: bool, attention: str,
-                      step_samples: int) -> tuple[int, bool]:
+                      step_samples: int, reserve: int = 0) -> tuple[int, bool]:
     """Tokens per padding-free micro-batch, and whether to checkpoint. Never more than a whole step can hold
     (`step_samples` rows of FT_MAX_SEQ_LENGTH), so a small step is one micro-batch, computed without checkpointing
-    wherever that fits."""
+    wherever that fits in the free GPU memory less `reserve` bytes."""
     forced, row = cfg.gradient_checkpointing, cfg.row_length
     if placement.device != "cuda":
         return cfg.micro_batch_tokens or cfg.batch_size * row, bool(forced)
     if cfg.profile == "lean":  # sdpa's block mask grows with the square of the micro-batch: its cap holds there too
         lean = LEAN_MICRO_BATCH_TOKENS if attention == "varlen" else SDPA_MAX_MICRO_BATCH_TOKENS
         return cfg.micro_batch_tokens or max(min(lean, step_samples * row), row), forced is not False
-    free = free_gpu_bytes()
+    free = free_gpu_bytes() - reserve
     cap = min(VARLEN_MAX_MICRO_BATCH_TOKENS if attention == "varlen" else SDPA_MAX_MICRO_BATCH_TOKENS,
               step_samples * row)
     sizes = [cfg.micro_batch_tokens] if cfg.micro_batch_tokens else \
@@ -197,10 +206,11 @@ def _dequantized_class(base: type) -> type:
 
     class Dequantized(base):
         """A bitsandbytes 4-bit linear layer that multiplies by `self.dequantized`, its weight dequantized once to the
-        compute dtype, shape (out_features, in_features). For a batch of more than one token bitsandbytes computes
-        F.linear(x, dequantize_4bit(W)) too (bitsandbytes.autograd._functions.MatMul4Bit and its CUDA fallback),
-        dequantizing again before every product in the forward and the backward pass; here only the
-        dequantization is skipped. The weight needs no gradient, so autograd keeps no extra tensor."""
+        compute dtype, shape (out_features, in_features). bitsandbytes computes F.linear(x, dequantize_4bit(W)) too,
+        dequantizing again before every product: in every backward pass, on the CPU, and in CUDA forwards of more
+        than ~512 tokens (MatMul4Bit's fallback; below that its fused kernel sums the same products in another order,
+        equal up to rounding); here only the dequantization is skipped. The weight needs no gradient, so autograd
+        keeps no extra tensor."""
 
         def forward(self, x):
             w = self.dequantized
@@ -223,7 +233,9 @@ def dequantize_once(model, dtype) -> int:
         for module in layers:
             weight = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype)
             module.dequantized = weight
-            module.__class__ = _dequantized_class(type(module))
+            if not hasattr(module, "_class_before_dequantized"):  # a second call renews the copy, never nests
+                module._class_before_dequantized = type(module)
+                module.__class__ = _dequantized_class(type(module))
             total += weight.numel() * weight.element_size()
     log.get().info("4-bit base weights dequantized once", layers=len(layers), bytes=total, gib=round(total / 2**30, 2),
                    dtype=str(dtype))
@@ -233,9 +245,9 @@ def dequantize_once(model, dtype) -> int:
 def release_dequantized(model) -> None:
     """Undo dequantize_once: the layers compute from their 4-bit weights again and the copies are freed."""
     for module in _linear4bit_modules(model):
-        if hasattr(module, "dequantized"):
-            module.__class__ = type(module).__mro__[1]
-            del module.dequantized
+        if hasattr(module, "_class_before_dequantized"):
+            module.__class__ = module._class_before_dequantized
+            del module.dequantized, module._class_before_dequantized
 
 
 def compile_layers(model) -> int:

@@ -253,11 +253,7 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
                            graph_breaks=sum(counters["graph_break"].values()),
                            reasons=[r[:300] for r, _ in counters["graph_break"].most_common(3)], **caches)
     except torch.OutOfMemoryError as e:
-        raise OutOfMemoryError(
-            f"out of GPU memory ({str(e).splitlines()[0][:200]}); lower FT_MICRO_BATCH_TOKENS (the same steps in "
-            "smaller micro-batches), use FT_PROFILE=lean or FT_GRADIENT_CHECKPOINTING=true, or shorten "
-            "FT_MAX_SEQ_LENGTH"
-        ) from None
+        raise out_of_memory(e, speed) from None
     finally:
         if writer is not None:
             writer.close()
@@ -270,6 +266,15 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
         result.metrics["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         result.metrics["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
     return result
+
+
+def out_of_memory(e: Exception, speed: SpeedPlan) -> OutOfMemoryError:
+    """What to change when training ran out of GPU memory; the dequantized copy first, where the plan took it."""
+    copy = "set FT_DEQUANTIZE_ONCE=false (its bf16 copy of the 4-bit weights is the largest thing the plan added), " \
+        if speed.dequantize_once else ""
+    return OutOfMemoryError(
+        f"out of GPU memory ({str(e).splitlines()[0][:200]}); {copy}lower FT_MICRO_BATCH_TOKENS (the same steps in "
+        "smaller micro-batches), use FT_PROFILE=lean or FT_GRADIENT_CHECKPOINTING=true, or shorten FT_MAX_SEQ_LENGTH")
 
 
 def save_adapter(trainer, path: Path) -> None:

@@ -159,7 +159,8 @@ def test_the_fingerprint_is_the_recipe_not_the_plan():
     """A run may resume under another plan (another GPU, another profile), never under another recipe."""
     one = settings_fingerprint(settings())
     for plan in ({"profile": "guide"}, {"padding_free": False}, {"micro_batch_tokens": 2048},
-                 {"gradient_checkpointing": True}, {"use_liger": False}, {"attention": "sdpa"}):
+                 {"gradient_checkpointing": True}, {"use_liger": False}, {"attention": "sdpa"}, {"compile": True},
+                 {"dequantize_once": True}, {"dequantize_once": False}):
         assert settings_fingerprint(settings(**plan)) == one, plan
     for recipe in ({"batch_size": 8}, {"gradient_accumulation_steps": 2}, {"packing": True},
                    {"group_by_length": False}, {"seed": 1}):

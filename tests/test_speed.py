@@ -250,6 +250,31 @@ def test_dequantize_once_only_where_the_copy_fits_beside_the_plan(monkeypatch, p
     assert (p.micro_batch_tokens, p.gradient_checkpointing, p.step_samples) == \
         (alone.micro_batch_tokens, alone.gradient_checkpointing, alone.step_samples)
     assert not alone.dequantize_once  # a model without 4-bit weights has nothing to dequantize
+    if expected and free_gib < 24:  # evaluation batches are sized in the memory the copy leaves
+        assert p.eval_batch_size < alone.eval_batch_size
+
+
+def test_dequantize_once_asked_for_sizes_the_micro_batch_beside_the_copy(monkeypatch):
+    """FT_DEQUANTIZE_ONCE=true where the automatic rule would not take the copy (a 24 GB card, 16k-token steps): the
+    micro-batch shrinks to what fits beside it; a copy larger than the free memory is refused in one line."""
+    from transformers import LlamaConfig
+
+    from job.speed import SAFETY
+
+    fake_gpu(monkeypatch, 19)
+    config = LlamaConfig(hidden_size=4096, num_hidden_layers=32, vocab_size=32000, intermediate_size=11008)
+    config._attn_implementation = "varlen"
+    gpu = Placement("cuda", torch.bfloat16)
+    cfg = settings(max_seq_length=1024, batch_size=16, use_liger=False)
+    auto = plan(cfg, gpu, config, 1, SEVEN_B_4BIT)
+    asked = plan(settings(**{**dict(cfg), "dequantize_once": True}), gpu, config, 1, SEVEN_B_4BIT)
+    assert (auto.dequantize_once, asked.dequantize_once) == (False, True)
+    assert asked.micro_batch_tokens < auto.micro_batch_tokens
+    activations = activation_bytes_per_token(config, asked.gradient_checkpointing, False)
+    assert asked.micro_batch_tokens * activations * SAFETY + SEVEN_B_4BIT <= 19 * 2**30
+    fake_gpu(monkeypatch, 10)
+    with pytest.raises(ConfigError, match=r"FT_DEQUANTIZE_ONCE=true: the 12.1 GiB copy .* 10.0 GiB of free memory"):
+        plan(settings(**{**dict(cfg), "dequantize_once": True}), gpu, config, 1, SEVEN_B_4BIT)
 
 
 @pytest.mark.parametrize("env, message", [
@@ -298,6 +323,55 @@ def test_dequantized_layers_compute_what_the_4bit_layers_compute(tiny_model):
     assert all(type(m) is not None and not hasattr(m, "dequantized") and "Dequantized" not in type(m).__name__
                for m in layers)
     torch.testing.assert_close(forward()[0], loss4)
+
+
+@pytest.mark.parametrize("quant_type, double_quant, bias, dtype", [
+    ("nf4", False, True, torch.bfloat16),
+    ("fp4", True, True, torch.bfloat16),
+    ("nf4", True, False, torch.float32),
+])
+def test_dequantized_layer_is_bitsandbytes_own_product(quant_type, double_quant, bias, dtype):
+    """One 4-bit layer as the job quantizes it (FT_QUANTIZATION, FT_DOUBLE_QUANT, storage in the compute dtype),
+    with a bias and 3-D input: the dequantized copy gives bitsandbytes' outputs, dtypes and input gradients bit for
+    bit. A second dequantize_once renews the copy without nesting, and release_dequantized restores the class
+    (LinearNF4, LinearFP4: bitsandbytes' own subclasses)."""
+    import bitsandbytes as bnb
+
+    from job.speed import dequantize_once, release_dequantized
+
+    torch.manual_seed(0)
+    cls = bnb.nn.LinearNF4 if quant_type == "nf4" else bnb.nn.LinearFP4
+    layer = cls(64, 48, bias=bias, compute_dtype=dtype, compress_statistics=double_quant, quant_storage=dtype)
+    layer.weight = bnb.nn.Params4bit(torch.randn(48, 64, dtype=dtype), requires_grad=False, quant_type=quant_type,
+                                     compress_statistics=double_quant, quant_storage=dtype).to("cpu")
+    if bias:
+        layer.bias = torch.nn.Parameter(torch.randn(48, dtype=dtype), requires_grad=False)
+    model = torch.nn.Sequential(layer)
+    x = torch.randn(3, 5, 64, dtype=dtype, requires_grad=True)
+
+    def product():
+        y = model(x)
+        return y, torch.autograd.grad(y.float().square().sum(), x)[0]
+
+    y4, grad4 = product()
+    dequantize_once(model, dtype)
+    dequantize_once(model, dtype)
+    assert type(layer).__mro__[1] is cls
+    y, grad = product()
+    assert y.dtype == y4.dtype and torch.equal(y, y4) and torch.equal(grad, grad4)
+    release_dequantized(model)
+    assert type(layer) is cls and not hasattr(layer, "dequantized")
+    assert torch.equal(product()[0], y4)
+
+
+def test_out_of_memory_names_the_dequantized_copy_where_the_plan_took_it():
+    from job.speed import SpeedPlan
+    from job.train import out_of_memory
+
+    taken, without = (SpeedPlan(True, 4096, None, 4, 4, True, True, "varlen", 1, copy) for copy in (True, False))
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+    assert "FT_DEQUANTIZE_ONCE=false" in out_of_memory(error, taken).reason
+    assert "FT_DEQUANTIZE_ONCE" not in out_of_memory(error, without).reason
 
 
 def test_compiled_layers_leave_ligers_kernels_off_by_default(monkeypatch):
