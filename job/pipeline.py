@@ -50,16 +50,7 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
         train_raw, eval_raw = data.load_splits(cfg, data_src.path)
     train_ds, eval_ds, stats = data.tokenize_splits(train_raw, eval_raw, tokenizer, cfg)
 
-    load_start = time.monotonic()
-    base = model.load_model(model_src.path, cfg, placement)
-    # peft writes this into adapter_config.json (base_model_name_or_path) of every checkpoint and of the adapter,
-    # so that loading the adapter elsewhere fetches the base model by the name the user gave, not our cache path.
-    base.name_or_path = base.config.name_or_path = fetch.model_name(cfg)
-    load_seconds = time.monotonic() - load_start
-    # Every process must train alike: rank 0's plan (sized from its free memory) for all.
-    plan = distributed.broadcast(speed.plan(cfg, placement, base.config, distributed.world_size(),
-                                            speed.dequantized_size(base, placement.dtype)))
-    log.get().info("speed plan", **vars(plan), load_s=round(load_seconds, 2))
+    base, plan, load_seconds = load_and_plan(cfg, model_src.path, placement)
     main = distributed.is_main()  # the one process that writes TensorBoard, checkpoints and results
     log.get().info("tensorboard logs", path=str(scratch / "output" / "tensorboard"),
                    hint=f"tensorboard --logdir {scratch / 'output' / 'tensorboard'}")
@@ -72,19 +63,7 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
         distributed.barrier()  # rank 0 publishes; the group ends together (torchrun's agents wait for each other)
         return {"run_id": run_id, "rank": distributed.rank()}
 
-    facts = {
-        "model": {"uri": model_src.uri, "revision": model_src.revision},
-        "dataset": {"uri": data_src.uri, "revision": data_src.revision},
-        "data": vars(stats),
-        "placement": {"device": placement.device, "dtype": placement.dtype_name, "gpu": placement.gpu_name,
-                      "processes": distributed.world_size(), "strategy": cfg.strategy if plan.processes > 1 else None},
-        "training": {**result.run, **result.steps, "lora_target_modules": result.lora_targets,
-                     "attempt_seconds": round(result.train_seconds, 2),
-                     "load_seconds": round(load_seconds, 2), "optim": train.effective_optim(cfg, placement, train.uses_fsdp(cfg, plan)),
-                     **vars(plan)},
-        "metrics": result.metrics,
-        "fingerprint": {"settings": fingerprint, "data": data_src.revision},  # what completion.find compares
-    }
+    facts = run_facts(cfg, model_src, data_src, stats, placement, plan, result, load_seconds, fingerprint)
     stage = scratch / "output"
     facts["quality"] = {**quality.assess(cfg, result.model, tokenizer, eval_ds, stage, result.metrics, result.global_step,
                                          sharded=train.uses_fsdp(cfg, plan)),
@@ -107,6 +86,40 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
                **{k: round(v, 4) for k, v in result.metrics.items()}}
     log.get().info("run finished", **summary)
     return summary
+
+
+def load_and_plan(cfg: Settings, path, placement) -> tuple:
+    """The base model, loaded as FT_QUANTIZATION says, and the speed plan every process follows (rank 0's, sized from
+    its free memory); returns (model, plan, seconds the load took)."""
+    start = time.monotonic()
+    base = model.load_model(path, cfg, placement)
+    # peft writes this into adapter_config.json (base_model_name_or_path) of every checkpoint and of the adapter,
+    # so that loading the adapter elsewhere fetches the base model by the name the user gave, not our cache path.
+    base.name_or_path = base.config.name_or_path = fetch.model_name(cfg)
+    seconds = time.monotonic() - start
+    plan = distributed.broadcast(speed.plan(cfg, placement, base.config, distributed.world_size(),
+                                            speed.dequantized_size(base, placement.dtype)))
+    log.get().info("speed plan", **vars(plan), load_s=round(seconds, 2))
+    return base, plan, seconds
+
+
+def run_facts(cfg: Settings, model_src, data_src, stats, placement, plan, result, load_seconds: float,
+              fingerprint: str) -> dict:
+    """What the manifest and the model card say about the run: sources and their revisions, data statistics, where
+    and how it trained (the plan included), the metrics, and the fingerprint completion.find compares."""
+    sharded = train.uses_fsdp(cfg, plan)
+    return {
+        "model": {"uri": model_src.uri, "revision": model_src.revision},
+        "dataset": {"uri": data_src.uri, "revision": data_src.revision},
+        "data": vars(stats),
+        "placement": {"device": placement.device, "dtype": placement.dtype_name, "gpu": placement.gpu_name,
+                      "processes": distributed.world_size(), "strategy": cfg.strategy if plan.processes > 1 else None},
+        "training": {**result.run, **result.steps, "lora_target_modules": result.lora_targets,
+                     "attempt_seconds": round(result.train_seconds, 2), "load_seconds": round(load_seconds, 2),
+                     "optim": train.effective_optim(cfg, placement, sharded), **vars(plan)},
+        "metrics": result.metrics,
+        "fingerprint": {"settings": fingerprint, "data": data_src.revision},
+    }
 
 
 def already_complete(cfg: Settings, run_id: str, dest, found: completion.Completed) -> dict:
