@@ -10,24 +10,17 @@ are generated from or tested against this file.
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from job import platforms
-from job.errors import ConfigError, first_line
+from job.config_sources import (CONFIG_FILE_VAR, PREFIX, PlatformSource, YamlSource, env_name, field_name,
+                                hyperparameters, read_yaml, unknown_settings)
+from job.errors import ConfigError
 from job.storage.uri import uri_problem
-
-PREFIX = "FT_"
-CONFIG_FILE_VAR = "FT_CONFIG_FILE"
-# Variables of the libraries underneath (huggingface_hub, boto3; and AWS_* as a whole), which stay theirs: an
-# FT_-prefixed or YAML copy of one is refused with a pointer to the real name rather than a did-you-mean.
-STANDARD_VARIABLES = ("HF_TOKEN", "HF_HOME", "HF_ENDPOINT", "HF_HUB_CACHE", "HF_DATASETS_CACHE")
 
 # transformers' optimizer and scheduler names, listed here so that validation needs no heavy import.
 OPTIMIZERS = (
@@ -511,7 +504,7 @@ class Settings(BaseSettings):
     def settings_customise_sources(
         cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings, _YamlSource(settings_cls), _PlatformSource(settings_cls)
+        return init_settings, env_settings, YamlSource(settings_cls), PlatformSource(settings_cls)
 
 
 def _prompt_list(value: str) -> list[str]:
@@ -535,98 +528,17 @@ def _uri(value: str, kind: str) -> str:
     return value
 
 
-class _YamlSource(PydanticBaseSettingsSource):
-    """Values from the YAML file named by FT_CONFIG_FILE; keys as `lora_r` or `FT_LORA_R`."""
-
-    def __init__(self, settings_cls: type[BaseSettings]):
-        super().__init__(settings_cls)
-        self.data = _read_yaml(os.environ.get(CONFIG_FILE_VAR))
-
-    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ does the work
-        return self.data.get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.data.items() if k in self.settings_cls.model_fields}
-
-
-class _PlatformSource(PydanticBaseSettingsSource):
-    """Below the YAML file: a SageMaker training job's hyperparameters, over what its container contract implies
-    (job.platforms); nothing elsewhere."""
-
-    def __init__(self, settings_cls: type[BaseSettings]):
-        super().__init__(settings_cls)
-        hyper = {_field_name(k): v for k, v in _hyperparameters().items()}
-        self.data = {**platforms.sagemaker_defaults(os.environ), **hyper}
-
-    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ does the work
-        return self.data.get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.data.items() if k in self.settings_cls.model_fields}
-
-
-def _hyperparameters() -> dict[str, Any]:
-    try:
-        return platforms.hyperparameters(os.environ)
-    except ValueError as e:
-        raise ConfigError([f"SageMaker hyperparameters: {e}"]) from None
-
-
-def _read_yaml(path: str | None) -> dict[str, Any]:
-    if not path:
-        return {}
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError([f"{CONFIG_FILE_VAR}={path}: file not found"]) from None
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError([f"{CONFIG_FILE_VAR}={path}: not readable YAML ({first_line(e)})"]) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError([f"{CONFIG_FILE_VAR}={path}: must hold a mapping of settings, got {type(data).__name__}"])
-    return {_field_name(str(k)): v for k, v in data.items()}
-
-
-def _field_name(key: str) -> str:
-    key = key.strip()
-    return key[len(PREFIX):].lower() if key.upper().startswith(PREFIX) else key.lower()
-
-
-def env_name(field: str) -> str:
-    return PREFIX + field.upper()
-
-
-def _unknown(keys: list[str], where: str) -> list[str]:
-    known = [env_name(f) for f in Settings.model_fields] + [CONFIG_FILE_VAR]
-    problems = []
-    for key in keys:
-        # Names are upper-case, as documented; pydantic-settings would read ft_lora_r as FT_LORA_R, but code that reads
-        # a variable before the settings exist (FT_TERMINATION_LOG, the FT_RUN_ID given to workers) would not.
-        if key in known:
-            continue
-        own = key.upper().removeprefix(PREFIX)
-        if key.upper() in known:
-            hint = f"; setting names are upper-case: {key.upper()}"
-        elif own in STANDARD_VARIABLES or own.startswith("AWS_"):
-            hint = f"; {own} is not an FT_* setting: set {own} itself in the environment, where its library reads it"
-        elif close := difflib.get_close_matches(key.upper(), known, n=1, cutoff=0.6):
-            hint = f"; did you mean {close[0]}?"
-        else:
-            hint = f"; `finetune-job env` lists the {len(known)} known ones"
-        problems.append(f"{key}: unknown setting{where}{hint}")
-    return problems
-
-
 def load_settings() -> Settings:
     """Read and validate every setting from the environment (and FT_CONFIG_FILE); raise one ConfigError that lists
     every problem found, before anything is downloaded."""
     environ = os.environ
-    problems = _unknown(sorted(k for k in environ if k.upper().startswith(PREFIX)), "")
+    fields = Settings.model_fields
+    problems = unknown_settings(sorted(k for k in environ if k.upper().startswith(PREFIX)), "", fields)
     yaml_file = environ.get(CONFIG_FILE_VAR)
-    yaml_keys = [env_name(k) for k in _read_yaml(yaml_file)]
-    problems += _unknown(yaml_keys, f" in {CONFIG_FILE_VAR}={yaml_file}")
-    problems += _unknown([env_name(_field_name(k)) for k in _hyperparameters()], " in SageMaker's hyperparameters")
+    yaml_keys = [env_name(k) for k in read_yaml(yaml_file)]
+    problems += unknown_settings(yaml_keys, f" in {CONFIG_FILE_VAR}={yaml_file}", fields)
+    problems += unknown_settings([env_name(field_name(k)) for k in hyperparameters()],
+                                 " in SageMaker's hyperparameters", fields)
     settings = None
     try:
         settings = Settings()
