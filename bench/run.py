@@ -65,8 +65,6 @@ VARIANTS = {
     "fast-noliger": {**RECIPE, "FT_PROFILE": "fast", "FT_USE_LIGER": "false"},
     # the 4-bit weights dequantized before every product, as before FT_DEQUANTIZE_ONCE (on by default in `fast`)
     "fast-nodq": {**RECIPE, "FT_PROFILE": "fast", "FT_DEQUANTIZE_ONCE": "false"},
-    "profile-b4-dq": {**RECIPE, "FT_PROFILE": "fast", "_runner": "profile", "_skip": "20", "_steps": "10",
-                      "FT_MAX_STEPS": "40"},
     # regional torch.compile of the decoder layers (FT_COMPILE; its compile time is inside the epoch's wall time)
     "fast-compile": {**RECIPE, "FT_PROFILE": "fast", "FT_COMPILE": "true"},
     "profile-b4": {**RECIPE, "FT_PROFILE": "fast", "_runner": "profile", "_skip": "20",
