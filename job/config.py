@@ -217,7 +217,8 @@ class Settings(BaseSettings):
     compile: bool = Field(
         False, description="Regional compilation: torch.compile each decoder layer (dynamic token counts, one graph "
         "shared by the layers) so that a step launches fewer, fused kernels. The same steps within numerical noise "
-        "(with LoRA dropout, other random masks: the same in distribution); generation (sample answers) runs eagerly; "
+        "(with LoRA dropout, other random masks: the same in distribution); evaluation and generation (sample answers) "
+        "run eagerly; "
         "Liger's kernels are left off (torch.compile fuses the same operations). On an H200 with a 7B model at 4 "
         "samples per step, steady steps run 1.6x as fast after a one-time compile of ~90 s (~45 s with a warm "
         "TORCHINDUCTOR_CACHE_DIR): worth it from ~1,000 steps on (bench/RESULTS.md, run 12).",

@@ -253,8 +253,8 @@ def release_dequantized(model) -> None:
 def compile_layers(model) -> int:
     """FT_COMPILE: compile every decoder layer of `model` (transformers' GradientCheckpointingLayer subclasses) in
     place with torch.compile(dynamic=True), leaving parameter names and state dicts unchanged; returns how many. With
-    dynamo's inlining of nn.Modules (torch >= 2.5) the layers share their graphs: one per mode (training,
-    evaluation), whatever the token count."""
+    dynamo's inlining of nn.Modules (torch >= 2.5) the layers share one training graph, whatever the token count
+    (StepTrainer evaluates eagerly: eager_evaluation)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]

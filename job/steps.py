@@ -70,6 +70,10 @@ class StepTrainer(SFTTrainer):
     step_collator: StepCollator | None = None
     global_batch: int = 1
     group_by_length: bool = False
+    # FT_COMPILE: evaluation runs the layers eagerly. Its graph (no gradients) would be a compile of its own, ~15 s
+    # cold for a 7B layer on an H200, for ~0.25 s saved per evaluation of 100 samples in 16k-token batches, which
+    # are not launch-bound (bench/RESULTS.md run 12): worth it only past ~60 evaluations.
+    eager_evaluation: bool = False
     _eval_tally: torch.Tensor | None = None
 
     def __init__(self, *args, **kwargs):
@@ -194,10 +198,13 @@ class StepTrainer(SFTTrainer):
         """transformers' loop, with `<prefix>_loss` replaced by the per-token mean over every evaluation sample
         (transformers averages per-batch means weighted by rows, which a padding-free row of many samples breaks).
         Under several processes each sample counts once (get_eval_dataloader)."""
+        from job.speed import eager
+
         self._eval_tally = torch.zeros(2, dtype=torch.float64, device=self.args.device)
         try:
-            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
-                                             metric_key_prefix)
+            with eager() if self.eager_evaluation else contextlib.nullcontext():
+                output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                                 metric_key_prefix)
             tally = self._eval_tally
         finally:
             self._eval_tally = None

@@ -191,6 +191,7 @@ def build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, checkpoin
         dequantize_once(trainer.model, placement.dtype)
     if cfg.compile:
         compile_layers(trainer.model)
+        trainer.eager_evaluation = True
     trainable, total = trainer.model.get_nb_trainable_parameters()
     log.get().info("model ready", trainable_params=trainable, total_params=total,
                    trainable_pct=round(100 * trainable / total, 3))

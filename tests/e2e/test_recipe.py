@@ -72,14 +72,15 @@ def test_padding_free_and_split_steps_train_what_padded_steps_train(runs):
 def test_compiled_layers_share_their_graphs(runs, tiny_model):
     """FT_COMPILE compiles every decoder layer; they share their graphs (one per layer, or per token count, would
     mean recompilations eating the gain): one for training (the embeddings are made to need a gradient so that the
-    first layer's input is like the others') and one for evaluation. The sample answers after training run eagerly
-    (no KV-cache recompilations)."""
+    first layer's input is like the others'). Evaluation (not launch-bound, and its graph would be a compile of its
+    own) and the sample answers after training (no KV-cache recompilations) run eagerly; the equal eval losses above
+    say that evaluating eagerly changes nothing."""
     log = runs["compiled"]["log"]
     layers = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
     assert next(e for e in log if e["event"] == "decoder layers compiled")["layers"] == layers
     for name in ("compiled", "compiled-dequantized"):
         compiled = next(e for e in runs[name]["log"] if e["event"] == "compiled graphs")
-        assert compiled["graphs"] == 2 and compiled["graph_breaks"] == 0, (name, compiled)
+        assert compiled["graphs"] == 1 and compiled["graph_breaks"] == 0, (name, compiled)
     # Over the dequantized copy no bitsandbytes autograd.Function is left in the graphs, so AOTAutograd can cache them
     # and a warm TORCHINDUCTOR_CACHE_DIR saves the next run most of its compile.
     assert not next(e for e in runs["compiled-dequantized"]["log"] if e["event"] == "compiled graphs").get(
