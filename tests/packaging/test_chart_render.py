@@ -200,6 +200,9 @@ def test_the_model_cache_is_mounted_at_hf_home():
     claim_name = claim["metadata"]["name"]
     assert mounts(objs)[hf_home] == {"name": "model-cache", "persistentVolumeClaim": {"claimName": claim_name}}
     assert mounts(objs)["/results"]["persistentVolumeClaim"] == {"claimName": "team-results"}
+    # compiled kernels persist beside the models, so the next run loads them instead of compiling again
+    assert env(objs)["TORCHINDUCTOR_CACHE_DIR"]["value"] == f"{hf_home}/torchinductor"
+    assert env(objs)["TRITON_CACHE_DIR"]["value"] == f"{hf_home}/triton"
 
     objs, _ = render(ci_values("existing-claim-values.yaml"))
     assert not by_kind(objs, "PersistentVolumeClaim")
@@ -208,6 +211,7 @@ def test_the_model_cache_is_mounted_at_hf_home():
 
     objs, _ = render(ci_values("job-values.yaml"))
     assert "emptyDir" in mounts(objs)[env(objs)["HF_HOME"]["value"]]
+    assert "TORCHINDUCTOR_CACHE_DIR" not in env(objs)  # the image's /cache/torchinductor, gone with the pod
 
 
 def test_kueue_queues_the_job_and_the_cronjobs_jobs():

@@ -83,6 +83,14 @@ spec:
         {{- end }}
         - name: HF_HOME
           value: {{ .Values.modelCache.mountPath | quote }}
+        {{- if $claim }}
+        # On the persistent cache too: the kernels torch.compile (FT_COMPILE) and Triton (Liger) build at run time,
+        # so that the next run of the CronJob, or a retry, loads them instead of compiling again.
+        - name: TORCHINDUCTOR_CACHE_DIR
+          value: {{ printf "%s/torchinductor" .Values.modelCache.mountPath | quote }}
+        - name: TRITON_CACHE_DIR
+          value: {{ printf "%s/triton" .Values.modelCache.mountPath | quote }}
+        {{- end }}
         {{- if $secret }}
         {{- range .Values.credentials.variables }}
         {{- if or $.Values.credentials.existingSecret (get $.Values.credentials.values .) }}
