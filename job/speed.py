@@ -280,7 +280,8 @@ def _embeddings_need_grad(module, inputs, output):
 
 
 def eager():
-    """A context in which compiled modules run eagerly (generation: a KV cache would recompile each layer)."""
+    """A context in which compiled modules run eagerly: generation (a KV cache would recompile each layer) and, under
+    FT_COMPILE, evaluation (StepTrainer.eager_evaluation)."""
     import torch
 
     return torch.compiler.set_stance("force_eager")  # torch >= 2.6; the lock pins 2.13
