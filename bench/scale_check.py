@@ -37,6 +37,9 @@ RUNS = {  # name -> settings added to the batch's; the first is the reference
     "fsdp-noliger": {"FT_NPROC_PER_NODE": "2", "FT_STRATEGY": "fsdp", "FT_USE_LIGER": "false"},
     "fsdp-sdpa": {"FT_NPROC_PER_NODE": "2", "FT_STRATEGY": "fsdp", "FT_ATTENTION": "sdpa"},
     "1gpu-sdpa": {"FT_ATTENTION": "sdpa"},
+    # and the 4-bit base weights (bitsandbytes' Params4bit sharded by FSDP2)
+    "fsdp-noquant": {"FT_NPROC_PER_NODE": "2", "FT_STRATEGY": "fsdp", "FT_QUANTIZATION": "none"},
+    "1gpu-noquant": {"FT_QUANTIZATION": "none"},
 }
 
 

@@ -211,7 +211,7 @@ class Settings(BaseSettings):
         "three times with gradient checkpointing). The products are QLoRA's own (bitsandbytes multiplies by the "
         "dequantized weight too); it costs 2 bytes per base parameter (~13 GB for a 7B model) and saves the "
         "dequantization kernels and their launches. Default: on in `fast` on a GPU when the copy fits beside the "
-        "micro-batch without changing its size or checkpointing, and not under FSDP (which shards the 4-bit weights). "
+        "micro-batch without changing its size or checkpointing, and not under FSDP (there to save memory). "
         "`true`: the copy first, and micro-batches sized in the memory it leaves. Released when training ends.",
     )
     compile: bool = Field(
@@ -361,8 +361,10 @@ class Settings(BaseSettings):
         "JOB_COMPLETION_INDEX (Kubernetes Indexed Jobs and JobSets), else AWS_BATCH_JOB_NODE_INDEX."
     )
     strategy: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="With several processes: `ddp` gives each GPU its own copy of the quantized model; `fsdp` "
-        "shards it (QLoRA with FSDP), for models that do not fit one GPU."
+        "ddp", description="With several processes: `ddp` gives each GPU its own copy of the model; `fsdp` (FSDP2) shards "
+        "each 16-bit weight, the LoRA weights, their gradients and optimizer state over the GPUs: all of the model with "
+        "FT_QUANTIZATION=none (LoRA on a model that does not fit one GPU in 16 bits). 4-bit weights stay whole on each "
+        "GPU: sharded as 16-bit words, FSDP2 gave some of them back changed (bench/RESULTS.md, run 13)."
     )
     dist_timeout_seconds: float = Field(
         1800, gt=0, description="A rendezvous or collective (all-reduce, barrier) that waits longer than this, because "
@@ -458,8 +460,8 @@ class Settings(BaseSettings):
             raise ValueError(f"FT_DEQUANTIZE_ONCE=true: needs 4-bit base weights (FT_QUANTIZATION=nf4 or fp4), not "
                              f"FT_QUANTIZATION={self.quantization}")
         if self.dequantize_once and self.strategy == "fsdp" and ((self.nproc_per_node or 1) * self.nnodes > 1):
-            raise ValueError("FT_DEQUANTIZE_ONCE=true with FT_STRATEGY=fsdp: FSDP shards the 4-bit weights, and a "
-                             "full dequantized copy per process would undo it; use FT_STRATEGY=ddp or leave "
+            raise ValueError("FT_DEQUANTIZE_ONCE=true with FT_STRATEGY=fsdp: FSDP is there to save memory per GPU, "
+                             "and the copy costs 2 bytes per base parameter on each; use FT_STRATEGY=ddp or leave "
                              "FT_DEQUANTIZE_ONCE unset")
         return self
 

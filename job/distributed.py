@@ -120,10 +120,6 @@ def launch(cfg: Settings, run_id: str) -> int:
     if cfg.strategy == "fsdp" and (cfg.device == "cpu" or not _gpus()):
         raise ConfigError(["FT_STRATEGY=fsdp: FSDP shards over GPUs (accelerate applies it to GPU process groups "
                            "only); on the CPU use ddp"])
-    if cfg.strategy == "fsdp":
-        log.get().warning("FT_STRATEGY=fsdp: on a real model (SmolLM2-135M, two H200s) FSDP's losses ran ~7% above "
-                          "one GPU's from the first step, DDP's within noise (bench/RESULTS.md, run 11; being "
-                          "investigated): prefer FT_STRATEGY=ddp unless the model does not fit one GPU")
     nproc = processes_per_node(cfg)
     args = torchrun_args(cfg, run_id, nproc)
     log.get().info("launching workers with torchrun", nnodes=cfg.nnodes, node_rank=node_rank(cfg),

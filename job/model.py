@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from job import log
+from job import distributed, log
 from job.config import Settings
 from job.errors import ConfigError, InputError
 
@@ -46,7 +46,12 @@ def resolve_placement(cfg: Settings) -> Placement:
     return Placement("cuda", DTYPES[name], torch.cuda.get_device_name())
 
 
-def quantization_config(cfg: Settings, placement: Placement):
+def quantization_config(cfg: Settings, placement: Placement, sharded: bool = False):
+    """The bitsandbytes configuration for FT_QUANTIZATION (None for `none`). `sharded`: the model will be wrapped in
+    FSDP (FT_STRATEGY=fsdp with several processes): the 4-bit weights are then stored as bytes, which accelerate leaves
+    out of FSDP's sharding, so that every GPU keeps them whole. Stored as bf16 words and sharded, FSDP2 gave back
+    changed bytes in every 4-bit layer on two H200s (bench/fsdp_probe.py: the layers' outputs 2-14% off, the loss 6%
+    off before any update; bench/RESULTS.md run 13)."""
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization == "none":
@@ -58,8 +63,7 @@ def quantization_config(cfg: Settings, placement: Placement):
         bnb_4bit_quant_type=cfg.quantization,
         bnb_4bit_use_double_quant=cfg.double_quant,
         bnb_4bit_compute_dtype=placement.dtype,
-        # Store in the compute dtype: what FSDP needs to shard 4-bit weights, and no cost otherwise.
-        bnb_4bit_quant_storage=placement.dtype,
+        bnb_4bit_quant_storage=torch.uint8 if sharded else placement.dtype,
     )
 
 
@@ -118,7 +122,8 @@ def load_model(path: Path, cfg: Settings, placement: Placement):
         config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             path,
-            quantization_config=quantization_config(cfg, placement),
+            quantization_config=quantization_config(cfg, placement, sharded=cfg.strategy == "fsdp" and
+                                                    distributed.world_size() > 1),
             dtype=placement.dtype,
             # Under torchrun each process has its GPU (distributed.init); FSDP shards this copy when it wraps.
             device_map={"": torch.cuda.current_device() if placement.device == "cuda" else "cpu"},

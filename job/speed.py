@@ -72,7 +72,7 @@ def plan(cfg: Settings, placement: Placement, model_config, processes: int = 1, 
     gpu = placement.device == "cuda"
     sharded = processes > 1 and cfg.strategy == "fsdp"
     if cfg.dequantize_once and (sharded or not dequantized_bytes):
-        why = "FSDP shards the 4-bit weights; use FT_STRATEGY=ddp" if sharded else "the model has no 4-bit weights"
+        why = "not under FSDP (there to save memory); use FT_STRATEGY=ddp" if sharded else "the model has no 4-bit weights"
         raise ConfigError([f"FT_DEQUANTIZE_ONCE=true: {why}"])
     if cfg.dequantize_once and gpu and dequantized_bytes > free_gpu_bytes():
         raise ConfigError([f"FT_DEQUANTIZE_ONCE=true: the {_gib(dequantized_bytes)} GiB copy of the 4-bit weights does "

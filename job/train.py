@@ -142,9 +142,9 @@ def uses_fsdp(cfg: Settings, speed: SpeedPlan) -> bool:
 
 
 def fsdp_arguments(speed: SpeedPlan) -> dict:
-    """QLoRA with FSDP: each decoder layer is a shard unit; the 4-bit weights are stored in the compute dtype
-    (model.quantization_config) so that FSDP can shard them with the rest; the Trainer wraps LoRA for peft. Each
-    process quantizes its copy on its own GPU at load, and FSDP keeps a shard of it."""
+    """LoRA with FSDP2: each decoder layer is a shard unit; the Trainer wraps LoRA for peft. Each process loads its
+    copy on its own GPU, and FSDP keeps a shard of every 16-bit weight. 4-bit weights are stored as bytes under FSDP
+    (model.quantization_config), which accelerate leaves out of the sharding: every GPU keeps them whole."""
     from transformers import TrainingArguments
 
     common = {"auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "cpu_ram_efficient_loading": False,

@@ -229,7 +229,7 @@ SEVEN_B_4BIT = 6_476_005_376 * 2  # bytes of a bf16 copy of a 7B Llama's 4-bit l
 @pytest.mark.parametrize("profile, free_gib, batch, strategy, processes, expected", [
     ("fast", 130, 4, "ddp", 1, True),     # an H200: the 12 GiB copy fits beside the micro-batch
     ("fast", 130, 4, "ddp", 2, True),     # each DDP process keeps its own full model anyway
-    ("fast", 130, 4, "fsdp", 2, False),   # FSDP shards the 4-bit weights: a full copy would undo it
+    ("fast", 130, 4, "fsdp", 2, False),   # FSDP is there to save memory: no copy per GPU
     ("fast", 19, 4, "ddp", 1, True),      # a 24 GB card: the guide's step is checkpointed anyway and fits beside
     ("fast", 19, 64, "ddp", 1, False),    # ... but a 16k-token micro-batch would not fit beside the copy
     ("lean", 130, 4, "ddp", 1, False),    # lean is for memory
@@ -281,7 +281,7 @@ def test_dequantize_once_asked_for_sizes_the_micro_batch_beside_the_copy(monkeyp
     ({"FT_DEQUANTIZE_ONCE": "true", "FT_QUANTIZATION": "int8"},
      "FT_DEQUANTIZE_ONCE=true: needs 4-bit base weights .FT_QUANTIZATION=nf4 or fp4., not FT_QUANTIZATION=int8"),
     ({"FT_DEQUANTIZE_ONCE": "true", "FT_STRATEGY": "fsdp", "FT_NPROC_PER_NODE": "2"},
-     "FT_DEQUANTIZE_ONCE=true with FT_STRATEGY=fsdp: FSDP shards the 4-bit weights"),
+     "FT_DEQUANTIZE_ONCE=true with FT_STRATEGY=fsdp: FSDP is there to save memory"),
     ({"FT_USE_LIGER": "true", "FT_COMPILE": "true"},
      "FT_USE_LIGER=true with FT_COMPILE=true: Liger's Triton kernels fail to build inside torch.compile's graphs"),
 ])
