@@ -83,6 +83,8 @@ def cmd_check(args) -> int:
     if completion.find(dest.for_checks(), run_id, settings_fingerprint(cfg), cfg.overwrite).intact:
         log.get().info("run already complete: `run` ends at once if the data is unchanged", uri=dest.describe(run_id))
     preflight.run(cfg, run_id)
+    if args.data:
+        preflight.check_data(cfg)
     return 0
 
 
@@ -119,8 +121,10 @@ def parser() -> argparse.ArgumentParser:
     env.add_argument("--markdown", action="store_true", help="as a Markdown table (the README's)")
     env.add_argument("--exit-codes", action="store_true", help="list the exit codes instead")
     env.set_defaults(func=cmd_env)
-    sub.add_parser("check", help="validate the configuration and the sources and destination").set_defaults(
-        func=cmd_check)
+    check = sub.add_parser("check", help="validate the configuration and the sources and destination")
+    check.add_argument("--data", action="store_true", help="also download the dataset and the tokenizer (not the "
+                       "weights), tokenize every record as a run would and count the optimizer steps")
+    check.set_defaults(func=cmd_check)
     return p
 
 

@@ -18,6 +18,7 @@ from job.storage.base import file_sha256
 from job.storage.uri import local_path, scheme
 
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja", "tokenizer*"]
+TOKENIZER_FILES = [p for p in MODEL_FILES if p != "*.safetensors"]  # the configuration and tokenizer, no weights
 DATA_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 DATA_FILES = [f"*{ext}" for ext in DATA_BUILDERS] + [f"**/*{ext}" for ext in DATA_BUILDERS] + ["README.md"]
 
@@ -54,6 +55,14 @@ def fetch_model(cfg: Settings) -> Fetched:
             "(pickled .bin files can run code)"
         )
     return Fetched(cfg.base_model, path, _revision(source, path))
+
+
+def fetch_tokenizer(cfg: Settings) -> Path:
+    """FT_BASE_MODEL's configuration and tokenizer files without its weights (`finetune-job check --data`), into the
+    cache fetch_model fills and later completes. Returns their local directory; raises as fetch_model does."""
+    source = open_source(cfg.base_model, "FT_BASE_MODEL", "model", cfg.model_revision)
+    patterns = TOKENIZER_FILES + (["*.py"] if cfg.trust_remote_code else [])
+    return _fetch(source, "FT_BASE_MODEL", cfg.work_dir / "model", patterns)
 
 
 def model_name(cfg: Settings) -> str:

@@ -3,6 +3,7 @@ the start of every run, before the model is fetched or loaded."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from fnmatch import fnmatch
@@ -49,6 +50,24 @@ def run(cfg: Settings, run_id: str) -> Placement:
     check_space(cfg, run_id, model, dataset, lora_parameters(cfg, meta) if meta is not None else None)
     log.get().info("preflight passed", run_id=run_id, device=placement.device, dtype=placement.dtype_name)
     return placement
+
+
+def check_data(cfg: Settings) -> dict:
+    """`finetune-job check --data`: download the dataset and the model's tokenizer (not its weights), tokenize every
+    record and count the optimizer steps as a run would, and log them ("data check passed"). Returns the data
+    statistics (job.data.DataStats), the steps per epoch and the optimizer steps of the run; raises what a run raises on the same data: InputError naming
+    FT_DATASET and the row, ConfigError for a format the tokenizer cannot render."""
+    from job import data, fetch
+    from job.steps import recipe_rows
+
+    tokenizer = data.load_tokenizer(fetch.fetch_tokenizer(cfg), cfg)
+    train_raw, eval_raw = data.load_splits(cfg, fetch.fetch_dataset(cfg).path)
+    train, _, stats = data.tokenize_splits(train_raw, eval_raw, tokenizer, cfg)
+    steps = recipe_rows(cfg, train, cfg.global_batch)[1]
+    total = cfg.max_steps or math.ceil(cfg.num_train_epochs * steps["steps_per_epoch"])  # as the Trainer counts them
+    facts = {**vars(stats), **steps, "optimizer_steps": total}
+    log.get().info("data check passed", **facts)
+    return facts
 
 
 def _rank_suffix() -> str:

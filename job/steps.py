@@ -24,6 +24,9 @@ import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTTrainer
 
+from job import log
+from job.config import Settings
+
 IGNORE = -100
 
 
@@ -236,6 +239,22 @@ def fill_to_multiple(dataset, multiple: int):
 def steps_per_epoch(rows: int, global_batch: int) -> int:
     """Optimizer steps in one pass over `rows` samples (or packed rows): ceil(rows / global batch)."""
     return -(-rows // global_batch)
+
+
+def recipe_rows(cfg: Settings, samples, global_batch: int) -> tuple[Any, dict]:
+    """The rows an epoch trains on, and its optimizer steps: (the samples, or with FT_PACKING the packed rows;
+    {"global_batch", "steps_per_epoch"[, "unpacked_steps_per_epoch"]}). `global_batch`: samples (or packed rows) per
+    optimizer step over all processes. Logs the steps, and with packing warns that it changes the recipe."""
+    rows = pack(samples, cfg.row_length) if cfg.packing else samples
+    steps = {"global_batch": global_batch, "steps_per_epoch": steps_per_epoch(len(rows), global_batch)}
+    if cfg.packing:
+        steps["unpacked_steps_per_epoch"] = steps_per_epoch(len(samples), global_batch)
+        log.get().warning(
+            "FT_PACKING=true changes the recipe: each packed row counts as one sample of FT_BATCH_SIZE",
+            samples=len(samples), packed_rows=len(rows), packing_length=cfg.row_length, **steps)
+    else:
+        log.get().info("optimizer steps", samples=len(rows), **steps)
+    return rows, steps
 
 
 def pack(dataset, length: int):

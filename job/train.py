@@ -31,23 +31,6 @@ class TrainResult:
     run: dict = field(default_factory=dict)  # the whole run over its attempts (history.RunHistory.facts)
 
 
-def recipe_rows(cfg: Settings, samples, speed: SpeedPlan, result: TrainResult):
-    """The rows an epoch trains on: the samples, or with FT_PACKING the packed rows. Logs (and records in
-    `result.steps`) the optimizer steps an epoch takes, and with packing how many it would take unpacked."""
-    from job.steps import pack, steps_per_epoch
-
-    rows = pack(samples, cfg.row_length) if cfg.packing else samples
-    result.steps = {"global_batch": speed.global_batch, "steps_per_epoch": steps_per_epoch(len(rows), speed.global_batch)}
-    if cfg.packing:
-        result.steps["unpacked_steps_per_epoch"] = steps_per_epoch(len(samples), speed.global_batch)
-        log.get().warning(
-            "FT_PACKING=true changes the recipe: each packed row counts as one sample of FT_BATCH_SIZE",
-            samples=len(samples), packed_rows=len(rows), packing_length=cfg.row_length, **result.steps)
-    else:
-        log.get().info("optimizer steps", samples=len(rows), **result.steps)
-    return rows
-
-
 def final_eval_loss(trainer) -> float:
     """Eval loss of the trained adapter: the trainer's own evaluation when it ran at the last step (FT_EVAL_STEPS
     divides the step count), else one more evaluation."""
@@ -212,8 +195,10 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
     history = RunHistory(stage / "tensorboard", writer)
     # In this order: a stop or a timer decides to save, the history goes into the checkpoint, then it is mirrored.
     callbacks = [SaveTimer(cfg.save_minutes), GracefulStop(stopper), history, CheckpointMirror(checkpoints), guard]
+    from job.steps import recipe_rows
+
     result = TrainResult()
-    train_ds = recipe_rows(cfg, train_ds, speed, result)
+    train_ds, result.steps = recipe_rows(cfg, train_ds, speed.global_batch)
     trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, scratch / "checkpoints", writer,
                             callbacks, console, speed)
     targets = trainer.model.peft_config["default"].target_modules

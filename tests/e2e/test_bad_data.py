@@ -28,3 +28,17 @@ def test_a_template_that_rejects_every_record_ends_with_an_input_error_naming_th
     errors = [e["event"] for e in events(proc) if e["level"] == "error"]
     assert len(errors) == 1 and "records cannot be used, more than FT_BAD_RECORDS_MAX_FRACTION" in errors[0], errors
     assert "row 0: the chat template or tokenizer failed: Conversation roles must alternate" in errors[0]
+
+
+def test_check_data_names_the_bad_row_without_loading_the_model(tiny_model, tmp_path):
+    """`check --data` fails as the run would (exit `input`, the row named), before any weight is read."""
+    data = tmp_path / "chat.jsonl"
+    good = [{"role": "user", "content": "Two in words?"}, {"role": "assistant", "content": "Two."}]
+    bad = [{"role": "user", "content": "Two in words?"}, {"role": "robot", "content": "Two."}]
+    data.write_text("\n".join(json.dumps({"messages": m}) for m in [good] * 5 + [bad] + [good] * 4))
+    proc = run_job(demo_env(tiny_model, FT_DATASET=str(data), FT_BAD_RECORDS="fail"), tmp_path, "check", "--data")
+    assert proc.returncode == CODE_BY_NAME["input"], proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    errors = [e["event"] for e in events(proc) if e["level"] == "error"]
+    assert len(errors) == 1 and "FT_DATASET" in errors[0] and "row 5" in errors[0], errors
+    assert not any(e["event"] in ("loading model", "data check passed") for e in events(proc))

@@ -63,6 +63,24 @@ def s3_run(s3, tmp_path_factory):
     return tmp, proc, list(proxy.requests)
 
 
+def test_check_data_tokenizes_the_s3_dataset_with_the_tokenizer_alone(s3, tmp_path):
+    """`check --data` reads the dataset and the tokenizer from S3, never the weights, and counts what a run trains."""
+    server, proxy = s3
+    proxy.clear()
+    env = s3_env(server, proxy, FT_NUM_TRAIN_EPOCHS="3")
+    del env["FT_MAX_STEPS"]  # the epochs count
+    proc = run_job(env, tmp_path, "check", "--data")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    found = next(e for e in events(proc) if e["event"] == "data check passed")
+    assert (found["train_samples"], found["eval_samples"], found["global_batch"]) == (16, 0, 2)
+    assert (found["steps_per_epoch"], found["optimizer_steps"]) == (8, 24)
+    assert found["trained_tokens"] > 0 and found["format"] == "text"
+    assert proxy.count("GET", "/models/tiny/tokenizer.json") == 1
+    assert proxy.count("GET", "/data/text/sample.jsonl") == 1
+    assert proxy.count("GET", "/models/tiny/model.safetensors") == 0
+    assert not list((tmp_path / "work").rglob("*.safetensors"))
+
+
 def test_s3_results_read_back_by_the_aws_cli_match_the_manifest(s3, s3_run, tmp_path):
     server, _ = s3
     aws_env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), **server.env()}
