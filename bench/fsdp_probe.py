@@ -10,7 +10,8 @@ computes the same loss again on the same full batch. Forward hooks on the embedd
 norm record their outputs both times, so the first module whose output differs by more than bf16 noise is named.
 Buffers (rotary inv_freq and the like) and parameter dtypes are compared too, and every bitsandbytes Linear4bit's
 weight (packed bytes, quant state) and output against the product with its weight from before sharding.
-PROBE_QUANT_STORAGE=uint8 stores the 4-bit weights in bytes (accelerate then leaves them out of the sharding).
+The job stores the 4-bit weights as bytes under FSDP (accelerate then leaves them out of the sharding);
+PROBE_QUANT_STORAGE=bfloat16 stores them as bf16 words, which FSDP2 shards, as the job did before run 13.
 Rank 0 prints two JSON lines; exit 0.
 """
 
@@ -81,11 +82,11 @@ def forward(trainer, net, batch) -> float:
 
 
 def main() -> int:
-    if storage := os.environ.get("PROBE_QUANT_STORAGE"):  # e.g. uint8: accelerate then leaves the 4-bit weights unsharded
+    if storage := os.environ.get("PROBE_QUANT_STORAGE"):  # bfloat16: FSDP2 shards the 4-bit weights (run 13's bug)
         quantization_config = model.quantization_config
 
-        def with_storage(cfg, placement):
-            q = quantization_config(cfg, placement)
+        def with_storage(cfg, placement, sharded=False):
+            q = quantization_config(cfg, placement, sharded)
             q.bnb_4bit_quant_storage = getattr(torch, storage)
             return q
 

@@ -120,6 +120,10 @@ def launch(cfg: Settings, run_id: str) -> int:
     if cfg.strategy == "fsdp" and (cfg.device == "cpu" or not _gpus()):
         raise ConfigError(["FT_STRATEGY=fsdp: FSDP shards over GPUs (accelerate applies it to GPU process groups "
                            "only); on the CPU use ddp"])
+    if cfg.strategy == "fsdp" and cfg.quantization in ("nf4", "fp4"):
+        log.get().warning("FT_STRATEGY=fsdp: every GPU holds all of the 4-bit weights; FSDP shards the 16-bit weights, "
+                          "LoRA and the optimizer state (FSDP2 changes 4-bit weights it shards: "
+                          "bitsandbytes-foundation/bitsandbytes#1945; bench/RESULTS.md run 13)")
     nproc = processes_per_node(cfg)
     args = torchrun_args(cfg, run_id, nproc)
     log.get().info("launching workers with torchrun", nnodes=cfg.nnodes, node_rank=node_rank(cfg),

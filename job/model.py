@@ -49,9 +49,10 @@ def resolve_placement(cfg: Settings) -> Placement:
 def quantization_config(cfg: Settings, placement: Placement, sharded: bool = False):
     """The bitsandbytes configuration for FT_QUANTIZATION (None for `none`). `sharded`: the model will be wrapped in
     FSDP (FT_STRATEGY=fsdp with several processes): the 4-bit weights are then stored as bytes, which accelerate leaves
-    out of FSDP's sharding, so that every GPU keeps them whole. Stored as bf16 words and sharded, FSDP2 gave back
-    changed bytes in every 4-bit layer on two H200s (bench/fsdp_probe.py: the layers' outputs 2-14% off, the loss 6%
-    off before any update; bench/RESULTS.md run 13)."""
+    out of FSDP's sharding (accelerate >= 1.15), so that every GPU keeps them whole. Stored as bf16 words and sharded,
+    FSDP2 gave back changed bytes in every 4-bit layer on two H200s (bench/fsdp_probe.py: the layers' outputs 2-14%
+    off, the loss 6% off before any update; bench/RESULTS.md run 13): it rewrites the words that read as NaN
+    (bitsandbytes-foundation/bitsandbytes#1945)."""
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization == "none":

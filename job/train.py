@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from job import distributed, log
 from job.callbacks import CheckpointMirror, DivergenceGuard, GracefulStop, ProgressLog, SaveTimer
 from job.checkpoints import CheckpointStore
 from job.config import Settings
-from job.errors import DivergedError, InterruptedJob, OutOfMemoryError
+from job.errors import ConfigError, DivergedError, InterruptedJob, OutOfMemoryError
 from job.history import RunHistory
 from job.model import Placement, lora_config
 from job.signals import Stopper
@@ -130,14 +131,16 @@ def fsdp_arguments(speed: SpeedPlan) -> dict:
     (model.quantization_config), which accelerate leaves out of the sharding: every GPU keeps them whole."""
     from transformers import TrainingArguments
 
+    # accelerate tells every such run to store the 4-bit weights as bf16 words: what changed them (model.py).
+    warnings.filterwarnings("ignore", message=r"Found \d+ non-floating frozen Params4bit")
     common = {"auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "cpu_ram_efficient_loading": False,
               "activation_checkpointing": speed.gradient_checkpointing}
-    if hasattr(TrainingArguments, "_apply_legacy_fsdp_to_config"):
-        # transformers >= 5.2x: FSDP2 (per-parameter sharding), configured in fsdp_config alone
-        return {"fsdp": True, "fsdp_config": {**common, "version": 2, "reshard_after_forward": True}}
-    return {"fsdp": "full_shard auto_wrap",
-            "fsdp_config": {**common, "backward_prefetch": "backward_pre", "use_orig_params": False,
-                            "sync_module_states": True}}
+    if not hasattr(TrainingArguments, "_apply_legacy_fsdp_to_config"):
+        # FSDP1 would flatten the byte-stored 4-bit weights and the 16-bit ones into one parameter: it cannot.
+        raise ConfigError(["FT_STRATEGY=fsdp: needs a transformers release with FSDP2 (fsdp_config version 2), "
+                           "as in requirements.lock; or use FT_STRATEGY=ddp"])
+    # FSDP2 (per-parameter sharding), configured in fsdp_config alone
+    return {"fsdp": True, "fsdp_config": {**common, "version": 2, "reshard_after_forward": True}}
 
 
 def build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, checkpoint_dir: Path, writer, callbacks, console,

@@ -35,13 +35,15 @@ def test_under_fsdp_the_4bit_weights_are_bytes_that_compute_the_same(tiny_model,
     words they came back changed on GPUs (bench/RESULTS.md run 13). Stored as bytes, they must compute what the
     compute-dtype storage computes."""
     ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # one process
     single = load_model(tiny_model, settings(quantization=quantization, strategy="fsdp"), CPU)
     monkeypatch.setenv("WORLD_SIZE", "2")  # a torchrun worker of two
     ddp = load_model(tiny_model, settings(quantization=quantization, strategy="ddp"), CPU)
     fsdp = load_model(tiny_model, settings(quantization=quantization, strategy="fsdp"), CPU)
     weights = {name: [p for p in m.parameters() if type(p).__name__ == "Params4bit"]
                for name, m in (("single", single), ("ddp", ddp), ("fsdp", fsdp))}
-    assert weights["fsdp"] and all(p.dtype == torch.uint8 and not p.is_floating_point() for p in weights["fsdp"])
+    assert weights["fsdp"] and all(p.dtype == torch.uint8 and not p.is_floating_point() and not p.requires_grad
+                                   for p in weights["fsdp"])
     assert all(p.dtype == torch.float32 for p in weights["single"] + weights["ddp"])
     with torch.no_grad():
         assert torch.equal(fsdp(input_ids=ids).logits, single(input_ids=ids).logits)
@@ -80,3 +82,27 @@ def test_bf16_with_4bit_on_the_cpu_is_refused():
 def test_cuda_without_a_gpu_is_refused():
     with pytest.raises(ConfigError, match="FT_DEVICE=cuda: no CUDA GPU is visible"):
         resolve_placement(settings(device="cuda"))
+
+
+def test_fsdp_is_fsdp2_and_refused_where_only_fsdp1_exists(monkeypatch):
+    """FSDP1 would flatten the byte-stored 4-bit weights with the 16-bit ones into one parameter: FSDP2 or nothing.
+    accelerate's advice to store 4-bit weights as bf16 words (what FSDP2 changed) is silenced."""
+    import warnings
+
+    from transformers import TrainingArguments
+
+    from job.speed import SpeedPlan
+    from job.train import fsdp_arguments
+
+    plan = SpeedPlan(True, 4096, None, 2, 4, False, False, "sdpa", 2, False)
+    args = fsdp_arguments(plan)
+    assert args["fsdp"] is True and args["fsdp_config"]["version"] == 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        fsdp_arguments(plan)  # installs the filter again, after catch_warnings reset them
+        warnings.warn("Found 210 non-floating frozen Params4bit. Excluding from FSDP2 sharding", UserWarning)
+        warnings.warn("another warning", UserWarning)
+    assert [str(w.message) for w in caught] == ["another warning"]
+    monkeypatch.delattr(TrainingArguments, "_apply_legacy_fsdp_to_config")
+    with pytest.raises(ConfigError, match="FT_STRATEGY=fsdp: needs a transformers release with FSDP2"):
+        fsdp_arguments(plan)
