@@ -84,7 +84,7 @@ def cmd_check(args) -> int:
         log.get().info("run already complete: `run` ends at once if the data is unchanged", uri=dest.describe(run_id))
     preflight.run(cfg, run_id)
     if args.data:
-        preflight.check_data(cfg)
+        preflight.check_data(cfg, args.show)
     return 0
 
 
@@ -124,6 +124,8 @@ def parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate the configuration and the sources and destination")
     check.add_argument("--data", action="store_true", help="also download the dataset and the tokenizer (not the "
                        "weights), tokenize every record as a run would and count the optimizer steps")
+    check.add_argument("--show", type=int, default=1, metavar="N", help="with --data: log the first N training "
+                       "samples as the model sees them, the trained tokens in [[ ]] (default 1)")
     check.set_defaults(func=cmd_check)
     return p
 

@@ -280,6 +280,19 @@ def _check_bad_records(bad: dict[str, list[int]], total: int, cfg: Settings) -> 
     return n
 
 
+def render_trained(tokenizer, input_ids: list[int], labels: list[int]) -> str:
+    """A tokenized sample as text, the tokens its loss trains on wrapped in [[ and ]] (with completion-only loss: the
+    answers and the token that closes each). Each run of trained or untrained tokens is decoded on its own, special
+    tokens kept; `labels` is aligned with `input_ids` (-100: not trained)."""
+    out, start = [], 0
+    for i in range(1, len(input_ids) + 1):
+        if i == len(input_ids) or (labels[i] == IGNORE) != (labels[start] == IGNORE):
+            text = tokenizer.decode(input_ids[start:i], skip_special_tokens=False)
+            out.append(text if labels[start] == IGNORE else f"[[{text}]]")
+            start = i
+    return "".join(out)
+
+
 # --- tokenizer -------------------------------------------------------------------------------------------------
 
 def load_tokenizer(path: Path, cfg: Settings):

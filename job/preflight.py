@@ -52,9 +52,10 @@ def run(cfg: Settings, run_id: str) -> Placement:
     return placement
 
 
-def check_data(cfg: Settings) -> dict:
+def check_data(cfg: Settings, show: int = 1) -> dict:
     """`finetune-job check --data`: download the dataset and the model's tokenizer (not its weights), tokenize every
-    record and count the optimizer steps as a run would, and log them ("data check passed"). Returns the data
+    record and count the optimizer steps as a run would, and log them ("data check passed"), after the first `show`
+    training samples as the model will see them, the trained tokens in [[ ]] ("data sample"). Returns the data
     statistics (job.data.DataStats), the steps per epoch and the optimizer steps of the run; raises what a run raises on the same data: InputError naming
     FT_DATASET and the row, ConfigError for a format the tokenizer cannot render."""
     from job import data, fetch
@@ -63,6 +64,11 @@ def check_data(cfg: Settings) -> dict:
     tokenizer = data.load_tokenizer(fetch.fetch_tokenizer(cfg), cfg)
     train_raw, eval_raw = data.load_splits(cfg, fetch.fetch_dataset(cfg).path)
     train, _, stats = data.tokenize_splits(train_raw, eval_raw, tokenizer, cfg)
+    for i in range(min(show, len(train))):
+        sample = train[i]
+        log.get().info("data sample", sample=i, tokens=len(sample["input_ids"]),
+                       trained_tokens=sum(label != data.IGNORE for label in sample["labels"]),
+                       text=data.render_trained(tokenizer, sample["input_ids"], sample["labels"]))
     steps = recipe_rows(cfg, train, cfg.global_batch)[1]
     total = cfg.max_steps or math.ceil(cfg.num_train_epochs * steps["steps_per_epoch"])  # as the Trainer counts them
     facts = {**vars(stats), **steps, "optimizer_steps": total}

@@ -42,3 +42,24 @@ def test_check_data_names_the_bad_row_without_loading_the_model(tiny_model, tmp_
     errors = [e["event"] for e in events(proc) if e["level"] == "error"]
     assert len(errors) == 1 and "FT_DATASET" in errors[0] and "row 5" in errors[0], errors
     assert not any(e["event"] in ("loading model", "data check passed") for e in events(proc))
+
+
+def test_check_data_shows_what_the_loss_trains_on(tiny_model, tmp_path):
+    """`check --data --show N`: the first N training samples as the model sees them, the trained tokens in [[ ]]:
+    with completion-only loss the answer and the token that closes it, never the question."""
+    data = tmp_path / "chat.jsonl"
+    pairs = [(f"Write {n} in words.", f"Answer {n}.") for n in range(10)]
+    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant",
+                                                                                         "content": a}]})
+                              for q, a in pairs))
+    proc = run_job(demo_env(tiny_model, FT_DATASET=str(data), FT_EVAL_FRACTION="0"), tmp_path, "check", "--data",
+                   "--show", "3")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    shown = [e for e in events(proc) if e["event"] == "data sample"]
+    assert len(shown) == 3
+    for sample in shown:
+        question, answer = next((q, a) for q, a in pairs if q in sample["text"])
+        trained = sample["text"].split("[[", 1)[1].split("]]", 1)[0]
+        assert sample["text"].count("[[") == 1 and answer in trained and question not in trained
+        assert trained.rstrip().endswith("</s>")  # the tiny model's EOS closes the answer (its Mistral-style template)
+        assert 0 < sample["trained_tokens"] < sample["tokens"]
