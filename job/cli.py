@@ -15,7 +15,7 @@ from pathlib import Path
 
 from job import log, signals
 from job.config import Settings, env_name, load_settings
-from job.errors import EXIT_CODES, InterruptedJob, JobError, StopSignal
+from job.errors import EXIT_CODES, ConfigError, InterruptedJob, JobError, StopSignal
 from job.signals import termination_log_path, write_termination_log
 
 
@@ -76,7 +76,10 @@ def cmd_check(args) -> int:
     from job.storage import StorageOptions, configure, open_destination
 
     cfg = load_settings()
+    if args.show < 0 or (args.show != 1 and not args.data):
+        raise ConfigError(["--show: a number of samples (0 or more) to show, with --data"])
     log.setup(cfg.log_format, cfg.log_level)
+    log.route_library_logs(log.use_console(cfg.log_format))  # datasets' progress bars and warnings, as in `run`
     configure(StorageOptions.of(cfg))
     run_id = resolve_run_id(cfg)
     dest = open_destination(cfg.output_uri)

@@ -53,11 +53,15 @@ def load_splits(cfg: Settings, path: Path):
     from datasets import load_dataset
     from datasets.exceptions import DatasetGenerationError
 
+    if path.is_dir():
+        _check_data_dir(cfg, path)
     try:
         if path.is_file():
             ds = load_dataset(DATA_BUILDERS[path.suffix], data_files=str(path))
         else:
             ds = load_dataset(str(path))
+    except StopIteration:  # datasets 5 on an empty JSON Lines file
+        raise InputError(f"FT_DATASET={cfg.dataset}: the file is empty") from None
     except (DatasetGenerationError, ValueError, FileNotFoundError) as e:
         cause = e.__cause__ or e
         raise InputError(f"FT_DATASET={cfg.dataset}: could not be read ({' '.join(str(cause).split())[:300]})") from None
@@ -78,6 +82,18 @@ def load_splits(cfg: Settings, path: Path):
     if len(train) == 0:
         raise InputError(f"FT_DATASET={cfg.dataset}: the training split is empty")
     return train, evaluation
+
+
+def _check_data_dir(cfg: Settings, path: Path) -> None:
+    """A dataset directory holds data files of one type: datasets reads the most common type and skips the others
+    without a word. Raises InputError naming FT_DATASET when it mixes .jsonl, .csv and .parquet files, or holds none
+    of the types read (.jsonl, .json, .csv, .parquet; .json alone may be metadata, so it does not count as a mix)."""
+    found = {p.suffix for p in path.rglob("*") if p.is_file() and p.suffix in DATA_BUILDERS}
+    if not found:
+        raise InputError(f"FT_DATASET={cfg.dataset}: no .jsonl, .json, .csv or .parquet file in {path}")
+    if len(mixed := sorted(found - {".json"})) > 1:
+        raise InputError(f"FT_DATASET={cfg.dataset}: mixes {', '.join(mixed)} files; datasets would read one type "
+                         "and skip the others: keep one type per dataset")
 
 
 def _first(ds, n: int | None):
@@ -166,6 +182,9 @@ class Tokenize:
         if reason:
             return reason, []
         if self.fmt == "tokens":
+            vocab = len(self.tok)
+            if (outside := next((t for t in record["input_ids"] if not 0 <= t < vocab), None)) is not None:
+                return f"`input_ids` holds {outside}, outside the tokenizer's vocabulary (0 to {vocab - 1})", []
             labels = record.get("labels") or record["input_ids"]
             return None, [([t], label != IGNORE) for t, label in zip(record["input_ids"], labels)]
         if self.fmt == "text":
@@ -190,7 +209,14 @@ class Tokenize:
         ]
 
     def _with_eos(self, ids: list[int]) -> list[int]:
-        return ids if ids and ids[-1] == self.eos else [*ids, self.eos]
+        """`ids` closed by EOS: as they are when EOS ends them, or is followed only by whitespace (ChatML templates
+        end a conversation with "<|im_end|>\n"); else with EOS appended."""
+        for t in reversed(ids[-4:]):
+            if t == self.eos:
+                return ids
+            if self.tok.decode([t]).strip():
+                break
+        return [*ids, self.eos]
 
     def _alpaca_to_prompt_completion(self, record: dict[str, Any]) -> dict[str, Any]:
         instruction, context = record["instruction"], (record.get("input") or "").strip()
@@ -232,14 +258,20 @@ def tokenize_splits(train, evaluation, tokenizer, cfg: Settings):
             eval_tok = None
     n_bad = _check_bad_records(bad, total, cfg)
     if len(train_tok) == 0:
-        raise InputError(f"FT_DATASET={cfg.dataset}: no training sample has a token to learn from after truncation")
+        raise InputError(f"FT_DATASET={cfg.dataset}: no training sample has a token to learn from after truncation to "
+                         f"FT_MAX_SEQ_LENGTH={cfg.max_seq_length} tokens ({dropped} left without one); raise it, or "
+                         "check that the answers are not masked out")
     lengths = [len(ids) for ids in train_tok["input_ids"]]
     stats = DataStats(
         format=fmt, train_samples=len(train_tok), eval_samples=len(eval_tok) if eval_tok is not None else 0,
         truncated=truncated, dropped=dropped, bad_records=n_bad, train_tokens=sum(lengths),
-        trained_tokens=sum(sum(1 for x in labels if x != IGNORE) for labels in train_tok["labels"]),
+        # the first token of a sample is predicted by nothing (job.steps.trained_tokens)
+        trained_tokens=sum(sum(1 for x in labels[1:] if x != IGNORE) for labels in train_tok["labels"]),
     )
-    notes = {"warning": f"{truncated} samples longer than FT_MAX_SEQ_LENGTH were truncated"} if truncated else {}
+    problems = [f"{truncated} samples longer than FT_MAX_SEQ_LENGTH were truncated"] if truncated else []
+    if dropped:
+        problems.append(f"{dropped} samples had no token left to learn from and were dropped")
+    notes = {"warning": "; ".join(problems)} if problems else {}
     if fn.masker.eos_inserted:
         log.get().warning("the chat template closes answers without an end-of-turn token; EOS was inserted after "
                           "each answer and trained, so that the model learns where an answer stops")
@@ -261,7 +293,7 @@ def _tokenize(ds, name: str, fn: Tokenize, bad: dict[str, list[int]]):
         if reason:
             bad.setdefault(reason, []).append(row)
     usable = out.filter(lambda r: not r["bad"], desc=f"Dropping unusable {name} records")
-    kept = usable.filter(lambda r: any(label != IGNORE for label in r["labels"]), desc=f"Filtering {name}")
+    kept = usable.filter(lambda r: any(label != IGNORE for label in r["labels"][1:]), desc=f"Filtering {name}")
     return kept.remove_columns(["truncated", "bad", "row"]), sum(usable["truncated"]), len(usable) - len(kept), len(out)
 
 
@@ -283,7 +315,9 @@ def _check_bad_records(bad: dict[str, list[int]], total: int, cfg: Settings) -> 
 def render_trained(tokenizer, input_ids: list[int], labels: list[int]) -> str:
     """A tokenized sample as text, the tokens its loss trains on wrapped in [[ and ]] (with completion-only loss: the
     answers and the token that closes each). Each run of trained or untrained tokens is decoded on its own, special
-    tokens kept; `labels` is aligned with `input_ids` (-100: not trained)."""
+    tokens kept; `labels` is aligned with `input_ids` (-100: not trained). The first token is never marked: nothing
+    predicts it (job.steps.trained_tokens)."""
+    labels = [IGNORE, *labels[1:]]
     out, start = [], 0
     for i in range(1, len(input_ids) + 1):
         if i == len(input_ids) or (labels[i] == IGNORE) != (labels[start] == IGNORE):

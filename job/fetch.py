@@ -102,6 +102,9 @@ def source_errors(source: Storage, setting: str):
     )
 
     where = f"{setting}={source.uri}"
+    # A bare org/name that is no local path is read as a Hub id; say so, in case a path was meant
+    hint = f" (read as a Hub id: there is no {source.uri} under {Path.cwd()})" \
+        if isinstance(source, HubStorage) and "://" not in source.uri else ""
     try:
         yield
     except RevisionNotFoundError:
@@ -109,12 +112,12 @@ def source_errors(source: Storage, setting: str):
     except GatedRepoError:
         raise InputError(f"{where}: gated repository; accept its terms on the Hub and set HF_TOKEN") from None
     except RepositoryNotFoundError:
-        raise InputError(f"{where}: repository not found, or private and HF_TOKEN lacks access") from None
+        raise InputError(f"{where}: repository not found, or private and HF_TOKEN lacks access{hint}") from None
     except LocalEntryNotFoundError as e:
         from huggingface_hub import constants
 
         error = InputError if constants.HF_HUB_OFFLINE else UnavailableError
-        raise error(f"{where}: not in the local cache and the Hub is unreachable ({first_line(e)})") from None
+        raise error(f"{where}: not in the local cache and the Hub is unreachable ({first_line(e)}){hint}") from None
     except HfHubHTTPError as e:
         status = getattr(e.response, "status_code", None) if getattr(e, "response", None) is not None else None
         error = UnavailableError if status is not None and (status >= 500 or status == 429) else InputError
@@ -126,7 +129,7 @@ def source_errors(source: Storage, setting: str):
         from huggingface_hub import constants
 
         raise UnavailableError(f"{where}: the Hub could not be reached at {constants.ENDPOINT} (HF_ENDPOINT) "
-                               f"({type(e).__name__}: {first_line(e)})") from None
+                               f"({type(e).__name__}: {first_line(e)}){hint}") from None
     except StorageError as e:  # S3: access denied, no such bucket or key (final), or unreachable (retriable)
         raise (UnavailableError if e.retriable else InputError)(f"{where}: {e}") from None
     except FileNotFoundError as e:

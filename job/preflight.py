@@ -67,7 +67,7 @@ def check_data(cfg: Settings, show: int = 1) -> dict:
     for i in range(min(show, len(train))):
         sample = train[i]
         log.get().info("data sample", sample=i, tokens=len(sample["input_ids"]),
-                       trained_tokens=sum(label != data.IGNORE for label in sample["labels"]),
+                       trained_tokens=sum(label != data.IGNORE for label in sample["labels"][1:]),
                        text=data.render_trained(tokenizer, sample["input_ids"], sample["labels"]))
     steps = recipe_rows(cfg, train, cfg.global_batch)[1]
     total = cfg.max_steps or math.ceil(cfg.num_train_epochs * steps["steps_per_epoch"])  # as the Trainer counts them

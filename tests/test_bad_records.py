@@ -36,6 +36,8 @@ def reason(tokenizer, fmt: str, record: dict, **kw) -> str:
     ("alpaca", {"instruction": ["Add."], "output": "5"}, "`instruction` is a list, not text"),
     ("tokens", {"input_ids": [], "labels": None}, "`input_ids` is not a non-empty list"),
     ("tokens", {"input_ids": [5, 6], "labels": [5]}, "`labels` is not a list as long as `input_ids` (2)"),
+    ("tokens", {"input_ids": [5, 999999, 6]}, "`input_ids` holds 999999, outside the tokenizer's vocabulary (0 to "),
+    ("tokens", {"input_ids": [5, -1]}, "`input_ids` holds -1, outside the tokenizer's vocabulary"),
     ("chat", {"messages": None}, "`messages` has no turns"),
     ("chat", {"messages": ["hi"]}, "turn 0 is a str, not an object"),
     ("chat", {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}]},
@@ -46,6 +48,12 @@ def reason(tokenizer, fmt: str, record: dict, **kw) -> str:
 ])
 def test_each_kind_of_bad_record_is_named(tokenizer, fmt, record, expected):
     assert expected in reason(tokenizer, fmt, record)
+
+
+def test_an_empty_file_is_an_input_error(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(InputError, match=r"FT_DATASET=data.jsonl: the file is empty"):
+        load_splits(settings(), tmp_path / "empty.jsonl")
 
 
 def test_a_null_answer_is_not_trained_as_an_empty_one(tokenizer):
@@ -136,3 +144,16 @@ def test_answer_roles_must_name_a_role(monkeypatch):
         load_settings()
     monkeypatch.setenv("FT_ANSWER_ROLES", " gpt , bot ")
     assert load_settings().answer_roles == "gpt,bot"
+
+
+def test_a_directory_that_mixes_data_file_types_is_refused(tmp_path):
+    """datasets reads the most common type of a directory and silently skips the rest (20 of 60 rows read)."""
+    (tmp_path / "mix").mkdir()
+    (tmp_path / "mix" / "a.jsonl").write_text('{"text": "one"}\n')
+    (tmp_path / "mix" / "b.csv").write_text("text\ntwo\n")
+    with pytest.raises(InputError, match=r"FT_DATASET=data.jsonl: mixes .csv, .jsonl files"):
+        load_splits(settings(), tmp_path / "mix")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("not data\n")
+    with pytest.raises(InputError, match=r"no .jsonl, .json, .csv or .parquet file in"):
+        load_splits(settings(), tmp_path / "notes")

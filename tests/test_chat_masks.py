@@ -210,3 +210,16 @@ def test_a_template_that_renders_an_answer_twice_is_a_bad_record_naming_the_sett
     row = Tokenize(tok, "chat", settings())({"messages": CONVERSATION})
     assert row["labels"] == [] and "cannot tell which tokens" in row["bad"]
     assert "FT_COMPLETION_ONLY_LOSS=false" in row["bad"]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama3_generation", "gemma"])
+def test_training_on_everything_closes_with_one_eos(tiny_model, family):
+    """FT_COMPLETION_ONLY_LOSS=false: a template that ends the conversation with EOS and a newline (Qwen3's ChatML)
+    gets no second EOS; one that ends without EOS gets it appended once."""
+    tok = family_tokenizer(tiny_model, family)
+    row = Tokenize(tok, "chat", settings(completion_only_loss=False))({"messages": CONVERSATION})
+    assert row["labels"] == row["input_ids"]
+    assert row["input_ids"].count(tok.eos_token_id) == max(1, tok.apply_chat_template(
+        CONVERSATION, tokenize=False).count(tok.eos_token))
+    tail = tok.decode(row["input_ids"][-3:])
+    assert tok.eos_token in tail and not tail.endswith(tok.eos_token * 2)

@@ -101,6 +101,18 @@ def test_an_unreachable_hub_is_retriable_not_unexpected(tmp_path, monkeypatch):
         port = s.getsockname()[1]
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     source = HubStorage("acme/nomodel", "acme/nomodel")
-    with pytest.raises(UnavailableError, match=r"FT_BASE_MODEL=.*acme/nomodel: the Hub could not be reached"):
+    with pytest.raises(UnavailableError, match=r"FT_BASE_MODEL=.*acme/nomodel: the Hub could not be reached.*"
+                                               r"read as a Hub id: there is no acme/nomodel under "):
         with source_errors(source, "FT_BASE_MODEL"):
             HfApi(endpoint=f"http://127.0.0.1:{port}").list_repo_files("acme/nomodel")
+
+
+@pytest.mark.parametrize("value", ["data/train.jsonl", "examples/missing.csv", "build/model.safetensors"])
+def test_a_missing_relative_file_is_not_taken_for_a_hub_id(value):
+    """A bare org/name is a Hub id, but no repository's name ends in a file's suffix: a missing file, exit 3 at once
+    (not 25 s of retries against the Hub and exit 8)."""
+    from job.errors import InputError
+    from job.storage import open_source
+
+    with pytest.raises(InputError, match=rf"FT_DATASET={value}: no such file or directory \(relative to /"):
+        open_source(value, "FT_DATASET", "dataset")

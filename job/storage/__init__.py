@@ -15,7 +15,7 @@ import logging
 import re
 from pathlib import Path
 
-from job.errors import ConfigError
+from job.errors import ConfigError, InputError
 from job.storage.base import Storage, StorageError, StorageOptions
 from job.storage import hub
 from job.storage.hub import HubDestination, HubStorage
@@ -27,6 +27,8 @@ __all__ = ["Storage", "StorageError", "StorageOptions", "LocalStorage", "HubStor
            "configure", "open_source", "open_destination", "is_local", "uri_problem"]
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# What ends a file's name, never a Hub repository's: such a value names a local file
+FILE_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".txt", ".safetensors", ".gguf", ".bin"}
 _options = StorageOptions()
 
 # The stores' HTTP clients log every request, credential and endpoint lookup at INFO: keep their warnings only.
@@ -67,6 +69,8 @@ def open_source(uri: str, setting: str, repo_type: str, revision: str | None = N
                 repo_id, repo_type = repo_id[len(kind) + 1:], kind[:-1]
         return HubStorage(uri, repo_id, repo_type, revision)
     if HUB_ID.match(uri):
+        if Path(uri).suffix.lower() in FILE_SUFFIXES:  # "data/train.jsonl": a path that does not exist, not a Hub id
+            raise InputError(f"{setting}={uri}: no such file or directory (relative to {Path.cwd()})")
         return HubStorage(uri, uri, repo_type, revision)
     raise AssertionError(f"uri_problem accepted {uri!r} but no store reads it")
 

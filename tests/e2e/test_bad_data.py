@@ -63,3 +63,18 @@ def test_check_data_shows_what_the_loss_trains_on(tiny_model, tmp_path):
         assert sample["text"].count("[[") == 1 and answer in trained and question not in trained
         assert trained.rstrip().endswith("</s>")  # the tiny model's EOS closes the answer (its Mistral-style template)
         assert 0 < sample["trained_tokens"] < sample["tokens"]
+
+
+def test_check_data_counts_what_is_trained_not_the_first_token(tiny_model, tmp_path):
+    """Text trains every token but the first, which nothing predicts: the sample shows `<s>` outside [[ ]] and the
+    counts leave it out; --show needs --data and a count of 0 or more."""
+    proc = run_job(demo_env(tiny_model, FT_EVAL_FRACTION="0", FT_MAX_SAMPLES="5"), tmp_path, "check", "--data")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    sample = next(e for e in events(proc) if e["event"] == "data sample")
+    assert sample["text"].startswith("<s>[[") and sample["trained_tokens"] == sample["tokens"] - 1
+    stats = next(e for e in events(proc) if e["event"] == "data check passed")
+    assert stats["trained_tokens"] == stats["train_tokens"] - stats["train_samples"]
+    assert not any(line.startswith(("Tokenizing", "Filtering")) for line in proc.stderr.splitlines())
+    for args in (("--data", "--show", "-1"), ("--show", "3")):
+        bad = run_job(demo_env(tiny_model), tmp_path, "check", *args)
+        assert bad.returncode == CODE_BY_NAME["config"] and "--show: a number of samples" in bad.stdout, bad.stdout
