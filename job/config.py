@@ -73,7 +73,8 @@ class Settings(BaseSettings):
     max_seq_length: int = Field(
         1024, gt=0, description="Tokens per sample; longer samples are truncated and counted in the log."
     )
-    max_samples: int | None = Field(None, gt=0, description="Use only the first N training samples (smoke runs).")
+    max_samples: int | None = Field(None, gt=0, description="Use only the first N records of the training split (and of "
+                                       "FT_EVAL_SPLIT), before FT_EVAL_FRACTION is held out of them (smoke runs).")
     completion_only_loss: bool = Field(
         True,
         description="Train on response tokens only where the format marks them (prompt/completion, alpaca, chat "
