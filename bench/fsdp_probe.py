@@ -12,6 +12,8 @@ Buffers (rotary inv_freq and the like) and parameter dtypes are compared too, an
 weight (packed bytes, quant state) and output against the product with its weight from before sharding.
 The job stores the 4-bit weights as bytes under FSDP (accelerate then leaves them out of the sharding);
 PROBE_QUANT_STORAGE=bfloat16 stores them as bf16 words, which FSDP2 shards, as the job did before run 13.
+PROBE_MP=fp32-out sets FSDP2's mixed precision to bf16 parameters with fp32 gradient reduction and fp32 outputs
+(accelerate's default casts the outputs, the loss included, to bf16: run 13's FSDP losses read up to 1% high).
 Rank 0 prints two JSON lines; exit 0.
 """
 
@@ -121,7 +123,13 @@ def main() -> int:
     for h in hooks + checks:
         h.remove()
     trainer.create_optimizer()
+    if os.environ.get("PROBE_MP") == "fp32-out":  # FSDP2's outputs (the loss, log-probs) kept in fp32, reduced in fp32
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        trainer.accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.float32)
     sharded, _ = trainer.accelerator.prepare(net, trainer.optimizer)
+    policy = getattr(getattr(trainer.accelerator.state, "fsdp_plugin", None), "mixed_precision_policy", None)
     sharded.train()
     hooks = watch(sharded, after_out)
     checks = watch_4bit(sharded, saved, report_after)
@@ -149,7 +157,7 @@ def main() -> int:
     if distributed.is_main():
         print(json.dumps({"linear4bit_before": summary(report_before), "linear4bit_after": summary(report_after)}),
               flush=True)
-        print(json.dumps({"loss_unsharded": loss_before, "loss_fsdp": loss_after, "loss_fsdp_again": loss_again,
+        print(json.dumps({"mixed_precision_policy": str(policy), "loss_unsharded": loss_before, "loss_fsdp": loss_after, "loss_fsdp_again": loss_again,
                           "rel_loss_diff": (loss_after - loss_before) / loss_before, "tokens": int(batch["input_ids"].numel()),
                           "first_module_off_by_2pct": first, "module_rel_diff": {k: round(v, 5) for k, v in rel.items()},
                           "missing_after": sorted(set(before_out) - set(after_out)),
