@@ -81,6 +81,11 @@ class CheckpointStore:
             # Without its marker the copy is no checkpoint; its files would only keep the disk full.
             self.store.delete_tree(name)
             raise
+        except OSError:
+            # An attempt frozen while writing may find its directory removed by the attempt that took the run over
+            # and cleaned up after publishing: that is a lost lease (LeaseHeldError), not a failed write.
+            self.recheck_after_writing()
+            raise
         write_json(self.store, LATEST, {"checkpoint": name, "step": step})
         self.recheck_after_writing()
         self.log.info("checkpoint mirrored", step=step, uri=self.store.describe(name))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,33 @@ def test_a_checkpoint_written_after_the_run_was_taken_over_is_removed_once_the_r
         ckpts.mirror(fake_checkpoint(tmp_path, 4), 4)
     left = sorted(p.relative_to(tmp_path / "remote").as_posix() for p in (tmp_path / "remote").rglob("*") if p.is_file())
     assert left == [] if complete else {LATEST, "checkpoint-4/checkpoint.json"} <= set(left)
+
+
+def test_a_write_that_fails_because_the_new_owner_cleaned_up_is_a_lost_lease(tmp_path, monkeypatch):
+    """The frozen attempt wakes up mid-write after the attempt that took the run over published and removed the
+    checkpoints (the directory being written is gone): LeaseHeldError (exit `busy`), its leftovers removed, not an
+    unexpected FileNotFoundError (exit 1). A write that fails while the lease is still held fails as it is."""
+    from job.errors import LeaseHeldError
+
+    ckpts = store(tmp_path)
+    real_put = ckpts.store.put
+
+    def put_after_clean_up(path, key):
+        real_put(path, key)
+        shutil.rmtree(tmp_path / "remote", ignore_errors=True)  # the new owner's clean-up, mid-write
+        raise FileNotFoundError(2, "No such file or directory", str(tmp_path / "remote" / key))  # as the copy found
+
+    monkeypatch.setattr(ckpts.store, "put", put_after_clean_up)
+    checks = iter([None])  # the check before writing passes; then the lease is gone
+
+    def guard():
+        if next(checks, "lost"):
+            raise LeaseHeldError("FT_RUN_ID=r: the lease was taken over")
+
+    ckpts.guard, ckpts.run_complete = guard, lambda: True
+    with pytest.raises(LeaseHeldError):
+        ckpts.mirror(fake_checkpoint(tmp_path, 4), 4)
+    assert not [p for p in (tmp_path / "remote").rglob("*") if p.is_file()]
+    ckpts.guard = lambda: None  # still the owner: the write's own error
+    with pytest.raises(FileNotFoundError):
+        ckpts.mirror(fake_checkpoint(tmp_path / "again", 5), 5)
