@@ -130,6 +130,19 @@ def test_a_checkpoint_without_a_data_fingerprint_still_resumes(tmp_path):
     assert data_store(tmp_path, "sha256:bbb").restore(tmp_path / "resume")[1] == 10
 
 
+def lost_after_first_check():
+    """A lease guard whose first check passes and every later one finds the lease taken over."""
+    from job.errors import LeaseHeldError
+
+    checks = iter([None])
+
+    def guard():
+        if next(checks, "lost"):
+            raise LeaseHeldError("FT_RUN_ID=r: the lease was taken over")
+
+    return guard
+
+
 @pytest.mark.parametrize("complete", [True, False])
 def test_a_checkpoint_written_after_the_run_was_taken_over_is_removed_once_the_run_is_published(tmp_path, complete):
     # An attempt frozen between its lease check and its writes (issue 20's "frozen holder") wakes up after another
@@ -138,13 +151,7 @@ def test_a_checkpoint_written_after_the_run_was_taken_over_is_removed_once_the_r
     from job.errors import LeaseHeldError
 
     ckpts = store(tmp_path)
-    checks = iter([None])  # the first check passes; then the lease is gone
-
-    def guard():
-        if next(checks, "lost"):
-            raise LeaseHeldError("FT_RUN_ID=r: the lease was taken over")
-
-    ckpts.guard, ckpts.run_complete = guard, lambda: complete
+    ckpts.guard, ckpts.run_complete = lost_after_first_check(), lambda: complete
     with pytest.raises(LeaseHeldError):
         ckpts.mirror(fake_checkpoint(tmp_path, 4), 4)
     left = sorted(p.relative_to(tmp_path / "remote").as_posix() for p in (tmp_path / "remote").rglob("*") if p.is_file())
@@ -166,13 +173,7 @@ def test_a_write_that_fails_because_the_new_owner_cleaned_up_is_a_lost_lease(tmp
         raise FileNotFoundError(2, "No such file or directory", str(tmp_path / "remote" / key))  # as the copy found
 
     monkeypatch.setattr(ckpts.store, "put", put_after_clean_up)
-    checks = iter([None])  # the check before writing passes; then the lease is gone
-
-    def guard():
-        if next(checks, "lost"):
-            raise LeaseHeldError("FT_RUN_ID=r: the lease was taken over")
-
-    ckpts.guard, ckpts.run_complete = guard, lambda: True
+    ckpts.guard, ckpts.run_complete = lost_after_first_check(), lambda: True
     with pytest.raises(LeaseHeldError):
         ckpts.mirror(fake_checkpoint(tmp_path, 4), 4)
     assert not [p for p in (tmp_path / "remote").rglob("*") if p.is_file()]
