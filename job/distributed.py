@@ -309,7 +309,11 @@ def collective_failure(e: BaseException) -> JobError | None:
 
 
 def _looks_collective(message: str) -> bool:
+    """Whether a RuntimeError raised while the process group is up reads as a collective that lost its peer. gloo
+    says so in several ways: "Timed out waiting ... for recv", "Connection reset by peer", and, when the peer is
+    frozen (SIGSTOP) rather than dead, "Application timeout caused pair closure"."""
     m = message.lower()
-    return any(s in m for s in ("gloo", "nccl", "connection reset", "timed out", "watchdog", "broken pipe"))
+    return any(s in m for s in ("gloo", "nccl", "connection reset", "connection closed", "timed out", "timeout",
+                                "pair closure", "watchdog", "broken pipe"))
 
 

@@ -165,3 +165,20 @@ def test_the_fingerprint_is_the_recipe_not_the_plan():
     for recipe in ({"batch_size": 8}, {"gradient_accumulation_steps": 2}, {"packing": True},
                    {"group_by_length": False}, {"seed": 1}):
         assert settings_fingerprint(settings(**recipe)) != one, recipe
+
+
+@pytest.mark.parametrize("message, peer", [
+    ("Application timeout caused pair closure", True),  # gloo, a frozen peer (tests/e2e: SIGSTOP)
+    ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500", True),
+    ("Timed out waiting 15000ms for recv operation to complete", True),
+    ("NCCL error in: ProcessGroupNCCL.cpp:1, unhandled system error", True),
+    ("CUDA out of memory. Tried to allocate 2.00 GiB", False),
+    ("mat1 and mat2 shapes cannot be multiplied (4x8 and 9x2)", False),
+])
+def test_a_collective_that_lost_its_peer_is_retriable_and_a_bug_is_not(monkeypatch, message, peer):
+    from job import distributed
+    from job.errors import UnavailableError
+
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    found = distributed.collective_failure(RuntimeError(message))
+    assert isinstance(found, UnavailableError) if peer else found is None
