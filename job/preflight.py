@@ -56,19 +56,26 @@ def check_data(cfg: Settings, show: int = 1) -> dict:
     """`finetune-job check --data`: download the dataset and the model's tokenizer (not its weights), tokenize every
     record and count the optimizer steps as a run would, and log them ("data check passed"), after the first `show`
     training samples as the model will see them, the trained tokens in [[ ]] ("data sample"). Returns the data
-    statistics (job.data.DataStats), the steps per epoch and the optimizer steps of the run; raises what a run raises on the same data: InputError naming
-    FT_DATASET and the row, ConfigError for a format the tokenizer cannot render."""
+    statistics (job.data.DataStats), the steps per epoch and the optimizer steps of the run; raises what a run raises
+    on the same data: InputError naming FT_DATASET and the row, ConfigError for a format the tokenizer cannot render.
+    With console logs (FT_LOG_FORMAT) each sample is printed as it reads, under a header line."""
     from job import data, fetch
     from job.steps import recipe_rows
 
     tokenizer = data.load_tokenizer(fetch.fetch_tokenizer(cfg), cfg)
     train_raw, eval_raw = data.load_splits(cfg, fetch.fetch_dataset(cfg).path)
     train, _, stats = data.tokenize_splits(train_raw, eval_raw, tokenizer, cfg)
+    console = log.use_console(cfg.log_format)
     for i in range(min(show, len(train))):
         sample = train[i]
-        log.get().info("data sample", sample=i, tokens=len(sample["input_ids"]),
-                       trained_tokens=sum(label != data.IGNORE for label in sample["labels"][1:]),
-                       text=data.render_trained(tokenizer, sample["input_ids"], sample["labels"]))
+        text = data.render_trained(tokenizer, sample["input_ids"], sample["labels"])
+        counts = {"tokens": len(sample["input_ids"]),
+                  "trained_tokens": sum(label != data.IGNORE for label in sample["labels"][1:])}
+        if console:  # for a person: the text as it reads, not one escaped line
+            print(f"--- sample {i}: {counts['tokens']} tokens, {counts['trained_tokens']} trained (in [[ ]]) ---\n"
+                  f"{text}\n", flush=True)
+        else:
+            log.get().info("data sample", sample=i, **counts, text=text)
     steps = recipe_rows(cfg, train, cfg.global_batch)[1]
     total = cfg.max_steps or math.ceil(cfg.num_train_epochs * steps["steps_per_epoch"])  # as the Trainer counts them
     facts = {**vars(stats), **steps, "optimizer_steps": total}

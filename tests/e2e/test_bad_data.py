@@ -78,3 +78,16 @@ def test_check_data_counts_what_is_trained_not_the_first_token(tiny_model, tmp_p
     for args in (("--data", "--show", "-1"), ("--show", "3")):
         bad = run_job(demo_env(tiny_model), tmp_path, "check", *args)
         assert bad.returncode == CODE_BY_NAME["config"] and "--show: a number of samples" in bad.stdout, bad.stdout
+
+
+def test_check_data_prints_samples_as_they_read_on_a_console(tiny_model, tmp_path):
+    """Console logs: a sample is printed with its real line breaks under a header, not as one escaped line."""
+    data = tmp_path / "lines.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"first line {n}\nsecond line {n}"}) for n in range(4)))
+    proc = run_job(demo_env(tiny_model, FT_DATASET=str(data), FT_EVAL_FRACTION="0", FT_LOG_FORMAT="console"), tmp_path,
+                   "check", "--data")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("--- sample 0: "))
+    assert "trained (in [[ ]]) ---" in lines[header]
+    assert lines[header + 1].startswith("<s>[[first line ") and lines[header + 2].startswith("second line ")
