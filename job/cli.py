@@ -76,7 +76,7 @@ def cmd_check(args) -> int:
     from job.storage import StorageOptions, configure, open_destination
 
     cfg = load_settings()
-    if args.show < 0 or (args.show != 1 and not args.data):
+    if args.show is not None and (args.show < 0 or not args.data):
         raise ConfigError(["--show: a number of samples (0 or more) to show, with --data"])
     log.setup(cfg.log_format, cfg.log_level)
     log.route_library_logs(log.use_console(cfg.log_format))  # datasets' progress bars and warnings, as in `run`
@@ -87,7 +87,7 @@ def cmd_check(args) -> int:
         log.get().info("run already complete: `run` ends at once if the data is unchanged", uri=dest.describe(run_id))
     preflight.run(cfg, run_id)
     if args.data:
-        preflight.check_data(cfg, args.show)
+        preflight.check_data(cfg, 1 if args.show is None else args.show)
     return 0
 
 
@@ -127,7 +127,7 @@ def parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate the configuration and the sources and destination")
     check.add_argument("--data", action="store_true", help="also download the dataset and the tokenizer (not the "
                        "weights), tokenize every record as a run would and count the optimizer steps")
-    check.add_argument("--show", type=int, default=1, metavar="N", help="with --data: log the first N training "
+    check.add_argument("--show", type=int, metavar="N", help="with --data: log the first N training "
                        "samples as the model sees them, the trained tokens in [[ ]] (default 1)")
     check.set_defaults(func=cmd_check)
     return p

@@ -265,8 +265,7 @@ def tokenize_splits(train, evaluation, tokenizer, cfg: Settings):
     stats = DataStats(
         format=fmt, train_samples=len(train_tok), eval_samples=len(eval_tok) if eval_tok is not None else 0,
         truncated=truncated, dropped=dropped, bad_records=n_bad, train_tokens=sum(lengths),
-        # the first token of a sample is predicted by nothing (job.steps.trained_tokens)
-        trained_tokens=sum(sum(1 for x in labels[1:] if x != IGNORE) for labels in train_tok["labels"]),
+        trained_tokens=sum(trained_count(labels) for labels in train_tok["labels"]),
     )
     problems = [f"{truncated} samples longer than FT_MAX_SEQ_LENGTH were truncated"] if truncated else []
     if dropped:
@@ -293,7 +292,7 @@ def _tokenize(ds, name: str, fn: Tokenize, bad: dict[str, list[int]]):
         if reason:
             bad.setdefault(reason, []).append(row)
     usable = out.filter(lambda r: not r["bad"], desc=f"Dropping unusable {name} records")
-    kept = usable.filter(lambda r: any(label != IGNORE for label in r["labels"][1:]), desc=f"Filtering {name}")
+    kept = usable.filter(lambda r: trained_count(r["labels"]) > 0, desc=f"Filtering {name}")
     return kept.remove_columns(["truncated", "bad", "row"]), sum(usable["truncated"]), len(usable) - len(kept), len(out)
 
 
@@ -310,6 +309,12 @@ def _check_bad_records(bad: dict[str, list[int]], total: int, cfg: Settings) -> 
     log.get().warning("records dropped", bad_records=n, records=total,
                       reasons={reason: sorted(rows)[:10] for reason, rows in list(bad.items())[:10]})
     return n
+
+
+def trained_count(labels: list[int]) -> int:
+    """Tokens of one sample its loss trains on: labels other than -100, the first left out (nothing predicts it; as
+    job.steps.trained_tokens counts a batch)."""
+    return sum(1 for label in labels[1:] if label != IGNORE)
 
 
 def render_trained(tokenizer, input_ids: list[int], labels: list[int]) -> str:

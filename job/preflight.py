@@ -70,7 +70,7 @@ def check_data(cfg: Settings, show: int = 1) -> dict:
         sample = train[i]
         text = data.render_trained(tokenizer, sample["input_ids"], sample["labels"])
         counts = {"tokens": len(sample["input_ids"]),
-                  "trained_tokens": sum(label != data.IGNORE for label in sample["labels"][1:])}
+                  "trained_tokens": data.trained_count(sample["labels"])}
         if console:  # for a person: the text as it reads, not one escaped line
             print(f"--- sample {i}: {counts['tokens']} tokens, {counts['trained_tokens']} trained (in [[ ]]) ---\n"
                   f"{text}\n", flush=True)

@@ -190,6 +190,8 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
     `tensorboard/` under `scratch/output`."""
     from torch.utils.tensorboard import SummaryWriter
 
+    from job.steps import recipe_rows
+
     stage = scratch / "output"
     guard = DivergenceGuard()
     # Flushed as often as the live sync copies the files, so that what it copies is current.
@@ -198,8 +200,6 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
     history = RunHistory(stage / "tensorboard", writer)
     # In this order: a stop or a timer decides to save, the history goes into the checkpoint, then it is mirrored.
     callbacks = [SaveTimer(cfg.save_minutes), GracefulStop(stopper), history, CheckpointMirror(checkpoints), guard]
-    from job.steps import recipe_rows
-
     result = TrainResult()
     train_ds, result.steps = recipe_rows(cfg, train_ds, speed.global_batch)
     trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, scratch / "checkpoints", writer,
