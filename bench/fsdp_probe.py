@@ -12,8 +12,9 @@ Buffers (rotary inv_freq and the like) and parameter dtypes are compared too, an
 weight (packed bytes, quant state) and output against the product with its weight from before sharding.
 The job stores the 4-bit weights as bytes under FSDP (accelerate then leaves them out of the sharding);
 PROBE_QUANT_STORAGE=bfloat16 stores them as bf16 words, which FSDP2 shards, as the job did before run 13.
-PROBE_MP=fp32-out sets FSDP2's mixed precision to bf16 parameters with fp32 gradient reduction and fp32 outputs
-(accelerate's default casts the outputs, the loss included, to bf16: run 13's FSDP losses read up to 1% high).
+The job sets FSDP2's mixed precision (train.fsdp_mixed_precision: bf16 parameters, fp32 gradient reduction, outputs
+left as computed); PROBE_MP=accelerate puts back accelerate's default (bf16 everywhere, the loss cast to bf16: run
+13's FSDP losses read up to 1% high), PROBE_MP=fp32-out casts every output to fp32.
 Rank 0 prints two JSON lines; exit 0.
 """
 
@@ -99,7 +100,7 @@ def main() -> int:
     tokenizer = data.load_tokenizer(Path(cfg.base_model), cfg)
     train_raw, eval_raw = data.load_splits(cfg, Path(cfg.dataset))
     train_ds, eval_ds, _ = data.tokenize_splits(train_raw, eval_raw, tokenizer, cfg)
-    base, plan, _ = pipeline.load_and_plan(cfg, Path(cfg.base_model), placement)
+    base, plan, _ = pipeline.load_and_plan(cfg, Path(cfg.base_model), placement, train_ds)
     trainer = train.build_trainer(cfg, base, tokenizer, train_ds, eval_ds, placement, Path("/tmp/fsdp-probe"), None,
                                   [], False, plan)
     samples = [{k: v for k, v in eval_ds[i].items() if k in ("input_ids", "completion_mask", "assistant_masks")}
@@ -123,11 +124,13 @@ def main() -> int:
     for h in hooks + checks:
         h.remove()
     trainer.create_optimizer()
-    if os.environ.get("PROBE_MP") == "fp32-out":  # FSDP2's outputs (the loss, log-probs) kept in fp32, reduced in fp32
+    mixed_precision = {"accelerate": torch.bfloat16, "fp32-out": torch.float32}
+    if os.environ.get("PROBE_MP") in mixed_precision:  # every output cast to this dtype
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
+        reduce_dtype = mixed_precision[os.environ["PROBE_MP"]]
         trainer.accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
-            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.float32)
+            param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype, output_dtype=reduce_dtype)
     sharded, _ = trainer.accelerator.prepare(net, trainer.optimizer)
     policy = getattr(getattr(trainer.accelerator.state, "fsdp_plugin", None), "mixed_precision_policy", None)
     sharded.train()

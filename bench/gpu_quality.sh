@@ -37,7 +37,7 @@ case "${1:?stash, run or parts}" in
     python3 bench/quality.py data --out /tmp/qdata
     ;;&
   scale)  # issue 19: FSDP's forward against the unsharded model's (bench/fsdp_probe.py), then scale_check.py
-    for probe in ${PROBES:-fsdp PROBE_MP=fp32-out}; do  # the job as it is; FSDP2 outputs kept in fp32
+    for probe in ${PROBES:-fsdp PROBE_MP=accelerate}; do  # the job as it is; accelerate's FSDP2 mixed precision
       env FT_BASE_MODEL=/tmp/smollm2 FT_DATASET=/tmp/qdata/extract-train.jsonl FT_OUTPUT_URI=/tmp/probe-out \
         FT_STRATEGY=fsdp FT_NPROC_PER_NODE=2 FT_EVAL_FRACTION=0.1 FT_LORA_DROPOUT=0 FT_MAX_SEQ_LENGTH=512 \
         FT_BATCH_SIZE=16 FT_LOG_FORMAT=json "${probe/fsdp/FT_STRATEGY=fsdp}" \

@@ -143,6 +143,19 @@ def fsdp_arguments(speed: SpeedPlan) -> dict:
     return {"fsdp": True, "fsdp_config": {**common, "version": 2, "reshard_after_forward": True}}
 
 
+def fsdp_mixed_precision(dtype: torch.dtype):
+    """FSDP2's mixed precision for the job: weights gathered and computed in `dtype` (bf16 on GPUs), gradients
+    reduced in fp32, forward outputs left in the dtype they were computed in.
+
+    accelerate's default for bf16 (accelerate 1.15, FullyShardedDataParallelPlugin.set_mixed_precision) also reduces
+    in bf16 and casts every sharded module's output to bf16, the loss included: the loss FSDP logged read up to 1%
+    above one GPU's for the same weights (bench/RESULTS.md, run 13). fp32 reduction is torchtitan's default
+    (mixed_precision_reduce) and costs little here: only the LoRA weights have gradients."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, output_dtype=None)
+
+
 def build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, checkpoint_dir: Path, writer, callbacks, console,
                   speed: SpeedPlan):
     from transformers.integrations import TensorBoardCallback
@@ -167,6 +180,8 @@ def build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, checkpoin
     trainer.step_collator = StepCollator(collate, speed.micro_batch_tokens, speed.micro_batch_size)
     trainer.global_batch, trainer.group_by_length = speed.global_batch, cfg.group_by_length
     trainer.remove_callback(PrinterCallback)  # prints raw dicts; ProgressLog logs them as events
+    if uses_fsdp(cfg, speed):  # read when the Trainer shards the model, in train()
+        trainer.accelerator.state.fsdp_plugin.mixed_precision_policy = fsdp_mixed_precision(placement.dtype)
     if placement.dtype != torch.bfloat16:
         # trl keeps a quantized model's LoRA weights in bf16 (as the QLoRA paper does with bf16 compute). Computing
         # in fp32 (CPU) or fp16 (pre-Ampere GPUs), that only rounds the updates away: keep them in fp32.

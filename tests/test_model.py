@@ -106,3 +106,36 @@ def test_fsdp_is_fsdp2_and_refused_where_only_fsdp1_exists(monkeypatch):
     monkeypatch.delattr(TrainingArguments, "_apply_legacy_fsdp_to_config")
     with pytest.raises(ConfigError, match="FT_STRATEGY=fsdp: needs a transformers release with FSDP2"):
         fsdp_arguments(plan)
+
+
+def test_fsdp_keeps_the_loss_in_the_dtype_it_was_computed_in(tmp_path):
+    """FSDP2 under the job's mixed precision: bf16 compute, the fp32 loss returned as fp32 and gradients reduced in
+    fp32 (accelerate's default cast the loss to bf16, and FSDP's logged loss read up to 1% high: run 13)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from job.train import fsdp_mixed_precision
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer, self.head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            hidden = self.layer(x)
+            seen.append(hidden.dtype)
+            return self.head(hidden).float().pow(2).mean()  # the loss in fp32, as transformers computes it
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        seen, net, policy = [], Net(), fsdp_mixed_precision(torch.bfloat16)
+        mesh = init_device_mesh("cpu", (1,))
+        fully_shard(net.layer, mesh=mesh, mp_policy=policy)
+        fully_shard(net, mesh=mesh, mp_policy=policy)
+        loss = net(torch.randn(4, 8))
+        loss.backward()
+    finally:
+        dist.destroy_process_group()
+    assert seen == [torch.bfloat16] and loss.dtype == torch.float32
+    assert policy.reduce_dtype == torch.float32 and net.layer.weight.grad.dtype == torch.float32
