@@ -123,6 +123,9 @@ def main() -> int:
     loss_before = forward(trainer, net, batch)
     for h in hooks + checks:
         h.remove()
+    net.eval()  # run 15: FSDP's evaluation before training read 1% high, its training steps exact
+    eval_before = forward(trainer, net, batch)
+    net.train()
     trainer.create_optimizer()
     mixed_precision = {"accelerate": torch.bfloat16, "fp32-out": torch.float32}
     if os.environ.get("PROBE_MP") in mixed_precision:  # every output cast to this dtype
@@ -133,6 +136,8 @@ def main() -> int:
             param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype, output_dtype=reduce_dtype)
     sharded, _ = trainer.accelerator.prepare(net, trainer.optimizer)
     policy = getattr(getattr(trainer.accelerator.state, "fsdp_plugin", None), "mixed_precision_policy", None)
+    sharded.eval()  # the first forward after sharding in evaluation mode, as SFTConfig.eval_on_start runs it
+    eval_first = forward(trainer, sharded, batch)
     sharded.train()
     hooks = watch(sharded, after_out)
     checks = watch_4bit(sharded, saved, report_after)
@@ -140,6 +145,8 @@ def main() -> int:
     for h in checks:
         h.remove()
     loss_again = forward(trainer, sharded, batch)
+    sharded.eval()
+    eval_again = forward(trainer, sharded, batch)
     changed_buffers = {n: {"dtype": f"{buffers[n].dtype} -> {b.dtype}",
                            "max_abs_diff": float((local(b).float() - buffers[n].float()).abs().max())}
                        for n, b in ((canonical(n), b) for n, b in sharded.named_buffers())
@@ -161,6 +168,7 @@ def main() -> int:
         print(json.dumps({"linear4bit_before": summary(report_before), "linear4bit_after": summary(report_after)}),
               flush=True)
         print(json.dumps({"mixed_precision_policy": str(policy), "loss_unsharded": loss_before, "loss_fsdp": loss_after, "loss_fsdp_again": loss_again,
+                          "eval_mode": {"unsharded": eval_before, "fsdp_first_forward": eval_first, "fsdp_later": eval_again},
                           "rel_loss_diff": (loss_after - loss_before) / loss_before, "tokens": int(batch["input_ids"].numel()),
                           "first_module_off_by_2pct": first, "module_rel_diff": {k: round(v, 5) for k, v in rel.items()},
                           "missing_after": sorted(set(before_out) - set(after_out)),
