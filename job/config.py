@@ -495,6 +495,12 @@ class Settings(BaseSettings):
         """Samples (packed rows with FT_PACKING) per optimizer step, over all processes: the recipe's step."""
         return self.batch_size * self.gradient_accumulation_steps
 
+    def shards_model(self, processes: int) -> bool:
+        """Whether FSDP shards the model over `processes` processes (FT_STRATEGY=fsdp and more than one): then the 4-bit
+        weights are stored as bytes (model.quantization_config), no dequantized copy is taken (speed.plan) and the
+        Trainer wraps the model in FSDP2 (train.sft_config)."""
+        return processes > 1 and self.strategy == "fsdp"
+
     @property
     def target_modules(self) -> list[str] | str | None:
         """The value peft's LoraConfig takes: None for its per-architecture default."""

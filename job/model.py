@@ -123,8 +123,7 @@ def load_model(path: Path, cfg: Settings, placement: Placement):
         config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             path,
-            quantization_config=quantization_config(cfg, placement, sharded=cfg.strategy == "fsdp" and
-                                                    distributed.world_size() > 1),
+            quantization_config=quantization_config(cfg, placement, cfg.shards_model(distributed.world_size())),
             dtype=placement.dtype,
             # Under torchrun each process has its GPU (distributed.init); FSDP shards this copy when it wraps.
             device_map={"": torch.cuda.current_device() if placement.device == "cuda" else "cpu"},

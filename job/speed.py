@@ -72,7 +72,7 @@ def plan(cfg: Settings, placement: Placement, model_config, processes: int = 1, 
     this process holds (typical_step_tokens; None when unknown). Raises ConfigError when the global batch cannot be split
     evenly over the processes, or Liger or FT_DEQUANTIZE_ONCE is asked for where it cannot run."""
     gpu = placement.device == "cuda"
-    sharded = processes > 1 and cfg.strategy == "fsdp"
+    sharded = cfg.shards_model(processes)
     if cfg.dequantize_once and (sharded or not dequantized_bytes):
         why = "not under FSDP (there to save memory); use FT_STRATEGY=ddp" if sharded else "the model has no 4-bit weights"
         raise ConfigError([f"FT_DEQUANTIZE_ONCE=true: {why}"])

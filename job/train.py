@@ -122,7 +122,7 @@ def sft_config(cfg: Settings, placement: Placement, output_dir: Path, has_eval: 
 
 
 def uses_fsdp(cfg: Settings, speed: SpeedPlan) -> bool:
-    return speed.processes > 1 and cfg.strategy == "fsdp"
+    return cfg.shards_model(speed.processes)
 
 
 def fsdp_arguments(speed: SpeedPlan) -> dict:
