@@ -255,7 +255,8 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
                       for k in counters[group] if "cache_" in k}  # why a warm TORCHINDUCTOR_CACHE_DIR is slow
             log.get().info("compiled graphs", graphs=counters["stats"]["unique_graphs"],
                            graph_breaks=sum(counters["graph_break"].values()),
-                           reasons=[r[:300] for r, _ in counters["graph_break"].most_common(3)], **caches)
+                           reasons=[r[:300] for r, _ in counters["graph_break"].most_common(3)], **caches,
+                           compile_seconds=compile_seconds())
     except torch.OutOfMemoryError as e:
         raise out_of_memory(e, speed) from None
     finally:
@@ -270,6 +271,23 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
         result.metrics["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         result.metrics["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
     return result
+
+
+# Phases of a compile as torch._dynamo.utils.compile_times names them (torch 2.13): all of it, dynamo's tracing,
+# AOTAutograd's joint graph, inductor's forward and backward, waiting for Triton kernels, loading the generated code.
+COMPILE_PHASES = {"_compile.compile_inner": "total", "bytecode_tracing": "dynamo_trace",
+                  "aot_trace_joint_graph": "aot_trace", "compile_fx.<locals>.fw_compiler_base": "inductor_forward",
+                  "compile_fx.<locals>.bw_compiler": "inductor_backward", "async_compile.wait": "triton_wait",
+                  "compile_file": "load_code"}
+
+
+def compile_seconds() -> dict[str, float]:
+    """Seconds spent in each compile phase so far in this process (COMPILE_PHASES; phases a torch release does not
+    report are left out), so that the log says where a cold or warm compile's time went."""
+    from torch._dynamo.utils import compile_times
+
+    names, values = compile_times(repr="csv", aggregate=True)
+    return {COMPILE_PHASES[n]: round(float(v), 2) for n, v in zip(names, values) if n in COMPILE_PHASES}
 
 
 def out_of_memory(e: Exception, speed: SpeedPlan) -> OutOfMemoryError:

@@ -81,6 +81,8 @@ def test_compiled_layers_share_their_graphs(runs, tiny_model):
     for name in ("compiled", "compiled-dequantized"):
         compiled = next(e for e in runs[name]["log"] if e["event"] == "compiled graphs")
         assert compiled["graphs"] == 1 and compiled["graph_breaks"] == 0, (name, compiled)
+        seconds = compiled["compile_seconds"]  # where the compile's time went (phases found in a cache are absent)
+        assert seconds["total"] > 0 and seconds["dynamo_trace"] > 0, (name, seconds)
     # Over the dequantized copy no bitsandbytes autograd.Function is left in the graphs, so AOTAutograd can cache them
     # and a warm TORCHINDUCTOR_CACHE_DIR saves the next run most of its compile.
     assert not next(e for e in runs["compiled-dequantized"]["log"] if e["event"] == "compiled graphs").get(
