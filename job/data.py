@@ -317,19 +317,23 @@ def trained_count(labels: list[int]) -> int:
     return sum(1 for label in labels[1:] if label != IGNORE)
 
 
-def render_trained(tokenizer, input_ids: list[int], labels: list[int]) -> str:
-    """A tokenized sample as text, the tokens its loss trains on wrapped in [[ and ]] (with completion-only loss: the
-    answers and the token that closes each). Each run of trained or untrained tokens is decoded on its own, special
-    tokens kept; `labels` is aligned with `input_ids` (-100: not trained). The first token is never marked: nothing
-    predicts it (job.steps.trained_tokens)."""
+def render_trained(tokenizer, input_ids: list[int], labels: list[int]) -> tuple[str, str, str]:
+    """A tokenized sample as text, the tokens its loss trains on wrapped in markers (with completion-only loss: the
+    answers and the token that closes each). Returns (text, opening marker, closing marker): `[[` and `]]`, or
+    longer runs of brackets where the sample's own text holds those, so that a marker never reads as data. Each run
+    of trained or untrained tokens is decoded on its own, special tokens kept; `labels` is aligned with `input_ids`
+    (-100: not trained). The first token is never marked: nothing predicts it (job.steps.trained_tokens)."""
     labels = [IGNORE, *labels[1:]]
-    out, start = [], 0
+    runs, start = [], 0
     for i in range(1, len(input_ids) + 1):
         if i == len(input_ids) or (labels[i] == IGNORE) != (labels[start] == IGNORE):
-            text = tokenizer.decode(input_ids[start:i], skip_special_tokens=False)
-            out.append(text if labels[start] == IGNORE else f"[[{text}]]")
+            runs.append((tokenizer.decode(input_ids[start:i], skip_special_tokens=False), labels[start] != IGNORE))
             start = i
-    return "".join(out)
+    plain, width = "".join(text for text, _ in runs), 2
+    while "[" * width in plain or "]" * width in plain:
+        width += 1
+    opening, closing = "[" * width, "]" * width
+    return "".join(f"{opening}{text}{closing}" if trained else text for text, trained in runs), opening, closing
 
 
 # --- tokenizer -------------------------------------------------------------------------------------------------

@@ -55,7 +55,8 @@ def run(cfg: Settings, run_id: str) -> Placement:
 def check_data(cfg: Settings, show: int = 1) -> dict:
     """`finetune-job check --data`: download the dataset and the model's tokenizer (not its weights), tokenize every
     record and count the optimizer steps as a run would, and log them ("data check passed"), after the first `show`
-    training samples as the model will see them, the trained tokens in [[ ]] ("data sample"). Returns the data
+    training samples as the model will see them, the trained tokens in [[ ]] ("data sample"; longer brackets where the sample holds
+    [[ or ]] itself). Returns the data
     statistics (job.data.DataStats), the steps per epoch and the optimizer steps of the run; raises what a run raises
     on the same data: InputError naming FT_DATASET and the row, ConfigError for a format the tokenizer cannot render.
     With console logs (FT_LOG_FORMAT) each sample is printed as it reads, under a header line."""
@@ -68,14 +69,14 @@ def check_data(cfg: Settings, show: int = 1) -> dict:
     console = log.use_console(cfg.log_format)
     for i in range(min(show, len(train))):
         sample = train[i]
-        text = data.render_trained(tokenizer, sample["input_ids"], sample["labels"])
+        text, opening, closing = data.render_trained(tokenizer, sample["input_ids"], sample["labels"])
         counts = {"tokens": len(sample["input_ids"]),
                   "trained_tokens": data.trained_count(sample["labels"])}
         if console:  # for a person: the text as it reads, not one escaped line
-            print(f"--- sample {i}: {counts['tokens']} tokens, {counts['trained_tokens']} trained (in [[ ]]) ---\n"
-                  f"{text}\n", flush=True)
+            print(f"--- sample {i}: {counts['tokens']} tokens, {counts['trained_tokens']} trained "
+                  f"(in {opening} {closing}) ---\n{text}\n", flush=True)
         else:
-            log.get().info("data sample", sample=i, **counts, text=text)
+            log.get().info("data sample", sample=i, **counts, text=text, trained_in=f"{opening} {closing}")
     steps = recipe_rows(cfg, train, cfg.global_batch)[1]
     total = cfg.max_steps or math.ceil(cfg.num_train_epochs * steps["steps_per_epoch"])  # as the Trainer counts them
     facts = {**vars(stats), **steps, "optimizer_steps": total}

@@ -173,3 +173,20 @@ def test_pretokenized_samples_are_taken_as_they_are(tokenizer):
     assert row == {"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8], "truncated": True, "bad": "", "row": 0}
     masked = Tokenize(tokenizer, "tokens", settings())({"input_ids": [5, 6, 7], "labels": [-100, 6, 7]})
     assert masked["labels"] == [IGNORE, 6, 7]
+
+
+def test_trained_tokens_are_marked_with_brackets_the_sample_does_not_hold(tokenizer):
+    """check --data --show: the trained tokens inside markers that cannot be read as the sample's own text."""
+    from job.data import render_trained
+
+    def render(question, answer):
+        q = tokenizer(question, add_special_tokens=False)["input_ids"]
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        return render_trained(tokenizer, q + a, [-100] * len(q) + a)
+
+    text, opening, closing = render("Plain question?", " Plain answer.")
+    assert (opening, closing) == ("[[", "]]") and text.count("[[") == 1 and text.endswith("]]")
+    text, opening, closing = render("What is [[x]] in wiki markup?", " A link to [[x]].")
+    assert (opening, closing) == ("[[[", "]]]")
+    trained = text.split(opening, 1)[1].rsplit(closing, 1)[0]
+    assert "[[x]]" in trained and "wiki markup" not in trained and text.count(opening) == 1
