@@ -149,18 +149,26 @@ def free_gpu_bytes() -> int:
     return int(min(free, fraction * total - torch.cuda.memory_reserved()))
 
 
-def typical_step_tokens(lengths: list[int], step_samples: int, packing: bool, row_length: int) -> int | None:
+def typical_step_tokens(lengths: list[int], step_samples: int, packing: bool, row_length: int,
+                        grouped: bool = False) -> int | None:
     """Tokens that 9 steps in 10 stay within: the 90th percentile of the summed length of `step_samples` samples
-    drawn at random (1,000 seeded draws, so every process and attempt agrees; packed rows are full rows). None for
-    an empty set. Used to size micro-batches, never to change a step (the recipe's sampler draws those)."""
+    drawn at random (1,000 seeded draws, so every process and attempt agrees), or, `grouped` (FT_GROUP_BY_LENGTH),
+    of consecutive runs of the samples sorted by length, as the grouped sampler forms its steps; packed rows are full
+    rows. None for an empty set. Used to size micro-batches, never to change a step (the recipe's sampler draws
+    those)."""
     import random
 
     if packing:
         return step_samples * row_length
     if not lengths:
         return None
-    k, rng = min(step_samples, len(lengths)), random.Random(0)
-    sums = sorted(sum(rng.sample(lengths, k)) for _ in range(1000))
+    k = min(step_samples, len(lengths))
+    if grouped:
+        ordered = sorted(lengths)
+        sums = sorted(sum(ordered[i:i + k]) for i in range(0, len(ordered), k))
+    else:
+        rng = random.Random(0)
+        sums = sorted(sum(rng.sample(lengths, k)) for _ in range(1000))
     return sums[int(0.9 * len(sums))]
 
 

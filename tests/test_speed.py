@@ -118,6 +118,10 @@ def test_typical_step_tokens_is_the_90th_percentile_of_a_steps_tokens():
     assert typical == typical_step_tokens(list(lengths), 4, False, 1024)  # seeded: every process agrees
     # P(a step of 4 holds no long sample) = 0.65, P(at most one) = 0.95: the 90th percentile holds one long sample
     assert typical == 1300
+    # grouped by length (FT_GROUP_BY_LENGTH), the long samples share steps: of 25 steps of 4, 22 short, one mixed
+    # (2 x 100 + 2 x 1000) and 2 long; of 20 steps of 5, 2 in 10 are all long ones
+    assert typical_step_tokens(lengths, 4, False, 1024, grouped=True) == 2200
+    assert typical_step_tokens(lengths, 5, False, 1024, grouped=True) == 5000
 
 
 @pytest.mark.parametrize("attention, free_gib, batch, expected", [
