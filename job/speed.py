@@ -69,8 +69,8 @@ def plan(cfg: Settings, placement: Placement, model_config, processes: int = 1, 
          step_tokens: int | None = None) -> SpeedPlan:
     """The plan for this hardware. `dequantized_bytes`: what a compute-dtype copy of the model's 4-bit weights would
     take (dequantized_size; 0 for a model without them). `step_tokens`: tokens that nearly every optimizer step of
-    this process holds (typical_step_tokens; None when unknown). Raises ConfigError when the global batch cannot be split
-    evenly over the processes, or Liger or FT_DEQUANTIZE_ONCE is asked for where it cannot run."""
+    this process holds (typical_step_tokens; None when unknown). Raises ConfigError when the global batch cannot be
+    split evenly over the processes, or Liger or FT_DEQUANTIZE_ONCE is asked for where it cannot run."""
     gpu = placement.device == "cuda"
     sharded = cfg.shards_model(processes)
     if cfg.dequantize_once and (sharded or not dequantized_bytes):
