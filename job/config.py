@@ -27,16 +27,18 @@ OPTIMIZERS = (
     "adamw_torch", "adamw_torch_fused", "adafactor", "adamw_bnb_8bit", "adamw_8bit", "lion_8bit", "lion_32bit",
     "paged_adamw_32bit", "paged_adamw_8bit", "paged_lion_32bit", "paged_lion_8bit", "sgd", "adagrad", "rmsprop",
 )
+# Not cosine_with_min_lr nor warmup_stable_decay: transformers needs lr_scheduler_kwargs for those (a minimum
+# learning rate, the decay steps), which no setting gives; every run with them failed after the model loaded.
 SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
-    "cosine_with_min_lr", "warmup_stable_decay",
 )
 
 
 class Settings(BaseSettings):
     """All settings of a run. Field name `lora_r` is the variable `FT_LORA_R`."""
 
-    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="forbid", validate_default=True)
+    # allow_inf_nan: "inf" is a float to pydantic; as epochs, seconds or a learning rate it failed deep in a run.
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="forbid", validate_default=True, allow_inf_nan=False)
 
     # --- sources -----------------------------------------------------------------------------------------------
     base_model: str = Field(
@@ -159,7 +161,8 @@ class Settings(BaseSettings):
         "on a GPU and torch's AdamW on the CPU. Other bitsandbytes optimizers (8-bit states) need CUDA; on the CPU "
         "`adamw_torch` is used instead. The log says which implementation runs.",
     )
-    seed: int = Field(42, description="Seed for data order, LoRA initialisation and dropout.")
+    seed: int = Field(42, ge=0, lt=2**32, description="Seed for data order, LoRA initialisation and dropout (0 to "
+                      "2^32 - 1, numpy's range).")
     logging_steps: int = Field(25, gt=0, description="Log (and write TensorBoard scalars) every N optimizer steps.")
     eval_steps: int = Field(25, gt=0, description="Evaluate every N optimizer steps.")
 
@@ -184,7 +187,7 @@ class Settings(BaseSettings):
         "epoch and data order are the same in every profile). `fast`: padding-free steps, micro-batches sized from "
         "free GPU memory, gradient checkpointing only when they would not fit, Liger kernels on a GPU, and the 4-bit "
         "weights dequantized once where the copy fits (FT_DEQUANTIZE_ONCE). `lean`: the "
-        "same with gradient checkpointing and micro-batches of 8192 tokens, for 16-24 GB GPUs. `guide`: the guide's "
+        "same with gradient checkpointing and micro-batches of 8192 tokens (4096 with sdpa), for 16-24 GB GPUs. `guide`: the guide's "
         "computation: padded micro-batches of FT_BATCH_SIZE samples, gradient checkpointing, no Liger.",
     )
     padding_free: bool | None = Field(
@@ -196,7 +199,7 @@ class Settings(BaseSettings):
         "is split at sample boundaries into micro-batches whose gradients are accumulated, the loss normalised over "
         "the whole step's tokens, so the update is that of the unsplit step. At least one sample (FT_MAX_SEQ_LENGTH, "
         "or FT_PACKING_LENGTH). Default (`fast`): the largest that fits in free GPU memory, up to 16384 with the "
-        "varlen kernel or 4096 with sdpa; 8192 (`lean`); FT_BATCH_SIZE x FT_MAX_SEQ_LENGTH on the CPU."
+        "varlen kernel or 4096 with sdpa; 8192 (`lean`; 4096 with sdpa); FT_BATCH_SIZE x FT_MAX_SEQ_LENGTH on the CPU."
     )
     gradient_checkpointing: bool | None = Field(
         None, description="Recompute activations in the backward pass to save memory. Default: on in `lean` and "

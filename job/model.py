@@ -155,7 +155,8 @@ GROUPS = {"attention": ("Attention",), "mlp": ("MLP", "Mlp", "FeedForward")}  # 
 
 def adaptable_modules(model) -> dict[str, str]:
     """Every module of `model` that LoRA can adapt (linear layers, quantized or not, GPT-2's Conv1D, embeddings),
-    as full name -> kind: `attention` or `mlp` (by its parent's class name), `output` (the LM head), or `other`."""
+    as full name -> kind: `attention` or `mlp` (by its parent's class name), `output` (the LM head), `embedding`,
+    or `other`."""
     from transformers.pytorch_utils import Conv1D
 
     output = model.get_output_embeddings()
@@ -165,7 +166,8 @@ def adaptable_modules(model) -> dict[str, str]:
         for name, child in parent.named_children():
             if isinstance(child, (torch.nn.Linear, Conv1D, torch.nn.Embedding)):
                 full = f"{parent_name}.{name}" if parent_name else name
-                found[full] = "output" if child is output else kind
+                found[full] = "output" if child is output else "embedding" if isinstance(child, torch.nn.Embedding) \
+                    else kind
     return found
 
 
@@ -179,8 +181,8 @@ def resolve_targets(cfg: Settings, model) -> tuple[list[str] | str, str]:
     takes, why). `auto`: peft's default for the architecture, else the model's attention input projections
     (fused qkv_proj / query_key_value included). In a list, `attention` and `mlp` stand for every linear layer of
     the model's attention or MLP blocks (gate_up_proj, ...). A name that matches no adaptable module, or the LM
-    head (trl computes the loss from its weight, so an adapter there never trains), is a ConfigError listing the
-    names that exist."""
+    head (trl computes the loss from its weight, so an adapter there never trains), or an embedding layer, is a
+    ConfigError listing the names that exist."""
     modules = adaptable_modules(model)
     leaves = lambda kinds: sorted({n.rsplit(".", 1)[-1] for n, k in modules.items() if k in kinds})  # noqa: E731
     setting = f"FT_LORA_TARGET_MODULES={cfg.lora_target_modules}"
@@ -207,6 +209,9 @@ def resolve_targets(cfg: Settings, model) -> tuple[list[str] | str, str]:
         if "output" in kinds:
             raise ConfigError([f"{setting}: {target!r} is the LM head, whose adapter would never train (trl computes "
                                f"the loss from its weight directly); {valid}"])
+        if "embedding" in kinds:
+            raise ConfigError([f"{setting}: {target!r} is an embedding layer: peft then saves the whole embedding "
+                               f"matrix in the adapter, and vLLM does not load adapters on embeddings; {valid}"])
         chosen.append(target)
     return list(dict.fromkeys(chosen)), "requested"
 

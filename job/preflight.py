@@ -27,6 +27,10 @@ def run(cfg: Settings, run_id: str) -> Placement:
         raise ConfigError(["FT_REQUIRE_GPU=true: no CUDA GPU is visible to this process"])
     if cfg.use_liger and placement.device != "cuda":
         raise ConfigError(["FT_USE_LIGER=true: Liger's kernels need a CUDA GPU"])
+    from job import distributed, train
+
+    processes = distributed.check_launch(cfg, run_id)
+    train.check_optimizer(cfg, placement, cfg.shards_model(processes))
     if cfg.nnodes > 1 and "://" not in checkpoint_uri(cfg, run_id):
         # After a restart, global rank 0 (the one that resumes and mirrors) may be on another node.
         log.get().warning("with several nodes, checkpoints on a local path resume only if every node mounts the same "

@@ -179,8 +179,8 @@ def _size_micro_batch(cfg: Settings, placement: Placement, model_config, liger: 
     wherever that fits in the free GPU memory less `reserve` bytes; `step_tokens` (typical_step_tokens) lets a
     smaller micro-batch that still holds nearly every step whole go without checkpointing."""
     forced, row = cfg.gradient_checkpointing, cfg.row_length
-    if placement.device != "cuda":
-        return cfg.micro_batch_tokens or cfg.batch_size * row, bool(forced)
+    if placement.device != "cuda":  # checkpointing as the profile says (lean), unless set
+        return cfg.micro_batch_tokens or cfg.batch_size * row, forced if forced is not None else cfg.profile == "lean"
     if cfg.profile == "lean":  # sdpa's block mask grows with the square of the micro-batch: its cap holds there too
         lean = LEAN_MICRO_BATCH_TOKENS if attention == "varlen" else SDPA_MAX_MICRO_BATCH_TOKENS
         return cfg.micro_batch_tokens or max(min(lean, step_samples * row), row), forced is not False

@@ -48,11 +48,23 @@ def final_eval_loss(trainer) -> float:
 ADAMW_32BIT = ("paged_adamw_32bit", "adamw_torch", "adamw_torch_fused")
 
 
+def check_optimizer(cfg: Settings, placement: Placement, fsdp: bool = False) -> None:
+    """Raise ConfigError naming FT_OPTIM where its bitsandbytes implementation cannot run (on the CPU, or on sharded
+    parameters under FSDP) and torch's AdamW, which stands in for the AdamW ones, would be another update rule: Lion."""
+    bnb = cfg.optim.startswith("paged_") or "8bit" in cfg.optim
+    if bnb and "lion" in cfg.optim and (placement.device != "cuda" or fsdp):
+        where = "on sharded parameters (FSDP)" if placement.device == "cuda" else "on the CPU"
+        raise ConfigError([f"FT_OPTIM={cfg.optim}: bitsandbytes' Lion cannot run {where}, and AdamW would be another "
+                           "update rule; use lion_32bit, or an AdamW (adamw_torch, paged_adamw_32bit)"])
+
+
 def effective_optim(cfg: Settings, placement: Placement, fsdp: bool = False) -> str:
     """The optimizer implementation for FT_OPTIM on this hardware. AdamW with 32-bit states (ADAMW_32BIT) runs as
     torch's fused AdamW on a GPU (except in the guide profile, which computes as the guide did) and torch's AdamW on
-    the CPU; other bitsandbytes optimizers (8-bit states: another update) need CUDA and unsharded parameters, so on
-    the CPU and under FSDP they fall back to torch's AdamW too. bench/check_optim.py compares the two updates."""
+    the CPU; bitsandbytes' 8-bit AdamW needs CUDA and unsharded parameters, so on the CPU and under FSDP it falls back
+    to torch's AdamW (the same rule with 32-bit states). Lion there is refused (check_optimizer). bench/check_optim.py
+    compares the two updates."""
+    check_optimizer(cfg, placement, fsdp)
     if cfg.optim in ADAMW_32BIT and not (cfg.profile == "guide" and placement.device == "cuda" and not fsdp):
         return "adamw_torch_fused" if placement.device == "cuda" else "adamw_torch"
     bnb = cfg.optim.startswith("paged_") or "8bit" in cfg.optim

@@ -184,6 +184,14 @@ def test_a_file_uri_is_the_local_path_it_names(tmp_path):
     ({"FT_ANSWER_ROLES": "assistant,user"}, "FT_ANSWER_ROLES=assistant,user: user asks, it does not answer"),
     ({"FT_PACKING": "true", "FT_PADDING_FREE": "false"}, "FT_PACKING=true with FT_PADDING_FREE=false"),
     ({"FT_BATCH_SIZE": "3", "FT_NPROC_PER_NODE": "2"}, "cannot be split evenly over 2 processes"),
+    # each of these failed with a traceback after the model had loaded (exit 1, retried)
+    ({"FT_NUM_TRAIN_EPOCHS": "inf"}, "FT_NUM_TRAIN_EPOCHS=inf: input should be a finite number"),
+    ({"FT_TB_SYNC_SECONDS": "inf"}, "FT_TB_SYNC_SECONDS=inf: input should be a finite number"),
+    ({"FT_LEARNING_RATE": "inf"}, "FT_LEARNING_RATE=inf: input should be a finite number"),
+    ({"FT_SEED": "-1"}, "FT_SEED=-1: input should be greater than or equal to 0"),
+    ({"FT_SEED": "99999999999"}, "FT_SEED=99999999999: input should be less than 4294967296"),
+    ({"FT_LR_SCHEDULER_TYPE": "cosine_with_min_lr"}, "FT_LR_SCHEDULER_TYPE=cosine_with_min_lr: must be one of"),
+    ({"FT_LR_SCHEDULER_TYPE": "warmup_stable_decay"}, "FT_LR_SCHEDULER_TYPE=warmup_stable_decay: must be one of"),
 ])
 def test_mistakes_found_before_anything_runs(monkeypatch, env, message):
     from job.config import load_settings

@@ -182,3 +182,31 @@ def test_a_collective_that_lost_its_peer_is_retriable_and_a_bug_is_not(monkeypat
     monkeypatch.setattr(distributed, "active", lambda: True)
     found = distributed.collective_failure(RuntimeError(message))
     assert isinstance(found, UnavailableError) if peer else found is None
+
+
+@pytest.mark.parametrize("kw, gpus, message", [
+    # FT_NPROC_PER_NODE unset: every visible GPU, which config validation cannot know (8 GPUs, the default 4 samples)
+    ({"device": "auto"}, 8, "global batch of 4 samples .* cannot be split evenly over 8 processes"),
+    ({"batch_size": 3, "nnodes": 2, "node_rank": 0}, 0, "cannot be split evenly over 2 processes"),
+    ({"nnodes": 2, "node_rank": 0}, 0, "MASTER_ADDR: not set; with FT_NNODES=2"),
+    ({"nproc_per_node": 2, "strategy": "fsdp"}, 0, "FT_STRATEGY=fsdp: FSDP shards over GPUs"),
+])
+def test_what_the_processes_need_is_checked_before_any_download(monkeypatch, kw, gpus, message):
+    """`check` and preflight call check_launch: before, an uneven global batch over the default process count (every
+    GPU) or over nodes failed in every process after the model was downloaded and loaded."""
+    monkeypatch.setattr(distributed, "_gpus", lambda: gpus)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    cfg = Settings(**{"device": "cpu", **kw})
+    with pytest.raises(ConfigError, match=message):
+        distributed.check_launch(cfg, "r")
+
+
+def test_check_launch_counts_the_processes(monkeypatch):
+    monkeypatch.setattr(distributed, "_gpus", lambda: 4)
+    monkeypatch.setenv("MASTER_ADDR", "node-0")
+    assert distributed.check_launch(Settings(device="auto", batch_size=8), "r") == 4
+    assert distributed.check_launch(Settings(device="auto", batch_size=8, nnodes=2, node_rank=1), "r") == 8
+    assert distributed.check_launch(Settings(device="cpu"), "r") == 1
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")  # a worker: what torchrun gave it
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.check_launch(Settings(device="cpu", batch_size=3), "r") == 2

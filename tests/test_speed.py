@@ -28,6 +28,15 @@ def test_fast_profile_is_padding_free_on_the_cpu_with_batch_times_length_tokens(
     assert (p.step_samples, p.global_batch, p.eval_batch_size) == (4, 4, 4)
 
 
+def test_lean_checkpoints_on_the_cpu_too(tiny_model):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_model)
+    assert plan(settings(profile="lean"), CPU, config).gradient_checkpointing is True
+    assert plan(settings(profile="lean", gradient_checkpointing=False), CPU, config).gradient_checkpointing is False
+    assert plan(settings(profile="fast"), CPU, config).gradient_checkpointing is False
+
+
 def test_guide_profile_pads_micro_batches_of_the_batch_size_and_checkpoints(tiny_model):
     from transformers import AutoConfig
 

@@ -89,6 +89,23 @@ def test_the_optimizer_implementation_is_the_plans_choice_the_update_is_not(opti
     assert effective_optim(cfg, Placement(device, torch.bfloat16), fsdp) == expected
 
 
+@pytest.mark.parametrize("optim, device, fsdp", [
+    ("lion_8bit", "cpu", False), ("paged_lion_32bit", "cpu", False), ("paged_lion_8bit", "cuda", True),
+])
+def test_lion_is_refused_where_adamw_would_stand_in(optim, device, fsdp):
+    """bitsandbytes' AdamW falls back to torch's AdamW on the CPU and under FSDP (the same rule); its Lion would
+    silently become AdamW, another update rule: a ConfigError naming FT_OPTIM instead (preflight, before downloads)."""
+    from job.config import Settings
+    from job.errors import ConfigError
+    from job.model import Placement
+    from job.train import effective_optim
+
+    cfg = Settings.model_construct(optim=optim, profile="fast")
+    with pytest.raises(ConfigError, match=f"FT_OPTIM={optim}: bitsandbytes' Lion cannot run"):
+        effective_optim(cfg, Placement(device, torch.bfloat16), fsdp)
+    assert effective_optim(cfg, Placement("cuda", torch.bfloat16), False) == optim  # one GPU: as asked
+
+
 @pytest.mark.parametrize("padding_free", [True, False])
 def test_evaluation_fill_ups_carry_no_loss(padding_free):
     # Under several processes the evaluation set is filled up to a multiple of processes x batch size (issue 19):
