@@ -83,7 +83,7 @@ def cmd_check(args) -> int:
     configure(StorageOptions.of(cfg))
     run_id = resolve_run_id(cfg)
     dest = open_destination(cfg.output_uri)
-    if completion.find(dest.for_checks(), run_id, settings_fingerprint(cfg), cfg.overwrite).intact:
+    if completion.find(dest.for_checks(), run_id, settings_fingerprint(cfg), cfg.overwrite, cfg.export).intact:
         log.get().info("run already complete: `run` ends at once if the data is unchanged", uri=dest.describe(run_id))
     preflight.run(cfg, run_id)
     if args.data:

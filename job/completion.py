@@ -50,10 +50,11 @@ def read_manifest(dest: Storage, run_id: str) -> dict | None:
             return None
 
 
-def find(dest: Storage, run_id: str, fingerprint: str, overwrite: bool) -> Completed:
+def find(dest: Storage, run_id: str, fingerprint: str, overwrite: bool, export: str = "adapter") -> Completed:
     """Look for a completed run before any work is done. Raises ConfigError when one exists with other training
-    settings (or from a version that did not record them) and FT_OVERWRITE is off; storage_failure's error when
-    the destination cannot be read. With FT_OVERWRITE=true an existing run is ignored here (publish replaces it)."""
+    settings (or from a version that did not record them), or without the merged model `export` (FT_EXPORT) asks
+    for, and FT_OVERWRITE is off; storage_failure's error when the destination cannot be read. With FT_OVERWRITE=true
+    an existing run is ignored here (publish replaces it)."""
     try:
         found = Completed(None if overwrite else read_manifest(dest, run_id))
         if found.manifest is None:
@@ -61,6 +62,10 @@ def find(dest: Storage, run_id: str, fingerprint: str, overwrite: bool) -> Compl
         if found.settings != fingerprint:
             raise ConfigError([f"FT_RUN_ID={run_id}: a completed run with other training settings already exists at "
                                f"{dest.describe(run_id)}; choose another run id or set FT_OVERWRITE=true"])
+        if export == "merged" and not found.manifest.get("export"):  # FT_EXPORT is not in the fingerprint
+            raise ConfigError([f"FT_EXPORT=merged: the completed run at {dest.describe(run_id)} was published without "
+                               "a merged model; set FT_OVERWRITE=true to train and publish it again with one, or "
+                               "choose another FT_RUN_ID"])
         found.intact = _intact(dest, run_id, found.manifest)
     except OSError as e:  # S3 or the Hub: access denied, no such bucket, bad token, unreachable
         raise storage_failure(f"FT_OUTPUT_URI={dest.uri}: cannot be read ({e})", e) from None

@@ -286,7 +286,9 @@ class Settings(BaseSettings):
     export: Literal["adapter", "merged"] = Field(
         "adapter", description="`merged` also writes `merged/`: the LoRA merged into a bf16 copy of the base model "
         "(loaded unquantized on the CPU, never merged into 4-bit weights), as safetensors with the tokenizer, for "
-        "servers without LoRA support. Needs host memory for the whole model in bf16 (2 bytes per parameter)."
+        "servers without LoRA support. Needs host memory for the whole model in bf16 (2 bytes per parameter). A run "
+        "already completed without `merged/` is a configuration error with `merged` unless FT_OVERWRITE=true (it "
+        "trains and publishes again)."
     )
 
     # --- remote storage ---------------------------------------------------------------------------------------------

@@ -26,13 +26,14 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
     scratch = cfg.work_dir / run_id / attempt  # private: no attempt publishes another's files
     # The processes of a node check, download and cache one after the other: the first does the work.
     with distributed.local_main_first():
-        found = completion.find(dest.for_checks(), run_id, fingerprint, cfg.overwrite)
+        found = completion.find(dest.for_checks(), run_id, fingerprint, cfg.overwrite, cfg.export)
         if found.intact:
             return already_complete(cfg, run_id, dest, found)
         placement = preflight.run(cfg, run_id)
         held = lease.take(cfg, run_id, attempt)
-        found = completion.find(dest.for_checks(), run_id, fingerprint, cfg.overwrite)  # again: the attempt we
-        if found.intact:  # waited for may have completed the run
+        # again: the attempt we waited for may have completed the run
+        found = completion.find(dest.for_checks(), run_id, fingerprint, cfg.overwrite, cfg.export)
+        if found.intact:
             held.release()
             return already_complete(cfg, run_id, dest, found)
         if distributed.local_rank() == 0:

@@ -168,6 +168,10 @@ def test_a_completed_run_is_not_overwritten(demo, tiny_model):
     proc = run_job(demo_env(tiny_model, FT_OVERWRITE="false", FT_LEARNING_RATE="0.001"), tmp)
     assert proc.returncode == CODE_BY_NAME["config"]
     assert "FT_RUN_ID=demo: a completed run with other training settings already exists" in proc.stdout
+    # FT_EXPORT is not a training setting, but a merged model the run was published without is not there to find
+    proc = run_job(demo_env(tiny_model, FT_OVERWRITE="false", FT_EXPORT="merged"), tmp)
+    assert proc.returncode == CODE_BY_NAME["config"], proc.stdout[-2000:]
+    assert "FT_EXPORT=merged: the completed run at" in proc.stdout and "without a merged model" in proc.stdout
     assert (run_dir / "manifest.json").stat().st_mtime_ns == before
 
 
