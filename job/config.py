@@ -443,6 +443,30 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _no_setting_is_silently_ignored(self) -> Settings:
+        padded = self.padding_free is False or (self.padding_free is None and self.profile == "guide" and
+                                                not self.packing)
+        if self.micro_batch_tokens is not None and padded:
+            raise ValueError(f"FT_MICRO_BATCH_TOKENS={self.micro_batch_tokens}: sizes padding-free micro-batches, "
+                             f"and this run pads them (FT_PROFILE={self.profile}, FT_PADDING_FREE="
+                             f"{self.padding_free}: FT_BATCH_SIZE samples each); set FT_PADDING_FREE=true or leave it "
+                             "unset")
+        if self.packing_length is not None and not self.packing:
+            raise ValueError(f"FT_PACKING_LENGTH={self.packing_length}: only with FT_PACKING=true")
+        if self.eval_split is not None and self.eval_split == self.dataset_split:
+            raise ValueError(f"FT_EVAL_SPLIT={self.eval_split}: the split it trains on (FT_DATASET_SPLIT); evaluate on "
+                             "another split, or leave it unset to hold out FT_EVAL_FRACTION of the training split")
+        return self
+
+    @model_validator(mode="after")
+    def _a_failing_quality_check_has_something_to_check(self) -> Settings:
+        no_eval = self.eval_split is None and self.eval_fraction == 0
+        if self.quality_check == "fail" and no_eval and not self.sample_prompts:
+            raise ValueError("FT_QUALITY_CHECK=fail: nothing to check with FT_EVAL_FRACTION=0 and no FT_EVAL_SPLIT "
+                             "(no eval loss) nor FT_SAMPLE_PROMPTS (no sample answers); hold out data or give prompts")
+        return self
+
+    @model_validator(mode="after")
     def _global_batch_splits_over_the_processes(self) -> Settings:
         processes = (self.nproc_per_node or 1) * self.nnodes
         if self.nproc_per_node and self.global_batch % processes:

@@ -192,6 +192,12 @@ def test_a_file_uri_is_the_local_path_it_names(tmp_path):
     ({"FT_SEED": "99999999999"}, "FT_SEED=99999999999: input should be less than 4294967296"),
     ({"FT_LR_SCHEDULER_TYPE": "cosine_with_min_lr"}, "FT_LR_SCHEDULER_TYPE=cosine_with_min_lr: must be one of"),
     ({"FT_LR_SCHEDULER_TYPE": "warmup_stable_decay"}, "FT_LR_SCHEDULER_TYPE=warmup_stable_decay: must be one of"),
+    ({"FT_QUALITY_CHECK": "fail", "FT_EVAL_FRACTION": "0"}, "FT_QUALITY_CHECK=fail: nothing to check"),
+    # settings that would do nothing
+    ({"FT_PROFILE": "guide", "FT_MICRO_BATCH_TOKENS": "4096"}, "FT_MICRO_BATCH_TOKENS=4096: sizes padding-free"),
+    ({"FT_PADDING_FREE": "false", "FT_MICRO_BATCH_TOKENS": "4096"}, "and this run pads them"),
+    ({"FT_PACKING_LENGTH": "4096"}, "FT_PACKING_LENGTH=4096: only with FT_PACKING=true"),
+    ({"FT_EVAL_SPLIT": "train"}, "FT_EVAL_SPLIT=train: the split it trains on"),
 ])
 def test_mistakes_found_before_anything_runs(monkeypatch, env, message):
     from job.config import load_settings
