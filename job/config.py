@@ -354,8 +354,8 @@ class Settings(BaseSettings):
 
     # --- scale out: several GPUs and nodes (torchrun) -------------------------------------------------------------
     nproc_per_node: int | None = Field(
-        None, gt=0, description="Training processes on this node, one per GPU. Default: every visible GPU, or as "
-        "many as the global batch splits evenly over (4 samples per step on 8 GPUs: 4 processes; 1 on the CPU). More than one, or FT_NNODES above 1, re-launches the job under torchrun; the global batch stays what one "
+        None, gt=0, description="Training processes on this node, one per GPU. Default: every visible GPU (1 on the "
+        "CPU). More than one, or FT_NNODES above 1, re-launches the job under torchrun; the global batch stays what one "
         "process would train (see FT_GRADIENT_ACCUMULATION_STEPS)."
     )
     nnodes: int = Field(

@@ -43,19 +43,13 @@ def _gpus() -> int:
 
 
 def processes_per_node(cfg: Settings) -> int:
-    """FT_NPROC_PER_NODE, or by default one process per visible GPU, as many as the global batch splits evenly over
-    (with FT_NNODES nodes): the recipe's step is fixed, how many GPUs compute it is the plan's choice, so 4 samples
-    per step on an 8-GPU node run on 4 GPUs rather than fail. One on the CPU. Raises ConfigError for more processes
-    than GPUs."""
     if cfg.device == "cpu":
         return cfg.nproc_per_node or 1
     gpus = _gpus()
     if cfg.nproc_per_node and gpus and cfg.nproc_per_node > gpus:
         raise ConfigError([f"FT_NPROC_PER_NODE={cfg.nproc_per_node}: this node shows only {gpus} GPU(s); one process "
                            "per GPU"])
-    if cfg.nproc_per_node:
-        return cfg.nproc_per_node
-    return next((n for n in range(max(1, gpus), 0, -1) if cfg.global_batch % (n * cfg.nnodes) == 0), max(1, gpus))
+    return cfg.nproc_per_node or max(1, gpus)
 
 
 def wants_launcher(cfg: Settings) -> bool:
@@ -126,15 +120,12 @@ def check_launch(cfg: Settings, run_id: str) -> int:
         return world_size()
     nproc = processes_per_node(cfg)
     processes = nproc * cfg.nnodes
-    if not cfg.nproc_per_node and cfg.device != "cpu" and nproc < _gpus():
-        log.get().warning("fewer processes than GPUs: the global batch splits evenly over no more", gpus=_gpus(),
-                          processes_per_node=nproc, global_batch=cfg.global_batch,
-                          hint="FT_BATCH_SIZE x FT_GRADIENT_ACCUMULATION_STEPS a multiple of the GPU count uses them all")
     if cfg.global_batch % processes:
         raise ConfigError([f"FT_BATCH_SIZE={cfg.batch_size}: the global batch of {cfg.global_batch} samples "
                            f"(FT_BATCH_SIZE x FT_GRADIENT_ACCUMULATION_STEPS={cfg.gradient_accumulation_steps}) "
-                           f"cannot be split evenly over {processes} processes ({nproc} per node x FT_NNODES="
-                           f"{cfg.nnodes}); make it a multiple of {processes}"])
+                           f"cannot be split evenly over {processes} processes ({nproc} per node, FT_NPROC_PER_NODE "
+                           f"defaults to every visible GPU, x FT_NNODES={cfg.nnodes}); make it a multiple of "
+                           f"{processes}"])
     if processes > 1 and cfg.strategy == "fsdp" and (cfg.device == "cpu" or not _gpus()):
         raise ConfigError(["FT_STRATEGY=fsdp: FSDP shards over GPUs (accelerate applies it to GPU process groups "
                            "only); on the CPU use ddp"])
