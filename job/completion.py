@@ -62,11 +62,11 @@ def find(dest: Storage, run_id: str, fingerprint: str, overwrite: bool, export: 
         if found.settings != fingerprint:
             raise ConfigError([f"FT_RUN_ID={run_id}: a completed run with other training settings already exists at "
                                f"{dest.describe(run_id)}; choose another run id or set FT_OVERWRITE=true"])
-        if export == "merged" and not found.manifest.get("export"):  # FT_EXPORT is not in the fingerprint
+        found.intact = _intact(dest, run_id, found.manifest)
+        if found.intact and export == "merged" and not found.manifest.get("export"):  # not in the fingerprint
             raise ConfigError([f"FT_EXPORT=merged: the completed run at {dest.describe(run_id)} was published without "
                                "a merged model; set FT_OVERWRITE=true to train and publish it again with one, or "
                                "choose another FT_RUN_ID"])
-        found.intact = _intact(dest, run_id, found.manifest)
     except OSError as e:  # S3 or the Hub: access denied, no such bucket, bad token, unreachable
         raise storage_failure(f"FT_OUTPUT_URI={dest.uri}: cannot be read ({e})", e) from None
     if not found.intact:

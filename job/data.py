@@ -319,8 +319,9 @@ def trained_count(labels: list[int]) -> int:
 
 def render_trained(tokenizer, input_ids: list[int], labels: list[int]) -> tuple[str, str, str]:
     """A tokenized sample as text, the tokens its loss trains on wrapped in markers (with completion-only loss: the
-    answers and the token that closes each). Returns (text, opening marker, closing marker): `[[` and `]]`, or
-    longer runs of brackets where the sample's own text holds those, so that a marker never reads as data. Each run
+    answers and the token that closes each). Returns (text, opening marker, closing marker): `[[` and `]]`, or where
+    the sample's own text holds those or a trained run begins with `[` or ends with `]`, `⟦ ⟧` or longer runs of
+    either, so that a marker never reads as data. Each run
     of trained or untrained tokens is decoded on its own, special tokens kept; `labels` is aligned with `input_ids`
     (-100: not trained). The first token is never marked: nothing predicts it (job.steps.trained_tokens)."""
     labels = [IGNORE, *labels[1:]]
@@ -329,10 +330,14 @@ def render_trained(tokenizer, input_ids: list[int], labels: list[int]) -> tuple[
         if i == len(input_ids) or (labels[i] == IGNORE) != (labels[start] == IGNORE):
             runs.append((tokenizer.decode(input_ids[start:i], skip_special_tokens=False), labels[start] != IGNORE))
             start = i
-    plain, width = "".join(text for text, _ in runs), 2
-    while "[" * width in plain or "]" * width in plain:
-        width += 1
-    opening, closing = "[" * width, "]" * width
+    plain = "".join(text for text, _ in runs)
+
+    def clear(opening: str, closing: str) -> bool:  # no marker in the text, none merging with a bracket beside it
+        return opening not in plain and closing not in plain and not any(
+            trained and (text.startswith(opening[0]) or text.endswith(closing[0])) for text, trained in runs)
+
+    opening, closing = next(pair for width in range(1, len(plain) + 3) for pair in
+                            (("[" * (width + 1), "]" * (width + 1)), ("⟦" * width, "⟧" * width)) if clear(*pair))
     return "".join(f"{opening}{text}{closing}" if trained else text for text, trained in runs), opening, closing
 
 

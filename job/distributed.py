@@ -109,13 +109,13 @@ def torchrun_args(cfg: Settings, run_id: str, nproc: int | None = None) -> list[
     return [*args, "--module", "job", "run"]
 
 
-def check_launch(cfg: Settings, run_id: str) -> int:
+def check_launch(cfg: Settings, run_id: str, rendezvous: bool = False) -> int:
     """What the processes of a run need of the settings, checked before anything is downloaded (`finetune-job check`,
     preflight) and again before torchrun starts: the global batch splits evenly over every process of every node
-    (FT_NPROC_PER_NODE defaults to each visible GPU, so config validation alone cannot know the count), FSDP has
-    GPUs, and several nodes know where to meet (MASTER_ADDR, MASTER_PORT, FT_NODE_RANK). Returns the process count
-    over all nodes; raises ConfigError naming the setting. A torchrun worker has passed these already: returns its
-    world size."""
+    (FT_NPROC_PER_NODE defaults to each visible GPU, so config validation alone cannot know the count) and FSDP has
+    GPUs; with `rendezvous` (the launch itself, not `check`, which may run elsewhere than the nodes), that several
+    nodes know where to meet (MASTER_ADDR, MASTER_PORT, FT_NODE_RANK). Returns the process count over all nodes;
+    raises ConfigError naming the setting. A torchrun worker has passed these already: returns its world size."""
     if is_worker():
         return world_size()
     nproc = processes_per_node(cfg)
@@ -123,13 +123,13 @@ def check_launch(cfg: Settings, run_id: str) -> int:
     if cfg.global_batch % processes:
         raise ConfigError([f"FT_BATCH_SIZE={cfg.batch_size}: the global batch of {cfg.global_batch} samples "
                            f"(FT_BATCH_SIZE x FT_GRADIENT_ACCUMULATION_STEPS={cfg.gradient_accumulation_steps}) "
-                           f"cannot be split evenly over {processes} processes ({nproc} per node, FT_NPROC_PER_NODE "
-                           f"defaults to every visible GPU, x FT_NNODES={cfg.nnodes}); make it a multiple of "
-                           f"{processes}"])
+                           f"cannot be split evenly over {processes} processes ({nproc} per node, by default one per "
+                           f"visible GPU, x FT_NNODES={cfg.nnodes}); make it a multiple of {processes}, or set "
+                           "FT_NPROC_PER_NODE to fewer processes that it splits over (the recipe stays as set)"])
     if processes > 1 and cfg.strategy == "fsdp" and (cfg.device == "cpu" or not _gpus()):
         raise ConfigError(["FT_STRATEGY=fsdp: FSDP shards over GPUs (accelerate applies it to GPU process groups "
                            "only); on the CPU use ddp"])
-    if processes > 1:
+    if processes > 1 and rendezvous:
         torchrun_args(cfg, run_id, nproc)  # MASTER_ADDR, MASTER_PORT and the node rank, as the launch reads them
     return processes
 
@@ -142,7 +142,7 @@ def launch(cfg: Settings, run_id: str) -> int:
     from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.run import parse_args, run
 
-    check_launch(cfg, run_id)
+    check_launch(cfg, run_id, rendezvous=True)
     if cfg.strategy == "fsdp" and cfg.quantization in ("nf4", "fp4"):
         log.get().warning("FT_STRATEGY=fsdp: every GPU holds all of the 4-bit weights; FSDP shards the 16-bit weights, "
                           "LoRA and the optimizer state (FSDP2 changes 4-bit weights it shards: "

@@ -49,13 +49,19 @@ ADAMW_32BIT = ("paged_adamw_32bit", "adamw_torch", "adamw_torch_fused")
 
 
 def check_optimizer(cfg: Settings, placement: Placement, fsdp: bool = False) -> None:
-    """Raise ConfigError naming FT_OPTIM where its bitsandbytes implementation cannot run (on the CPU, or on sharded
-    parameters under FSDP) and torch's AdamW, which stands in for the AdamW ones, would be another update rule: Lion."""
-    bnb = cfg.optim.startswith("paged_") or "8bit" in cfg.optim
-    if bnb and "lion" in cfg.optim and (placement.device != "cuda" or fsdp):
-        where = "on sharded parameters (FSDP)" if placement.device == "cuda" else "on the CPU"
-        raise ConfigError([f"FT_OPTIM={cfg.optim}: bitsandbytes' Lion cannot run {where}, and AdamW would be another "
-                           "update rule; use lion_32bit, or an AdamW (adamw_torch, paged_adamw_32bit)"])
+    """Raise ConfigError naming FT_OPTIM where bitsandbytes' Lion (every `*lion*` name is bitsandbytes' in
+    transformers) cannot run and torch's AdamW, which stands in for bitsandbytes' AdamW there, would be another
+    update rule: on sharded parameters (FSDP) any Lion, on the CPU the 8-bit and paged ones (bitsandbytes has a CPU
+    kernel for the 32-bit Lion only)."""
+    if "lion" not in cfg.optim:
+        return
+    if fsdp:
+        raise ConfigError([f"FT_OPTIM={cfg.optim}: bitsandbytes' Lion does not take FSDP's sharded parameters, and "
+                           "AdamW would be another update rule; use an AdamW (adamw_torch, paged_adamw_32bit) or "
+                           "FT_STRATEGY=ddp"])
+    if placement.device != "cuda" and (cfg.optim.startswith("paged_") or "8bit" in cfg.optim):
+        raise ConfigError([f"FT_OPTIM={cfg.optim}: bitsandbytes' paged and 8-bit Lion need a CUDA GPU, and AdamW "
+                           "would be another update rule; on the CPU use lion_32bit or an AdamW (adamw_torch)"])
 
 
 def effective_optim(cfg: Settings, placement: Placement, fsdp: bool = False) -> str:
@@ -193,6 +199,8 @@ def build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, checkpoin
     trainer.global_batch, trainer.group_by_length = speed.global_batch, cfg.group_by_length
     trainer.remove_callback(PrinterCallback)  # prints raw dicts; ProgressLog logs them as events
     if uses_fsdp(cfg, speed):  # read when the Trainer shards the model, in train()
+        # transformers (Trainer, update_fsdp_plugin_peft) puts accelerate's bf16 policy back when the 4-bit weights
+        # are stored as floats; under FSDP the job stores them as bytes (model.quantization_config), so this holds.
         trainer.accelerator.state.fsdp_plugin.mixed_precision_policy = fsdp_mixed_precision(placement.dtype)
     if placement.dtype != torch.bfloat16:
         # trl keeps a quantized model's LoRA weights in bf16 (as the QLoRA paper does with bf16 compute). Computing

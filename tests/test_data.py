@@ -187,6 +187,8 @@ def test_trained_tokens_are_marked_with_brackets_the_sample_does_not_hold(tokeni
     text, opening, closing = render("Plain question?", " Plain answer.")
     assert (opening, closing) == ("[[", "]]") and text.count("[[") == 1 and text.endswith("]]")
     text, opening, closing = render("What is [[x]] in wiki markup?", " A link to [[x]].")
-    assert (opening, closing) == ("[[[", "]]]")
+    assert (opening, closing) == ("⟦", "⟧")
     trained = text.split(opening, 1)[1].rsplit(closing, 1)[0]
     assert "[[x]]" in trained and "wiki markup" not in trained and text.count(opening) == 1
+    text, opening, closing = render("Give the list as JSON:", "[1, 2]")  # brackets beside the marker would merge
+    assert (opening, closing) == ("⟦", "⟧") and text.endswith("⟦[1, 2]⟧")

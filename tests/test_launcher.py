@@ -186,7 +186,8 @@ def test_a_collective_that_lost_its_peer_is_retriable_and_a_bug_is_not(monkeypat
 
 @pytest.mark.parametrize("kw, gpus, message", [
     # FT_NPROC_PER_NODE unset: every visible GPU, which config validation cannot know (8 GPUs, the default 4 samples)
-    ({"device": "auto"}, 8, "global batch of 4 samples .* cannot be split evenly over 8 processes"),
+    ({"device": "auto"}, 8, "global batch of 4 samples .* cannot be split evenly over 8 processes .* or set "
+                            "FT_NPROC_PER_NODE to fewer processes"),
     ({"batch_size": 3, "nnodes": 2, "node_rank": 0}, 0, "cannot be split evenly over 2 processes"),
     ({"nnodes": 2, "node_rank": 0}, 0, "MASTER_ADDR: not set; with FT_NNODES=2"),
     ({"nproc_per_node": 2, "strategy": "fsdp"}, 0, "FT_STRATEGY=fsdp: FSDP shards over GPUs"),
@@ -198,7 +199,7 @@ def test_what_the_processes_need_is_checked_before_any_download(monkeypatch, kw,
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     cfg = Settings(**{"device": "cpu", **kw})
     with pytest.raises(ConfigError, match=message):
-        distributed.check_launch(cfg, "r")
+        distributed.check_launch(cfg, "r", rendezvous=True)
 
 
 def test_check_launch_counts_the_processes(monkeypatch):
@@ -210,3 +211,9 @@ def test_check_launch_counts_the_processes(monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")  # a worker: what torchrun gave it
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert distributed.check_launch(Settings(device="cpu", batch_size=3), "r") == 2
+
+
+def test_check_alone_leaves_the_rendezvous_to_the_nodes(monkeypatch):
+    """`finetune-job check` may run where the nodes' MASTER_ADDR and ranks are not set: only the launch needs them."""
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert distributed.check_launch(Settings(device="cpu", nnodes=2), "r") == 2

@@ -197,7 +197,8 @@ def test_the_vendored_crd_says_where_it_comes_from():
 @pytest.mark.parametrize("engine, schedule", [("job", "@daily"), ("jobset", "")])
 def test_the_longest_name_the_pod_hostnames_allow_renders(engine, schedule):
     """The chart refuses a name one character too long for the last pod's hostname, and renders the one below."""
-    values = {**with_output(), "schedule": schedule, "distributed": {"nodes": 12, "engine": engine}}
+    values = {**with_output(gradient_accumulation_steps=3), "schedule": schedule,  # 12 samples per step: one each
+              "distributed": {"nodes": 12, "engine": engine}}
     with pytest.raises(helm.HelmRenderError, match=r"set fullnameOverride to at most (\d+) characters") as raised:
         render({**values, "fullnameOverride": "x" * 52})
     longest = int(re.search(r"at most (\d+) characters", str(raised.value)).group(1))
@@ -210,7 +211,8 @@ def test_the_longest_name_the_pod_hostnames_allow_renders(engine, schedule):
 
 
 def test_a_one_off_jobs_hostnames_always_fit():
-    objs, _ = render({**with_output(), "distributed": {"nodes": 99}, "fullnameOverride": "x" * 52})
+    objs, _ = render({**with_output(batch_size=1, gradient_accumulation_steps=99), "distributed": {"nodes": 99},
+                      "fullnameOverride": "x" * 52})
     assert len(hostname(workload(objs)["metadata"]["name"], 98)) <= 63
 
 

@@ -86,6 +86,13 @@ COMBINATIONS = {
     "fewer processes than GPUs": (
         {**with_output(nproc_per_node=2), "gpu": {"count": 4}, "distributed": {"nodes": 2}},
         ["config.nproc_per_node=2 but gpu.count=4"]),
+    "a global batch that does not split over the GPUs": (
+        {**with_output(), "gpu": {"count": 8}},
+        ["the global batch of 4 samples", "cannot be split evenly over 8 training processes",
+         "raise config.gradient_accumulation_steps (or config.batch_size) to a multiple of 8"]),
+    "a global batch that does not split over the nodes": (
+        {**with_output(gradient_accumulation_steps=3), "gpu": {"count": 4}, "distributed": {"nodes": 2}},
+        ["the global batch of 12 samples", "over 8 training processes", "gpu.count=4 x distributed.nodes=2"]),
     "a ReadWriteOnce cache on several nodes": (
         {**with_output(), "distributed": {"nodes": 2}, "modelCache": {"create": True}},
         ["modelCache.create=true with accessModes ReadWriteOnce and distributed.nodes=2", "[ReadWriteMany]"]),

@@ -175,6 +175,11 @@ Each message names the values involved and says what to do.
 {{- fail (printf "config.nproc_per_node=%v but gpu.count=%d: each training process takes one GPU of the pod; make them equal, or leave config.nproc_per_node unset (one process per GPU)" .Values.config.nproc_per_node $gpus) }}
 {{- end }}
 {{- end }}
+{{- $procs := mul (max 1 $gpus) $nodes }}
+{{- $batch := mul (int (default 4 .Values.config.batch_size)) (int (default 1 .Values.config.gradient_accumulation_steps)) }}
+{{- if mod $batch $procs }}
+{{- fail (printf "the global batch of %d samples (config.batch_size x config.gradient_accumulation_steps) cannot be split evenly over %d training processes (one per GPU: gpu.count=%d x distributed.nodes=%d); the recipe stays yours: raise config.gradient_accumulation_steps (or config.batch_size) to a multiple of %d, or use fewer GPUs" $batch $procs $gpus $nodes $procs) }}
+{{- end }}
 {{- $m := .Values.modelCache }}
 {{- if and (gt $nodes 1) $m.create (not (has "ReadWriteMany" $m.accessModes)) }}
 {{- fail (printf "modelCache.create=true with accessModes %s and distributed.nodes=%d: pods on different nodes cannot mount one such claim, so all but the first would stay Pending; set modelCache.accessModes to [ReadWriteMany] (with a StorageClass that provides it), or leave the cache to an emptyDir per pod (modelCache.create=false)" (join ", " $m.accessModes) $nodes) }}
