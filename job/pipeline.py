@@ -100,8 +100,8 @@ def load_and_plan(cfg: Settings, path, placement, train_ds=None) -> tuple:
     seconds = time.monotonic() - start
     processes = distributed.world_size()
     step_tokens = None if train_ds is None or cfg.global_batch % processes else speed.typical_step_tokens(
-        [len(ids) for ids in train_ds["input_ids"]], cfg.global_batch // processes, cfg.packing, cfg.row_length,
-        cfg.group_by_length)
+        [] if cfg.packing else [len(ids) for ids in train_ds["input_ids"]], cfg.global_batch // processes,
+        cfg.packing, cfg.row_length, cfg.group_by_length)
     plan = distributed.broadcast(speed.plan(cfg, placement, base.config, processes,
                                             speed.dequantized_size(base, placement.dtype), step_tokens))
     log.get().info("speed plan", **vars(plan), load_s=round(seconds, 2))

@@ -153,9 +153,10 @@ def typical_step_tokens(lengths: list[int], step_samples: int, packing: bool, ro
                         grouped: bool = False) -> int | None:
     """Tokens that 9 steps in 10 stay within: the 90th percentile of the summed length of `step_samples` samples
     drawn at random (1,000 seeded draws, so every process and attempt agrees), or, `grouped` (FT_GROUP_BY_LENGTH),
-    of consecutive runs of the samples sorted by length, as the grouped sampler forms its steps; packed rows are full
-    rows. None for an empty set. Used to size micro-batches, never to change a step (the recipe's sampler draws
-    those)."""
+    of consecutive runs of the samples sorted by length (transformers' LengthGroupedSampler sorts within random
+    mega-batches of 50 steps instead, so with heavy-tailed lengths this reads somewhat low); packed rows are full
+    rows (`lengths` unused). None for an empty set. Used to size micro-batches, never to change a step (the recipe's
+    sampler draws those): an estimate that reads low only splits more steps in two."""
     import random
 
     if packing:
