@@ -59,8 +59,9 @@ def test_check_data_shows_what_the_loss_trains_on(tiny_model, tmp_path):
     assert len(shown) == 3
     for sample in shown:
         question, answer = next((q, a) for q, a in pairs if q in sample["text"])
-        trained = sample["text"].split("[[", 1)[1].split("]]", 1)[0]
-        assert sample["text"].count("[[") == 1 and answer in trained and question not in trained
+        opening, closing = sample["trained_in"].split()
+        trained = sample["text"].split(opening, 1)[1].split(closing, 1)[0]
+        assert sample["text"].count(opening) == 1 and answer in trained and question not in trained
         assert trained.rstrip().endswith("</s>")  # the tiny model's EOS closes the answer (its Mistral-style template)
         assert 0 < sample["trained_tokens"] < sample["tokens"]
 
@@ -71,7 +72,9 @@ def test_check_data_counts_what_is_trained_not_the_first_token(tiny_model, tmp_p
     proc = run_job(demo_env(tiny_model, FT_EVAL_FRACTION="0", FT_MAX_SAMPLES="5"), tmp_path, "check", "--data")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     sample = next(e for e in events(proc) if e["event"] == "data sample")
-    assert sample["text"].startswith("<s>[[") and sample["trained_tokens"] == sample["tokens"] - 1
+    opening = sample["trained_in"].split()[0]  # the text starts with `[INST]`: `⟦`, since `[[` would merge with it
+    assert opening == "⟦" and sample["text"].startswith("<s>⟦[INST]") and sample["text"].endswith("⟧")
+    assert sample["trained_tokens"] == sample["tokens"] - 1
     stats = next(e for e in events(proc) if e["event"] == "data check passed")
     assert stats["trained_tokens"] == stats["train_tokens"] - stats["train_samples"]
     assert not any(line.startswith(("Tokenizing", "Filtering")) for line in proc.stderr.splitlines())
