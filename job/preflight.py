@@ -183,7 +183,7 @@ def check_model_settings(cfg: Settings, source: Storage, placement: Placement):
             log.get().debug("model settings checked after load", reason=first_line(e))
             return None
     choose_attention(cfg, placement, config)
-    resolve_targets(cfg, model)
+    check_lora_rank(cfg, model)
     return model
 
 
@@ -216,17 +216,37 @@ def _hub_offline() -> bool:
     return constants.HF_HUB_OFFLINE
 
 
-def lora_parameters(cfg: Settings, model) -> int:
-    """Trainable parameters of the adapter on `model` (built on the meta device): r x (in + out) per target."""
+def adapted_linears(cfg: Settings, model) -> dict[str, tuple[int, int]]:
+    """The linear layers of `model` (built on the meta device) that FT_LORA_TARGET_MODULES adapts: full name ->
+    (in_features, out_features)."""
     targets, _ = resolve_targets(cfg, model)
-    count = 0
+    found = {}
     for name, kind in adaptable_modules(model).items():
         leaf = name.rsplit(".", 1)[-1]
         chosen = kind != "output" if targets == "all-linear" else leaf in targets or name in targets
         module = model.get_submodule(name)
         if chosen and hasattr(module, "in_features"):
-            count += cfg.lora_r * (module.in_features + module.out_features)
-    return count
+            found[name] = (module.in_features, module.out_features)
+    return found
+
+
+def lora_parameters(cfg: Settings, model) -> int:
+    """Trainable parameters of the adapter on `model` (built on the meta device): r x (in + out) per target."""
+    return sum(cfg.lora_r * (fan_in + fan_out) for fan_in, fan_out in adapted_linears(cfg, model).values())
+
+
+def check_lora_rank(cfg: Settings, model) -> None:
+    """Raise ConfigError when FT_LORA_R exceeds the narrowest adapted layer's min(in, out): the update B @ A of such
+    a layer cannot have a higher rank (a product's rank is at most its inner and outer dimensions), so the extra
+    rank is memory that trains nothing."""
+    layers = adapted_linears(cfg, model)
+    if not layers:
+        return
+    name, (fan_in, fan_out) = min(layers.items(), key=lambda item: min(item[1]))
+    if cfg.lora_r > min(fan_in, fan_out):
+        raise ConfigError([f"FT_LORA_R={cfg.lora_r}: above the rank an update of {name.rsplit('.', 1)[-1]} "
+                           f"({fan_in} x {fan_out}) can have; at most {min(fan_in, fan_out)} for these "
+                           f"FT_LORA_TARGET_MODULES"])
 
 
 def source_bytes(source: Storage) -> int | None:

@@ -186,6 +186,7 @@ def signals_restored():
 @pytest.mark.parametrize("family, env, message", [
     ("phi3", {"FT_LORA_TARGET_MODULES": "q_proj"}, "Phi3ForCausalLM has no linear module named 'q_proj'"),
     ("phi3", {"FT_LORA_TARGET_MODULES": "lm_head"}, "'lm_head' is the LM head"),
+    ("phi3", {"FT_LORA_R": "100000"}, "FT_LORA_R=100000: above the rank an update of"),
     ("gemma2", {"FT_ATTENTION": "varlen"}, "Gemma2ForCausalLM cannot use it"),
 ])
 def test_check_refuses_what_the_model_cannot_take(family, env, message, family_model, tmp_path, monkeypatch, capsys,
