@@ -333,9 +333,10 @@ def stopped_early(trainer, guard: DivergenceGuard, stopper: Stopper, checkpoints
     """Raise when training ended because of a non-finite loss or a stop signal."""
     if guard.diverged:
         step, loss = guard.diverged
-        raise DivergedError(
-            f"training diverged: loss {loss} at step {step}; try FT_COMPUTE_DTYPE=bf16 (or fp32), a lower "
-            f"FT_LEARNING_RATE (now {trainer.args.learning_rate:g}) or a smaller FT_MAX_GRAD_NORM"
+        dtype = "" if trainer.args.use_cpu or not torch.cuda.is_available() else "FT_COMPUTE_DTYPE=bf16 (or fp32), "
+        raise DivergedError(  # the CPU computes in fp32 already (bf16 with 4-bit weights is refused there)
+            f"training diverged: loss {loss} at step {step}; try {dtype}a lower FT_LEARNING_RATE (now "
+            f"{trainer.args.learning_rate:g}) or a smaller FT_MAX_GRAD_NORM"
         )
     if stopper.requested or stopper.peer_requested:
         step = trainer.state.global_step
