@@ -187,8 +187,8 @@ class Settings(BaseSettings):
         "epoch and data order are the same in every profile). `fast`: padding-free steps, micro-batches sized from "
         "free GPU memory, gradient checkpointing only when they would not fit, Liger kernels on a GPU, and the 4-bit "
         "weights dequantized once where the copy fits (FT_DEQUANTIZE_ONCE). `lean`: the "
-        "same with gradient checkpointing and micro-batches of 8192 tokens (4096 with sdpa), for 16-24 GB GPUs. `guide`: the guide's "
-        "computation: padded micro-batches of FT_BATCH_SIZE samples, gradient checkpointing, no Liger.",
+        "same with gradient checkpointing and micro-batches of 8192 tokens (4096 with sdpa), for 16-24 GB GPUs. "
+        "`guide`: the guide's computation: padded micro-batches of FT_BATCH_SIZE samples, gradient checkpointing, no Liger.",
     )
     padding_free: bool | None = Field(
         None, description="Flatten each micro-batch's samples into one row with position ids restarting at each "

@@ -60,9 +60,9 @@ def check_data(cfg: Settings, show: int = 1) -> dict:
     """`finetune-job check --data`: download the dataset and the model's tokenizer (not its weights), tokenize every
     record and count the optimizer steps as a run would, and log them ("data check passed"), after the first `show`
     training samples as the model will see them, the trained tokens in [[ ]] ("data sample"; ⟦ ⟧ where the
-    sample's own brackets would make those ambiguous). Returns the data statistics (job.data.DataStats), the steps per epoch and the
-    optimizer steps of the run; raises what a run raises on the same data: InputError naming FT_DATASET and the row,
-    ConfigError for a format the tokenizer cannot render. With console logs (FT_LOG_FORMAT) each sample is printed as
+    sample's own brackets would make those ambiguous). Returns the data statistics (job.data.DataStats), the steps
+    per epoch and the optimizer steps of the run; raises what a run raises on the same data: InputError naming
+    FT_DATASET and the row, ConfigError for a format the tokenizer cannot render. With console logs (FT_LOG_FORMAT) each sample is printed as
     it reads, under a header line."""
     from job import data, fetch
     from job.steps import recipe_rows
