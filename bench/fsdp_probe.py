@@ -84,6 +84,29 @@ def forward(trainer, net, batch) -> float:
         return float(net(**batch).loss)
 
 
+HEAD_SEEN: list = []  # what trl's fused LM head multiplied by, per call: weight type, dtype, shape
+
+
+def record_head():
+    """Record the LM head weight trl's fused head (trl.trainer.utils._fused_forward) hands to its kernel."""
+    import trl.trainer.utils as trl_utils
+
+    gather = trl_utils.maybe_gather_lm_head_ctx
+
+    def recording(*params):
+        w = params[0]
+        HEAD_SEEN.append(f"{type(w).__name__} {w.dtype} {list(w.shape)} sum={float(local(w).float().sum()):.6g}")
+        return gather(*params)
+
+    trl_utils.maybe_gather_lm_head_ctx = recording
+
+
+def fused(trainer, net, batch) -> float:
+    """The loss as the job's training and evaluation compute it (StepTrainer.compute_loss: trl's fused LM head)."""
+    with torch.no_grad(), trainer.compute_loss_context_manager():
+        return float(trainer.compute_loss(net, batch))
+
+
 def main() -> int:
     if storage := os.environ.get("PROBE_QUANT_STORAGE"):  # bfloat16: FSDP2 shards the 4-bit weights (run 13's bug)
         quantization_config = model.quantization_config
@@ -125,6 +148,8 @@ def main() -> int:
         h.remove()
     net.eval()  # run 15: FSDP's evaluation before training read 1% high, its training steps exact
     eval_before = forward(trainer, net, batch)
+    record_head()
+    fused_before = fused(trainer, net, batch)
     net.train()
     trainer.create_optimizer()
     mixed_precision = {"accelerate": torch.bfloat16, "fp32-out": torch.float32}
@@ -137,7 +162,9 @@ def main() -> int:
     sharded, _ = trainer.accelerator.prepare(net, trainer.optimizer)
     policy = getattr(getattr(trainer.accelerator.state, "fsdp_plugin", None), "mixed_precision_policy", None)
     sharded.eval()  # the first forward after sharding in evaluation mode, as SFTConfig.eval_on_start runs it
+    fused_first = fused(trainer, sharded, batch)
     eval_first = forward(trainer, sharded, batch)
+    fused_second = fused(trainer, sharded, batch)
     sharded.train()
     hooks = watch(sharded, after_out)
     checks = watch_4bit(sharded, saved, report_after)
@@ -147,6 +174,7 @@ def main() -> int:
     loss_again = forward(trainer, sharded, batch)
     sharded.eval()
     eval_again = forward(trainer, sharded, batch)
+    fused_again = fused(trainer, sharded, batch)
     changed_buffers = {n: {"dtype": f"{buffers[n].dtype} -> {b.dtype}",
                            "max_abs_diff": float((local(b).float() - buffers[n].float()).abs().max())}
                        for n, b in ((canonical(n), b) for n, b in sharded.named_buffers())
@@ -169,6 +197,9 @@ def main() -> int:
               flush=True)
         print(json.dumps({"mixed_precision_policy": str(policy), "loss_unsharded": loss_before, "loss_fsdp": loss_after, "loss_fsdp_again": loss_again,
                           "eval_mode": {"unsharded": eval_before, "fsdp_first_forward": eval_first, "fsdp_later": eval_again},
+                          "fused_eval": {"unsharded": fused_before, "fsdp_first_forward": fused_first,
+                                         "fsdp_second": fused_second, "fsdp_later": fused_again},
+                          "head_seen": HEAD_SEEN,
                           "rel_loss_diff": (loss_after - loss_before) / loss_before, "tokens": int(batch["input_ids"].numel()),
                           "first_module_off_by_2pct": first, "module_rel_diff": {k: round(v, 5) for k, v in rel.items()},
                           "missing_after": sorted(set(before_out) - set(after_out)),

@@ -40,6 +40,13 @@ RUNS = {  # name -> settings added to the batch's; the first is the reference
     # and the 4-bit base weights (bitsandbytes' Params4bit sharded by FSDP2)
     "fsdp-noquant": {"FT_NPROC_PER_NODE": "2", "FT_STRATEGY": "fsdp", "FT_QUANTIZATION": "none"},
     "1gpu-noquant": {"FT_QUANTIZATION": "none"},
+    # Run 15: FSDP's evaluation before training read 1% high, after it equal to DDP's. An evaluation after every step
+    # (step 1's update has learning rate 0: its evaluation sees the initial weights again) tells a first-evaluation
+    # effect from FSDP's evaluation as such.
+    "1gpu-eval1": {"FT_EVAL_STEPS": "1"},
+    "ddp-eval1": {"FT_NPROC_PER_NODE": "2", "FT_EVAL_STEPS": "1"},
+    "fsdp-eval1": {"FT_NPROC_PER_NODE": "2", "FT_STRATEGY": "fsdp", "FT_EVAL_STEPS": "1"},
+    "fsdp-sdpa-eval1": {"FT_NPROC_PER_NODE": "2", "FT_STRATEGY": "fsdp", "FT_ATTENTION": "sdpa", "FT_EVAL_STEPS": "1"},
 }
 
 
@@ -68,7 +75,8 @@ def parse(log: Path) -> dict:
     losses = {e["step"]: e["loss"] for e in events if e.get("event") == "train step" and "loss" in e}
     done = next((e for e in events if e.get("event") == "run finished"), {})
     return {"run": name, "batch": int(batch), "losses": losses, "eval_loss_before": done.get("eval_loss_before"),
-            "eval_loss_after": done.get("eval_loss_after"), "exit": 0 if done else None, "wall_s": None}
+            "eval_loss_after": done.get("eval_loss_after"), "exit": 0 if done else None, "wall_s": None,
+            "evals": {e["step"]: e["eval_loss"] for e in events if e.get("event") == "eval" and "eval_loss" in e}}
 
 
 def compare(rows: list[dict]) -> list[dict]:

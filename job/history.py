@@ -69,6 +69,12 @@ class RunHistory(TrainerCallback):
         if control.should_save or control.should_training_stop or state.global_step >= state.max_steps:
             control.should_log = True
 
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        # The run's evaluation before training (SFTConfig.eval_on_start, at step 0 of the first attempt): it goes into
+        # every checkpoint, so that a resumed attempt reports it too.
+        if self.resumed_from is None and state.global_step == 0 and self.eval_loss_before is None:
+            self.eval_loss_before = (metrics or {}).get("eval_loss")
+
     def on_save(self, args, state, control, **kwargs):
         if self.writer is None:
             return

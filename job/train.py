@@ -115,9 +115,11 @@ def sft_config(cfg: Settings, placement: Placement, output_dir: Path, has_eval: 
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if has_eval else "no",
-        # accelerate cannot prepare an FSDP2 model for evaluation alone (it wants the optimizer with it): under FSDP
-        # the evaluation before training runs inside train(). After a resume it evaluates the resumed weights.
-        eval_on_start=has_eval and fsdp,
+        # The evaluation before training runs inside train(), as every later one does: transformers applies Liger's
+        # kernels in train(), and an evaluate() before it computed the same weights' loss 1% below the evaluations
+        # in training (bench/RESULTS.md, run 16). accelerate could not prepare an FSDP2 model for it either. The
+        # job turns it off on resume (the first attempt's figure travels in the checkpoint: job/history.py).
+        eval_on_start=has_eval,
         eval_steps=cfg.eval_steps,
         save_strategy="steps" if cfg.save_steps else "no",  # time and SIGTERM saves come from callbacks
         save_steps=cfg.save_steps or 500,
@@ -246,14 +248,7 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
         resume = checkpoints.restore_everywhere(scratch / "resume")
         if resume:
             history.restore(*resume)
-        fsdp = uses_fsdp(cfg, speed)
-        if eval_ds is not None and history.eval_loss_before is not None:  # the first attempt's, before training
-            result.metrics["eval_loss_before"] = history.eval_loss_before
-        elif eval_ds is not None and not fsdp:  # under FSDP: SFTConfig.eval_on_start, once the model is sharded
-            result.metrics["eval_loss_before"] = history.eval_loss_before = trainer.evaluate()["eval_loss"]
-            # accelerate marks a model it prepared for evaluation as prepared, and training then skips wrapping it in
-            # DDP or FSDP: every process would train alone. Un-mark it (accelerate 1.x, Accelerator.prepare_model).
-            trainer.model._is_accelerate_prepared = False
+        trainer.args.eval_on_start = eval_ds is not None and not resume  # RunHistory keeps its loss
         history.start()
         start = time.monotonic()
         with stopper.deferred("training"):  # a signal now ends the step with a checkpoint (GracefulStop)
@@ -261,9 +256,8 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
         result.train_seconds, result.global_step = time.monotonic() - start, out.global_step
         result.run = history.facts(trainer.state.log_history, out.global_step)
         result.metrics["train_loss"] = result.run["train_loss"]  # over every step of every attempt
-        if eval_ds is not None and fsdp and "eval_loss_before" not in result.metrics:
-            result.metrics["eval_loss_before"] = history.eval_loss_before = next(
-                e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e)
+        if eval_ds is not None and history.eval_loss_before is not None:  # this attempt's or the first attempt's
+            result.metrics["eval_loss_before"] = history.eval_loss_before
         stopped_early(trainer, guard, stopper, checkpoints)
         if eval_ds is not None:
             result.metrics["eval_loss_after"] = final_eval_loss(trainer)
