@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 
 from job import log, signals
-from job.config import Settings, env_name, load_settings
+from job.config import Settings, env_name, load_settings, requested_log_format
 from job.errors import EXIT_CODES, ConfigError, InterruptedJob, JobError, StopSignal
 from job.signals import termination_log_path, write_termination_log
 
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     func = getattr(args, "func", cmd_run)
     if func in (cmd_run, cmd_check):
-        log.setup()
+        log.setup(requested_log_format())  # a configuration error is logged before the settings exist
     signals.install()  # done already by job/__main__.py (the entrypoint); again for callers of main() alone
     try:
         return func(args)

@@ -468,12 +468,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _global_batch_splits_over_the_processes(self) -> Settings:
-        processes = (self.nproc_per_node or 1) * self.nnodes
-        if self.nproc_per_node and self.global_batch % processes:
-            raise ValueError(f"FT_GRADIENT_ACCUMULATION_STEPS={self.gradient_accumulation_steps}: the global batch of "
-                             f"{self.global_batch} samples (FT_BATCH_SIZE={self.batch_size} x "
-                             f"{self.gradient_accumulation_steps}) cannot be split evenly over {processes} processes "
-                             f"(FT_NPROC_PER_NODE x FT_NNODES); make it a multiple of {processes}")
+        # Only for an explicit FT_NPROC_PER_NODE: its default (one per visible GPU) is counted by
+        # distributed.check_launch, before any download.
+        if self.nproc_per_node and (error := self.uneven_global_batch(
+                self.nproc_per_node * self.nnodes, f"FT_NPROC_PER_NODE={self.nproc_per_node} x FT_NNODES={self.nnodes}")):
+            raise ValueError(error)
         return self
 
     @model_validator(mode="after")
@@ -523,6 +522,18 @@ class Settings(BaseSettings):
     def global_batch(self) -> int:
         """Samples (packed rows with FT_PACKING) per optimizer step, over all processes: the recipe's step."""
         return self.batch_size * self.gradient_accumulation_steps
+
+    def uneven_global_batch(self, processes: int, counted: str) -> str | None:
+        """The one-line error when the global batch (samples per optimizer step) does not split evenly over
+        `processes` processes, else None. `counted` says where the count came from (the settings, the visible GPUs,
+        torchrun's world size). The recipe is the user's: the remedies change the global batch or the process count,
+        never one for the other silently."""
+        if self.global_batch % processes == 0:
+            return None
+        return (f"FT_BATCH_SIZE={self.batch_size} x FT_GRADIENT_ACCUMULATION_STEPS={self.gradient_accumulation_steps}: "
+                f"the global batch of {self.global_batch} samples cannot be split evenly over {processes} processes "
+                f"({counted}); make it a multiple of {processes}, or set FT_NPROC_PER_NODE to fewer processes that "
+                "it splits over (the recipe stays as set)")
 
     def shards_model(self, processes: int) -> bool:
         """Whether FSDP shards the model over `processes` processes (FT_STRATEGY=fsdp and more than one): then the 4-bit
@@ -576,23 +587,37 @@ def load_settings() -> Settings:
     yaml_file = environ.get(CONFIG_FILE_VAR)
     yaml_keys = [env_name(k) for k in read_yaml(yaml_file)]
     problems += unknown_settings(yaml_keys, f" in {CONFIG_FILE_VAR}={yaml_file}", fields)
-    problems += unknown_settings([env_name(field_name(k)) for k in hyperparameters()],
-                                 " in SageMaker's hyperparameters", fields)
+    hyper_keys = [env_name(field_name(k)) for k in hyperparameters()]
+    problems += unknown_settings(hyper_keys, " in SageMaker's hyperparameters", fields)
+    # Where a value that is not in the environment came from (the environment wins over both, the file over the
+    # hyperparameters: Settings.settings_customise_sources), so that its error names the place to fix it.
+    sources = {**{k: " in SageMaker's hyperparameters" for k in hyper_keys},
+               **{k: f" in {CONFIG_FILE_VAR}={yaml_file}" for k in yaml_keys}}
     settings = None
     try:
         settings = Settings()
     except ValidationError as e:
-        problems += [_describe(err, environ) for err in e.errors() if err["type"] != "extra_forbidden"]
+        problems += [_describe(err, environ, sources) for err in e.errors() if err["type"] != "extra_forbidden"]
     if problems:
         raise ConfigError(problems)
     return settings
 
 
-def _describe(err: dict[str, Any], environ: dict[str, str]) -> str:
+def _describe(err: dict[str, Any], environ: dict[str, str], sources: dict[str, str] | None = None) -> str:
+    """One line for a pydantic error of one setting: `FT_NAME=value: what is wrong`, with where the value was set
+    when not in the environment (`sources`: FT_NAME -> " in FT_CONFIG_FILE=path")."""
     field = str(err["loc"][0]) if err["loc"] else ""
     message = err["msg"].removeprefix("Value error, ")
     if not field:
         return message
     name = env_name(field)
+    where = "" if name in environ else (sources or {}).get(name, "")
     value = environ.get(name, err.get("input"))
-    return f"{name}={value!s}: {message[0].lower() + message[1:]}"
+    return f"{name}={value!s}{where}: {message[0].lower() + message[1:]}"
+
+
+def requested_log_format(environ: dict[str, str] | None = None) -> str:
+    """FT_LOG_FORMAT as set in the environment, for the logs before the settings are validated (a configuration
+    error is then logged in the format asked for); `auto` when unset or not one of its values."""
+    value = (os.environ if environ is None else environ).get("FT_LOG_FORMAT", "auto")
+    return value if value in Settings.model_fields["log_format"].annotation.__args__ else "auto"

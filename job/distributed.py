@@ -120,12 +120,9 @@ def check_launch(cfg: Settings, run_id: str, rendezvous: bool = False) -> int:
         return world_size()
     nproc = processes_per_node(cfg)
     processes = nproc * cfg.nnodes
-    if cfg.global_batch % processes:
-        raise ConfigError([f"FT_BATCH_SIZE={cfg.batch_size}: the global batch of {cfg.global_batch} samples "
-                           f"(FT_BATCH_SIZE x FT_GRADIENT_ACCUMULATION_STEPS={cfg.gradient_accumulation_steps}) "
-                           f"cannot be split evenly over {processes} processes ({nproc} per node, by default one per "
-                           f"visible GPU, x FT_NNODES={cfg.nnodes}); make it a multiple of {processes}, or set "
-                           "FT_NPROC_PER_NODE to fewer processes that it splits over (the recipe stays as set)"])
+    if error := cfg.uneven_global_batch(processes, f"{nproc} per node, by default one per visible GPU, x "
+                                                   f"FT_NNODES={cfg.nnodes}"):
+        raise ConfigError([error])
     if processes > 1 and cfg.strategy == "fsdp" and (cfg.device == "cpu" or not _gpus()):
         raise ConfigError(["FT_STRATEGY=fsdp: FSDP shards over GPUs (accelerate applies it to GPU process groups "
                            "only); on the CPU use ddp"])

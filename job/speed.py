@@ -86,11 +86,8 @@ def plan(cfg: Settings, placement: Placement, model_config, processes: int = 1, 
     # fail to build inside a compiled graph (liger-kernel 0.8.5, RMSNorm: "'float' object has no attribute 'to'").
     liger = cfg.use_liger if cfg.use_liger is not None else \
         cfg.profile != "guide" and gpu and liger_available() and not cfg.compile
-    if cfg.global_batch % processes:
-        raise ConfigError([f"FT_GRADIENT_ACCUMULATION_STEPS={cfg.gradient_accumulation_steps}: the global batch of "
-                           f"{cfg.global_batch} samples (FT_BATCH_SIZE={cfg.batch_size} x "
-                           f"{cfg.gradient_accumulation_steps}) cannot be split evenly over {processes} processes; "
-                           f"make it a multiple of {processes}"])
+    if error := cfg.uneven_global_batch(processes, "the run's processes"):
+        raise ConfigError([error])
     step = cfg.global_batch // processes
     # Packed rows are always padding-free: padded, their samples would attend to each other.
     padding_free = cfg.padding_free if cfg.padding_free is not None else cfg.profile != "guide" or cfg.packing

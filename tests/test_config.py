@@ -110,6 +110,27 @@ def test_missing_yaml_file(monkeypatch, tmp_path):
     assert line.endswith("file not found")
 
 
+def test_a_bad_value_from_the_yaml_file_names_the_file(monkeypatch, tmp_path):
+    f = tmp_path / "settings.yaml"
+    f.write_text("lora_r: -3\nlearning_rate: 0.001\n")
+    monkeypatch.setenv("FT_LEARNING_RATE", "abc")  # the environment's value is reported as the environment's
+    found = problems(monkeypatch, FT_CONFIG_FILE=str(f))
+    assert f"FT_LORA_R=-3 in FT_CONFIG_FILE={f}: input should be greater than 0" in found
+    assert any(line.startswith("FT_LEARNING_RATE=abc: ") for line in found), found
+
+
+@pytest.mark.parametrize("log_format, console", [("console", True), ("json", False)])
+def test_config_errors_are_logged_in_the_format_asked_for(tmp_path, log_format, console):
+    """The settings that name the format are not validated yet when a configuration error is logged."""
+    env = {"PATH": "/usr/bin:/bin", "FT_LORA_R": "-1", "FT_LOG_FORMAT": log_format,
+           "FT_TERMINATION_LOG": str(tmp_path / "term")}
+    proc = subprocess.run([sys.executable, "-m", "job", "check"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 2
+    (line,) = [x for x in (proc.stdout + proc.stderr).splitlines() if "FT_LORA_R=-1" in x]
+    assert line.startswith("{") is not console, line
+    assert ("[error" in line) is console, line
+
+
 def test_cli_reports_config_errors_without_traceback(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "FT_LORA_R": "-1", "FT_BATCHSIZE": "2",
            "FT_TERMINATION_LOG": str(tmp_path / "term")}

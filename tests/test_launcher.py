@@ -132,7 +132,8 @@ def test_global_batch_that_cannot_be_split_is_a_clear_error(tiny_model):
     from job.model import Placement
     import torch
 
-    with pytest.raises(ConfigError, match=r"FT_GRADIENT_ACCUMULATION_STEPS=1: the global batch of 3 .*FT_BATCH_SIZE=3"):
+    with pytest.raises(ConfigError, match=r"^FT_BATCH_SIZE=3 x FT_GRADIENT_ACCUMULATION_STEPS=1: the global batch of 3 "
+                                          r"samples cannot be split evenly over 2 processes \(the run's processes\)"):
         speed.plan(settings(batch_size=3), Placement("cpu", torch.float32), AutoConfig.from_pretrained(tiny_model), 2)
 
 
@@ -186,7 +187,7 @@ def test_a_collective_that_lost_its_peer_is_retriable_and_a_bug_is_not(monkeypat
 
 @pytest.mark.parametrize("kw, gpus, message", [
     # FT_NPROC_PER_NODE unset: every visible GPU, which config validation cannot know (8 GPUs, the default 4 samples)
-    ({"device": "auto"}, 8, "global batch of 4 samples .* cannot be split evenly over 8 processes .* or set "
+    ({"device": "auto"}, 8, "global batch of 4 samples cannot be split evenly over 8 processes .* or set "
                             "FT_NPROC_PER_NODE to fewer processes"),
     ({"batch_size": 3, "nnodes": 2, "node_rank": 0}, 0, "cannot be split evenly over 2 processes"),
     ({"nnodes": 2, "node_rank": 0}, 0, "MASTER_ADDR: not set; with FT_NNODES=2"),
