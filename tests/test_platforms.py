@@ -54,7 +54,7 @@ def test_an_unknown_or_invalid_hyperparameter_is_a_config_error_naming_it(sagema
         load_settings()
     assert info.value.problems[0] == ("FT_LORA_RR: unknown setting in SageMaker's hyperparameters; did you mean "
                                       "FT_LORA_R?")
-    assert any(p.startswith("FT_LORA_DROPOUT=2: ") for p in info.value.problems)
+    assert any(p.startswith("FT_LORA_DROPOUT=2 in SageMaker's hyperparameters: ") for p in info.value.problems)
     (sagemaker / "hyperparameters.json").write_text("[1]")
     with pytest.raises(ConfigError, match="hyperparameters.json: must hold a JSON object"):
         load_settings()
