@@ -253,14 +253,17 @@ class Settings(BaseSettings):
     )
     overwrite: bool = Field(False, description="Replace a completed run with the same run id at the destination.")
     work_dir: Path = Field(
-        Path("/tmp/finetune-job"), description="Local scratch space for downloads and training output."
+        Path("/tmp/finetune-job"), description="Local scratch space for downloads and training output. An empty value "
+        "is refused, as for the other paths (it would be the current directory)."
     )
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="`json` lines, or a `console` with a progress bar; `auto` picks console on a TTY."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe level logged.")
-    termination_log: Path = Field(
-        Path("/dev/termination-log"), description="File that gets a one-line reason when the job ends in failure; in a SageMaker training job /opt/ml/output/failure, which SageMaker reports as the job's failure reason."
+    termination_log: Path | None = Field(
+        Path("/dev/termination-log"), description="File that gets a one-line reason when the job ends in failure; "
+        "empty: none is written. In a SageMaker training job the default is /opt/ml/output/failure, which SageMaker "
+        "reports as the job's failure reason."
     )
 
     # --- quality: what every run shows of what it learned, and what it exports ----------------------------------
@@ -394,6 +397,19 @@ class Settings(BaseSettings):
         if v is not None:
             _prompt_list(v)
         return v
+
+    @field_validator("work_dir", mode="before")
+    @classmethod
+    def _work_dir_given(cls, v: Any) -> Any:
+        # Path("") is the current directory: downloads, checkpoints and their clean-up would land where the job started.
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("empty; give a local directory for scratch space, or leave it unset for /tmp/finetune-job")
+        return v
+
+    @field_validator("termination_log", mode="before")
+    @classmethod
+    def _no_termination_log_when_empty(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v  # as signals.termination_log_path reads it
 
     @field_validator("optim")
     @classmethod

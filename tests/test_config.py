@@ -143,6 +143,19 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
     assert (tmp_path / "term").read_text().startswith("config: ")
 
 
+def test_an_empty_termination_log_writes_none(tmp_path):
+    """FT_TERMINATION_LOG="" means no termination log: it was Path("") in the settings (`config` showed ".") while the
+    failure path fell back to /dev/termination-log (or SageMaker's failure file)."""
+    from conftest import ROOT
+
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "FT_LORA_R": "-1", "FT_TERMINATION_LOG": ""}
+    proc = subprocess.run([sys.executable, "-m", "job", "run"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
+    del env["FT_LORA_R"]
+    proc = subprocess.run([sys.executable, "-m", "job", "config"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and '"termination_log": null' in proc.stdout, proc.stdout + proc.stderr
+
+
 def test_config_command_prints_effective_settings_with_secrets_redacted(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "FT_LORA_R": "8", "HF_TOKEN": "hf_abcdefghijklmnopqrstuvwxyz0123",
            "FT_DATASET": "acme/hf_abcdefghijklmnopqrstuvwxyz0123"}
@@ -202,6 +215,9 @@ def test_a_file_uri_is_the_local_path_it_names(tmp_path):
     ({"FT_OUTPUT_URI": "s3:bucket/x"}, "FT_OUTPUT_URI=s3:bucket/x: write it as s3://bucket/prefix"),
     ({"FT_OUTPUT_URI": " s3://bucket/x"}, "FT_OUTPUT_URI= s3://bucket/x: has leading or trailing whitespace"),
     ({"FT_OUTPUT_URI": ""}, "FT_OUTPUT_URI=: empty"),
+    # was Path(""), the current directory: downloads and checkpoints landed (and were cleaned up) where the job started
+    ({"FT_WORK_DIR": ""}, "FT_WORK_DIR=: empty; give a local directory for scratch space, or leave it unset for "
+                          "/tmp/finetune-job"),
     ({"FT_ANSWER_ROLES": "assistant,user"}, "FT_ANSWER_ROLES=assistant,user: user asks, it does not answer"),
     ({"FT_PACKING": "true", "FT_PADDING_FREE": "false"}, "FT_PACKING=true with FT_PADDING_FREE=false"),
     ({"FT_BATCH_SIZE": "3", "FT_NPROC_PER_NODE": "2"}, "cannot be split evenly over 2 processes"),
