@@ -73,7 +73,8 @@ class Settings(BaseSettings):
     )
     text_field: str = Field("text", description="Column holding the raw text for the `text` format.")
     max_seq_length: int = Field(
-        1024, gt=0, description="Tokens per sample; longer samples are truncated and counted in the log."
+        1024, ge=2, description="Tokens per sample, at least 2 (a causal LM learns each token from those before it: "
+        "one token alone trains nothing); longer samples are truncated and counted in the log."
     )
     max_samples: int | None = Field(None, gt=0, description="Use only the first N records of the training split (and of "
                                        "FT_EVAL_SPLIT), before FT_EVAL_FRACTION is held out of them (smoke runs).")

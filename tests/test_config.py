@@ -226,6 +226,8 @@ def test_a_file_uri_is_the_local_path_it_names(tmp_path):
     ({"FT_TB_SYNC_SECONDS": "inf"}, "FT_TB_SYNC_SECONDS=inf: input should be a finite number"),
     ({"FT_LEARNING_RATE": "inf"}, "FT_LEARNING_RATE=inf: input should be a finite number"),
     ({"FT_SEED": "-1"}, "FT_SEED=-1: input should be greater than or equal to 0"),
+    # was a data error (exit 3) after the tokenizer and the data were downloaded: no sample had a token to learn from
+    ({"FT_MAX_SEQ_LENGTH": "1"}, "FT_MAX_SEQ_LENGTH=1: input should be greater than or equal to 2"),
     ({"FT_SEED": "99999999999"}, "FT_SEED=99999999999: input should be less than 4294967296"),
     ({"FT_LR_SCHEDULER_TYPE": "cosine_with_min_lr"}, "FT_LR_SCHEDULER_TYPE=cosine_with_min_lr: must be one of"),
     ({"FT_LR_SCHEDULER_TYPE": "warmup_stable_decay"}, "FT_LR_SCHEDULER_TYPE=warmup_stable_decay: must be one of"),
