@@ -10,6 +10,7 @@ are generated from or tested against this file.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -63,7 +64,9 @@ class Settings(BaseSettings):
         description="Existing split to evaluate on; when unset, `FT_EVAL_FRACTION` of the training split is held out.",
     )
     eval_fraction: float = Field(
-        0.1, ge=0.0, lt=1.0, description="Fraction of the training split held out for evaluation (0 disables eval)."
+        0.1, ge=0.0, lt=1.0, description="Fraction of the training split held out for evaluation (0 disables eval), rounded up to "
+        "whole records. Both parts need a record, so a split (or FT_MAX_SAMPLES) with fewer records than that (2 up to "
+        "0.5, 10 at 0.9) is a configuration error rather than a run without evaluation."
     )
     dataset_format: Literal["auto", "text", "chat", "alpaca", "prompt_completion", "tokens"] = Field(
         "auto",
@@ -76,8 +79,11 @@ class Settings(BaseSettings):
         1024, ge=2, description="Tokens per sample, at least 2 (a causal LM learns each token from those before it: "
         "one token alone trains nothing); longer samples are truncated and counted in the log."
     )
-    max_samples: int | None = Field(None, gt=0, description="Use only the first N records of the training split (and of "
-                                       "FT_EVAL_SPLIT), before FT_EVAL_FRACTION is held out of them (smoke runs).")
+    max_samples: int | None = Field(
+        None, gt=0, description="Use only the first N records of the training split (and of FT_EVAL_SPLIT), before "
+        "FT_EVAL_FRACTION is held out of them (smoke runs); with FT_EVAL_FRACTION above 0, enough that both parts keep "
+        "a record (2 at the default 0.1)."
+    )
     completion_only_loss: bool = Field(
         True,
         description="Train on response tokens only where the format marks them (prompt/completion, alpaca, chat "
@@ -476,6 +482,15 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _max_samples_leave_both_splits_a_sample(self) -> Settings:
+        needed = self.records_to_split
+        if self.max_samples is not None and needed and self.max_samples < needed:
+            raise ValueError(f"FT_MAX_SAMPLES={self.max_samples}: too few records to hold out FT_EVAL_FRACTION="
+                             f"{self.eval_fraction:g} for evaluation and keep one for training; use "
+                             f"FT_MAX_SAMPLES={needed} or more, or FT_EVAL_FRACTION=0 to train without evaluation")
+        return self
+
+    @model_validator(mode="after")
     def _a_failing_quality_check_has_something_to_check(self) -> Settings:
         no_eval = self.eval_split is None and self.eval_fraction == 0
         if self.quality_check == "fail" and no_eval and not self.sample_prompts:
@@ -557,6 +572,18 @@ class Settings(BaseSettings):
         weights are stored as bytes (model.quantization_config), no dequantized copy is taken (speed.plan) and the
         Trainer wraps the model in FSDP2 (train.sft_config)."""
         return processes > 1 and self.strategy == "fsdp"
+
+    @property
+    def records_to_split(self) -> int | None:
+        """The fewest records of the training split that FT_EVAL_FRACTION divides into an evaluation and a training
+        part of one record or more each (datasets' train_test_split holds out ceil(fraction x records)); None when
+        nothing is held out (FT_EVAL_SPLIT set, or FT_EVAL_FRACTION=0)."""
+        if self.eval_split is not None or self.eval_fraction <= 0:
+            return None
+        n = max(2, math.ceil(1 / (1 - self.eval_fraction)) - 1)  # the bound, less one for float rounding
+        while math.ceil(self.eval_fraction * n) >= n:
+            n += 1
+        return n
 
     @property
     def target_modules(self) -> list[str] | str | None:

@@ -170,6 +170,14 @@ def test_config_command_prints_effective_settings_with_secrets_redacted(tmp_path
     assert "hunter22" not in proc.stdout + proc.stderr and "hf_abcdefghijklmnopqrstuvwxyz0123" not in proc.stderr
 
 
+@pytest.mark.parametrize("env", [{"FT_EVAL_FRACTION": "0"}, {"FT_EVAL_SPLIT": "test"}, {"FT_EVAL_FRACTION": "0.5"}])
+def test_one_or_two_samples_are_a_valid_smoke_run_where_they_leave_a_training_record(monkeypatch, env):
+    monkeypatch.setenv("FT_MAX_SAMPLES", "2" if env.get("FT_EVAL_FRACTION") == "0.5" else "1")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    load_settings()
+
+
 def test_every_setting_is_documented():
     for name, field in Settings.model_fields.items():
         assert field.description and field.description.endswith((".", ")")), name
@@ -237,6 +245,11 @@ def test_a_file_uri_is_the_local_path_it_names(tmp_path):
     ({"FT_PADDING_FREE": "false", "FT_MICRO_BATCH_TOKENS": "4096"}, "and this run pads them"),
     ({"FT_PACKING_LENGTH": "4096"}, "FT_PACKING_LENGTH=4096: only with FT_PACKING=true"),
     ({"FT_EVAL_SPLIT": "train"}, "FT_EVAL_SPLIT=train: the split it trains on"),
+    # trained without evaluation (one record), or failed with datasets' traceback (exit 1) when no training record stayed
+    ({"FT_MAX_SAMPLES": "1"}, "FT_MAX_SAMPLES=1: too few records to hold out FT_EVAL_FRACTION=0.1 for evaluation and "
+                              "keep one for training; use FT_MAX_SAMPLES=2 or more, or FT_EVAL_FRACTION=0 to train "
+                              "without evaluation"),
+    ({"FT_MAX_SAMPLES": "9", "FT_EVAL_FRACTION": "0.9"}, "use FT_MAX_SAMPLES=10 or more"),
 ])
 def test_mistakes_found_before_anything_runs(monkeypatch, env, message):
     from job.config import load_settings
