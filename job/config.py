@@ -291,7 +291,9 @@ class Settings(BaseSettings):
     quality_check: Literal["warn", "fail"] = Field(
         "warn", description="A run whose eval loss did not fall, or fewer than half of whose sample answers stop within "
         "FT_SAMPLE_MAX_NEW_TOKENS, logs a warning that says what to change (`warn`); `fail` also ends it with exit "
-        "code 9 once its results are published (the manifest's `quality.problems` lists why)."
+        "code 9 once its results are published (the manifest's `quality.problems` lists why). `fail` with nothing to "
+        "check is a configuration error: no eval loss (FT_EVAL_FRACTION=0, no FT_EVAL_SPLIT) and no sample answers "
+        "(no FT_SAMPLE_PROMPTS, or FSDP over several processes, which skips them)."
     )
     export: Literal["adapter", "merged"] = Field(
         "adapter", description="`merged` also writes `merged/`: the LoRA merged into a bf16 copy of the base model "
@@ -492,10 +494,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _a_failing_quality_check_has_something_to_check(self) -> Settings:
-        no_eval = self.eval_split is None and self.eval_fraction == 0
-        if self.quality_check == "fail" and no_eval and not self.sample_prompts:
-            raise ValueError("FT_QUALITY_CHECK=fail: nothing to check with FT_EVAL_FRACTION=0 and no FT_EVAL_SPLIT "
-                             "(no eval loss) nor FT_SAMPLE_PROMPTS (no sample answers); hold out data or give prompts")
+        # The processes as far as the settings tell (as for FT_DEQUANTIZE_ONCE); FT_NPROC_PER_NODE's default, one per
+        # visible GPU, is counted by distributed.check_launch, before any download.
+        if error := self.nothing_to_check((self.nproc_per_node or 1) * self.nnodes):
+            raise ValueError(error)
         return self
 
     @model_validator(mode="after")
@@ -584,6 +586,21 @@ class Settings(BaseSettings):
         while math.ceil(self.eval_fraction * n) >= n:
             n += 1
         return n
+
+    def nothing_to_check(self, processes: int) -> str | None:
+        """The one-line error when FT_QUALITY_CHECK=fail would check nothing in a run of `processes` processes: no
+        eval loss (FT_EVAL_FRACTION=0, no FT_EVAL_SPLIT) and no sample answers (no FT_SAMPLE_PROMPTS, or the model
+        sharded by FSDP, under which job.quality skips them); else None."""
+        if self.quality_check != "fail" or self.eval_split is not None or self.eval_fraction > 0:
+            return None
+        if not self.sample_prompts:
+            return ("FT_QUALITY_CHECK=fail: nothing to check with FT_EVAL_FRACTION=0 and no FT_EVAL_SPLIT (no eval "
+                    "loss) nor FT_SAMPLE_PROMPTS (no sample answers); hold out data or give prompts")
+        if self.shards_model(processes):
+            return ("FT_QUALITY_CHECK=fail: nothing to check with FT_EVAL_FRACTION=0 and no FT_EVAL_SPLIT (no eval "
+                    "loss), and FT_SAMPLE_PROMPTS are not answered while FSDP shards the model (FT_STRATEGY=fsdp with "
+                    "several processes); hold out data, or use FT_STRATEGY=ddp")
+        return None
 
     @property
     def target_modules(self) -> list[str] | str | None:

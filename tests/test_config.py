@@ -178,6 +178,16 @@ def test_one_or_two_samples_are_a_valid_smoke_run_where_they_leave_a_training_re
     load_settings()
 
 
+@pytest.mark.parametrize("env", [{"FT_STRATEGY": "ddp", "FT_NPROC_PER_NODE": "2"}, {"FT_STRATEGY": "fsdp"},
+                                 {"FT_STRATEGY": "fsdp", "FT_NPROC_PER_NODE": "2", "FT_EVAL_FRACTION": "0.1"}])
+def test_a_failing_quality_check_with_prompts_alone_is_valid_where_they_are_answered(monkeypatch, env):
+    """The prompts are answered with DDP and in one process; under FSDP an eval loss is something to check."""
+    for key, value in {"FT_QUALITY_CHECK": "fail", "FT_EVAL_FRACTION": "0", "FT_SAMPLE_PROMPTS": '["Hi?"]',
+                       **env}.items():
+        monkeypatch.setenv(key, value)
+    load_settings()
+
+
 def test_every_setting_is_documented():
     for name, field in Settings.model_fields.items():
         assert field.description and field.description.endswith((".", ")")), name
@@ -240,6 +250,12 @@ def test_a_file_uri_is_the_local_path_it_names(tmp_path):
     ({"FT_LR_SCHEDULER_TYPE": "cosine_with_min_lr"}, "FT_LR_SCHEDULER_TYPE=cosine_with_min_lr: must be one of"),
     ({"FT_LR_SCHEDULER_TYPE": "warmup_stable_decay"}, "FT_LR_SCHEDULER_TYPE=warmup_stable_decay: must be one of"),
     ({"FT_QUALITY_CHECK": "fail", "FT_EVAL_FRACTION": "0"}, "FT_QUALITY_CHECK=fail: nothing to check"),
+    # FSDP skips the sample answers (job.quality): the prompts alone checked nothing
+    ({"FT_QUALITY_CHECK": "fail", "FT_EVAL_FRACTION": "0", "FT_SAMPLE_PROMPTS": '["Two in words?"]',
+      "FT_STRATEGY": "fsdp", "FT_NPROC_PER_NODE": "2"},
+     "FT_QUALITY_CHECK=fail: nothing to check with FT_EVAL_FRACTION=0 and no FT_EVAL_SPLIT (no eval loss), and "
+     "FT_SAMPLE_PROMPTS are not answered while FSDP shards the model (FT_STRATEGY=fsdp with several processes); hold "
+     "out data, or use FT_STRATEGY=ddp"),
     # settings that would do nothing
     ({"FT_PROFILE": "guide", "FT_MICRO_BATCH_TOKENS": "4096"}, "FT_MICRO_BATCH_TOKENS=4096: sizes padding-free"),
     ({"FT_PADDING_FREE": "false", "FT_MICRO_BATCH_TOKENS": "4096"}, "and this run pads them"),
