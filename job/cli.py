@@ -173,7 +173,7 @@ def _fail(e: JobError, keep_termination_log: bool = False) -> int:
         for line in lines:
             log.get().error(log.redact(line), exit_code=e.exit_code, reason=e.exit_name)
     path = termination_log_path()
-    if not (keep_termination_log and path.is_file() and path.stat().st_size):
+    if not (keep_termination_log and path is not None and path.is_file() and path.stat().st_size):
         write_termination_log(log.redact(f"{e.exit_name}: {e.reason}"))
     return e.exit_code
 

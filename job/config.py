@@ -10,6 +10,7 @@ are generated from or tested against this file.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -63,7 +64,9 @@ class Settings(BaseSettings):
         description="Existing split to evaluate on; when unset, `FT_EVAL_FRACTION` of the training split is held out.",
     )
     eval_fraction: float = Field(
-        0.1, ge=0.0, lt=1.0, description="Fraction of the training split held out for evaluation (0 disables eval)."
+        0.1, ge=0.0, lt=1.0, description="Fraction of the training split held out for evaluation (0 disables eval), rounded up to "
+        "whole records. Both parts need a record, so a split (or FT_MAX_SAMPLES) with fewer records than that (2 up to "
+        "0.5, 10 at 0.9) is a configuration error rather than a run without evaluation."
     )
     dataset_format: Literal["auto", "text", "chat", "alpaca", "prompt_completion", "tokens"] = Field(
         "auto",
@@ -73,10 +76,14 @@ class Settings(BaseSettings):
     )
     text_field: str = Field("text", description="Column holding the raw text for the `text` format.")
     max_seq_length: int = Field(
-        1024, gt=0, description="Tokens per sample; longer samples are truncated and counted in the log."
+        1024, ge=2, description="Tokens per sample, at least 2 (a causal LM learns each token from those before it: "
+        "one token alone trains nothing); longer samples are truncated and counted in the log."
     )
-    max_samples: int | None = Field(None, gt=0, description="Use only the first N records of the training split (and of "
-                                       "FT_EVAL_SPLIT), before FT_EVAL_FRACTION is held out of them (smoke runs).")
+    max_samples: int | None = Field(
+        None, gt=0, description="Use only the first N records of the training split (and of FT_EVAL_SPLIT), before "
+        "FT_EVAL_FRACTION is held out of them (smoke runs); with FT_EVAL_FRACTION above 0, enough that both parts keep "
+        "a record (2 at the default 0.1)."
+    )
     completion_only_loss: bool = Field(
         True,
         description="Train on response tokens only where the format marks them (prompt/completion, alpaca, chat "
@@ -253,14 +260,17 @@ class Settings(BaseSettings):
     )
     overwrite: bool = Field(False, description="Replace a completed run with the same run id at the destination.")
     work_dir: Path = Field(
-        Path("/tmp/finetune-job"), description="Local scratch space for downloads and training output."
+        Path("/tmp/finetune-job"), description="Local scratch space for downloads and training output. An empty value "
+        "is refused, as for the other paths (it would be the current directory)."
     )
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="`json` lines, or a `console` with a progress bar; `auto` picks console on a TTY."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe level logged.")
-    termination_log: Path = Field(
-        Path("/dev/termination-log"), description="File that gets a one-line reason when the job ends in failure; in a SageMaker training job /opt/ml/output/failure, which SageMaker reports as the job's failure reason."
+    termination_log: Path | None = Field(
+        Path("/dev/termination-log"), description="File that gets a one-line reason when the job ends in failure; "
+        "empty: none is written. In a SageMaker training job the default is /opt/ml/output/failure, which SageMaker "
+        "reports as the job's failure reason."
     )
 
     # --- quality: what every run shows of what it learned, and what it exports ----------------------------------
@@ -281,7 +291,9 @@ class Settings(BaseSettings):
     quality_check: Literal["warn", "fail"] = Field(
         "warn", description="A run whose eval loss did not fall, or fewer than half of whose sample answers stop within "
         "FT_SAMPLE_MAX_NEW_TOKENS, logs a warning that says what to change (`warn`); `fail` also ends it with exit "
-        "code 9 once its results are published (the manifest's `quality.problems` lists why)."
+        "code 9 once its results are published (the manifest's `quality.problems` lists why). `fail` with nothing to "
+        "check is a configuration error: no eval loss (FT_EVAL_FRACTION=0, no FT_EVAL_SPLIT) and no sample answers "
+        "(no FT_SAMPLE_PROMPTS, or FSDP over several processes, which skips them)."
     )
     export: Literal["adapter", "merged"] = Field(
         "adapter", description="`merged` also writes `merged/`: the LoRA merged into a bf16 copy of the base model "
@@ -395,6 +407,19 @@ class Settings(BaseSettings):
             _prompt_list(v)
         return v
 
+    @field_validator("work_dir", mode="before")
+    @classmethod
+    def _work_dir_given(cls, v: Any) -> Any:
+        # Path("") is the current directory: downloads, checkpoints and their clean-up would land where the job started.
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("empty; give a local directory for scratch space, or leave it unset for /tmp/finetune-job")
+        return v
+
+    @field_validator("termination_log", mode="before")
+    @classmethod
+    def _no_termination_log_when_empty(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v  # as signals.termination_log_path reads it
+
     @field_validator("optim")
     @classmethod
     def _known_optimizer(cls, v: str) -> str:
@@ -459,11 +484,20 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _max_samples_leave_both_splits_a_sample(self) -> Settings:
+        needed = self.records_to_split
+        if self.max_samples is not None and needed and self.max_samples < needed:
+            raise ValueError(f"FT_MAX_SAMPLES={self.max_samples}: too few records to hold out FT_EVAL_FRACTION="
+                             f"{self.eval_fraction:g} for evaluation and keep one for training; use "
+                             f"FT_MAX_SAMPLES={needed} or more, or FT_EVAL_FRACTION=0 to train without evaluation")
+        return self
+
+    @model_validator(mode="after")
     def _a_failing_quality_check_has_something_to_check(self) -> Settings:
-        no_eval = self.eval_split is None and self.eval_fraction == 0
-        if self.quality_check == "fail" and no_eval and not self.sample_prompts:
-            raise ValueError("FT_QUALITY_CHECK=fail: nothing to check with FT_EVAL_FRACTION=0 and no FT_EVAL_SPLIT "
-                             "(no eval loss) nor FT_SAMPLE_PROMPTS (no sample answers); hold out data or give prompts")
+        # The processes as far as the settings tell (as for FT_DEQUANTIZE_ONCE); FT_NPROC_PER_NODE's default, one per
+        # visible GPU, is counted by distributed.check_launch, before any download.
+        if error := self.nothing_to_check((self.nproc_per_node or 1) * self.nnodes):
+            raise ValueError(error)
         return self
 
     @model_validator(mode="after")
@@ -540,6 +574,33 @@ class Settings(BaseSettings):
         weights are stored as bytes (model.quantization_config), no dequantized copy is taken (speed.plan) and the
         Trainer wraps the model in FSDP2 (train.sft_config)."""
         return processes > 1 and self.strategy == "fsdp"
+
+    @property
+    def records_to_split(self) -> int | None:
+        """The fewest records of the training split that FT_EVAL_FRACTION divides into an evaluation and a training
+        part of one record or more each (datasets' train_test_split holds out ceil(fraction x records)); None when
+        nothing is held out (FT_EVAL_SPLIT set, or FT_EVAL_FRACTION=0)."""
+        if self.eval_split is not None or self.eval_fraction <= 0:
+            return None
+        n = max(2, math.ceil(1 / (1 - self.eval_fraction)) - 1)  # the bound, less one for float rounding
+        while math.ceil(self.eval_fraction * n) >= n:
+            n += 1
+        return n
+
+    def nothing_to_check(self, processes: int) -> str | None:
+        """The one-line error when FT_QUALITY_CHECK=fail would check nothing in a run of `processes` processes: no
+        eval loss (FT_EVAL_FRACTION=0, no FT_EVAL_SPLIT) and no sample answers (no FT_SAMPLE_PROMPTS, or the model
+        sharded by FSDP, under which job.quality skips them); else None."""
+        if self.quality_check != "fail" or self.eval_split is not None or self.eval_fraction > 0:
+            return None
+        if not self.sample_prompts:
+            return ("FT_QUALITY_CHECK=fail: nothing to check with FT_EVAL_FRACTION=0 and no FT_EVAL_SPLIT (no eval "
+                    "loss) nor FT_SAMPLE_PROMPTS (no sample answers); hold out data or give prompts")
+        if self.shards_model(processes):
+            return ("FT_QUALITY_CHECK=fail: nothing to check with FT_EVAL_FRACTION=0 and no FT_EVAL_SPLIT (no eval "
+                    "loss), and FT_SAMPLE_PROMPTS are not answered while FSDP shards the model (FT_STRATEGY=fsdp with "
+                    "several processes); hold out data, or use FT_STRATEGY=ddp")
+        return None
 
     @property
     def target_modules(self) -> list[str] | str | None:

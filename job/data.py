@@ -76,7 +76,12 @@ def load_splits(cfg: Settings, path: Path):
         if cfg.eval_split not in splits:
             raise ConfigError([f"FT_EVAL_SPLIT={cfg.eval_split}: no such split; the dataset has {', '.join(splits)}"])
         evaluation = _first(ds[cfg.eval_split], cfg.max_samples)
-    elif cfg.eval_fraction > 0 and len(train) > 1:
+    elif cfg.eval_fraction > 0 and len(train):
+        if len(train) < (needed := cfg.records_to_split):  # it trained without evaluation, or datasets raised
+            raise ConfigError([f"FT_DATASET={cfg.dataset}: split {cfg.dataset_split} has {len(train)} record(s), too "
+                               f"few to hold out FT_EVAL_FRACTION={cfg.eval_fraction:g} for evaluation and keep one "
+                               f"for training ({needed} needed); add records, evaluate on FT_EVAL_SPLIT, or set "
+                               "FT_EVAL_FRACTION=0 to train without evaluation"])
         parts = train.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
         train, evaluation = parts["train"], parts["test"]
     if len(train) == 0:

@@ -112,10 +112,11 @@ def torchrun_args(cfg: Settings, run_id: str, nproc: int | None = None) -> list[
 def check_launch(cfg: Settings, run_id: str, rendezvous: bool = False) -> int:
     """What the processes of a run need of the settings, checked before anything is downloaded (`finetune-job check`,
     preflight) and again before torchrun starts: the global batch splits evenly over every process of every node
-    (FT_NPROC_PER_NODE defaults to each visible GPU, so config validation alone cannot know the count) and FSDP has
-    GPUs; with `rendezvous` (the launch itself, not `check`, which may run elsewhere than the nodes), that several
-    nodes know where to meet (MASTER_ADDR, MASTER_PORT, FT_NODE_RANK). Returns the process count over all nodes;
-    raises ConfigError naming the setting. A torchrun worker has passed these already: returns its world size."""
+    (FT_NPROC_PER_NODE defaults to each visible GPU, so config validation alone cannot know the count), FSDP has
+    GPUs and FT_QUALITY_CHECK=fail has something to check under it; with `rendezvous` (the launch itself, not `check`,
+    which may run elsewhere than the nodes), that several nodes know where to meet (MASTER_ADDR, MASTER_PORT,
+    FT_NODE_RANK). Returns the process count over all nodes; raises ConfigError naming the setting. A torchrun worker
+    has passed these already: returns its world size."""
     if is_worker():
         return world_size()
     nproc = processes_per_node(cfg)
@@ -126,6 +127,8 @@ def check_launch(cfg: Settings, run_id: str, rendezvous: bool = False) -> int:
     if processes > 1 and cfg.strategy == "fsdp" and (cfg.device == "cpu" or not _gpus()):
         raise ConfigError(["FT_STRATEGY=fsdp: FSDP shards over GPUs (accelerate applies it to GPU process groups "
                            "only); on the CPU use ddp"])
+    if error := cfg.nothing_to_check(processes):  # FSDP over the default count: the sample answers are skipped
+        raise ConfigError([error])
     if processes > 1 and rendezvous:
         torchrun_args(cfg, run_id, nproc)  # MASTER_ADDR, MASTER_PORT and the node rank, as the launch reads them
     return processes

@@ -32,18 +32,23 @@ DEFAULT_GRACE_SECONDS = 25.0  # until the settings give FT_TERMINATION_GRACE_SEC
 DEFAULT_TERMINATION_LOG = Path("/dev/termination-log")
 
 
-def termination_log_path() -> Path:
+def termination_log_path() -> Path | None:
+    """FT_TERMINATION_LOG, else the batch service's failure file (SageMaker's) or Kubernetes' /dev/termination-log;
+    None when FT_TERMINATION_LOG is set but empty (no termination log, as job.config reads it)."""
     # The settings may be the very thing that failed, so the path is read from the environment.
     from job import platforms  # the standard library only, like this module
 
-    return Path(os.environ.get("FT_TERMINATION_LOG") or platforms.termination_log(os.environ)
-                or DEFAULT_TERMINATION_LOG)
+    given = os.environ.get("FT_TERMINATION_LOG")
+    if given is not None and not given.strip():
+        return None
+    return Path(given or platforms.termination_log(os.environ) or DEFAULT_TERMINATION_LOG)
 
 
 def write_termination_log(reason: str) -> None:
-    """Write the one-line reason to FT_TERMINATION_LOG (Kubernetes' /dev/termination-log only where it exists)."""
+    """Write the one-line reason to FT_TERMINATION_LOG (Kubernetes' /dev/termination-log only where it exists;
+    nothing when FT_TERMINATION_LOG is empty)."""
     path = termination_log_path()
-    if path == DEFAULT_TERMINATION_LOG and not path.exists():
+    if path is None or (path == DEFAULT_TERMINATION_LOG and not path.exists()):
         return
     try:
         path.write_text(reason[:4000] + "\n")

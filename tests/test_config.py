@@ -143,6 +143,19 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
     assert (tmp_path / "term").read_text().startswith("config: ")
 
 
+def test_an_empty_termination_log_writes_none(tmp_path):
+    """FT_TERMINATION_LOG="" means no termination log: it was Path("") in the settings (`config` showed ".") while the
+    failure path fell back to /dev/termination-log (or SageMaker's failure file)."""
+    from conftest import ROOT
+
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "FT_LORA_R": "-1", "FT_TERMINATION_LOG": ""}
+    proc = subprocess.run([sys.executable, "-m", "job", "run"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
+    del env["FT_LORA_R"]
+    proc = subprocess.run([sys.executable, "-m", "job", "config"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and '"termination_log": null' in proc.stdout, proc.stdout + proc.stderr
+
+
 def test_config_command_prints_effective_settings_with_secrets_redacted(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "FT_LORA_R": "8", "HF_TOKEN": "hf_abcdefghijklmnopqrstuvwxyz0123",
            "FT_DATASET": "acme/hf_abcdefghijklmnopqrstuvwxyz0123"}
@@ -155,6 +168,24 @@ def test_config_command_prints_effective_settings_with_secrets_redacted(tmp_path
     proc = subprocess.run([sys.executable, "-m", "job", "config"], env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and "FT_BASE_MODEL=https://***@example.com/model ***: https:// is not" in proc.stderr
     assert "hunter22" not in proc.stdout + proc.stderr and "hf_abcdefghijklmnopqrstuvwxyz0123" not in proc.stderr
+
+
+@pytest.mark.parametrize("env", [{"FT_EVAL_FRACTION": "0"}, {"FT_EVAL_SPLIT": "test"}, {"FT_EVAL_FRACTION": "0.5"}])
+def test_one_or_two_samples_are_a_valid_smoke_run_where_they_leave_a_training_record(monkeypatch, env):
+    monkeypatch.setenv("FT_MAX_SAMPLES", "2" if env.get("FT_EVAL_FRACTION") == "0.5" else "1")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    load_settings()
+
+
+@pytest.mark.parametrize("env", [{"FT_STRATEGY": "ddp", "FT_NPROC_PER_NODE": "2"}, {"FT_STRATEGY": "fsdp"},
+                                 {"FT_STRATEGY": "fsdp", "FT_NPROC_PER_NODE": "2", "FT_EVAL_FRACTION": "0.1"}])
+def test_a_failing_quality_check_with_prompts_alone_is_valid_where_they_are_answered(monkeypatch, env):
+    """The prompts are answered with DDP and in one process; under FSDP an eval loss is something to check."""
+    for key, value in {"FT_QUALITY_CHECK": "fail", "FT_EVAL_FRACTION": "0", "FT_SAMPLE_PROMPTS": '["Hi?"]',
+                       **env}.items():
+        monkeypatch.setenv(key, value)
+    load_settings()
 
 
 def test_every_setting_is_documented():
@@ -202,6 +233,9 @@ def test_a_file_uri_is_the_local_path_it_names(tmp_path):
     ({"FT_OUTPUT_URI": "s3:bucket/x"}, "FT_OUTPUT_URI=s3:bucket/x: write it as s3://bucket/prefix"),
     ({"FT_OUTPUT_URI": " s3://bucket/x"}, "FT_OUTPUT_URI= s3://bucket/x: has leading or trailing whitespace"),
     ({"FT_OUTPUT_URI": ""}, "FT_OUTPUT_URI=: empty"),
+    # was Path(""), the current directory: downloads and checkpoints landed (and were cleaned up) where the job started
+    ({"FT_WORK_DIR": ""}, "FT_WORK_DIR=: empty; give a local directory for scratch space, or leave it unset for "
+                          "/tmp/finetune-job"),
     ({"FT_ANSWER_ROLES": "assistant,user"}, "FT_ANSWER_ROLES=assistant,user: user asks, it does not answer"),
     ({"FT_PACKING": "true", "FT_PADDING_FREE": "false"}, "FT_PACKING=true with FT_PADDING_FREE=false"),
     ({"FT_BATCH_SIZE": "3", "FT_NPROC_PER_NODE": "2"}, "cannot be split evenly over 2 processes"),
@@ -210,15 +244,28 @@ def test_a_file_uri_is_the_local_path_it_names(tmp_path):
     ({"FT_TB_SYNC_SECONDS": "inf"}, "FT_TB_SYNC_SECONDS=inf: input should be a finite number"),
     ({"FT_LEARNING_RATE": "inf"}, "FT_LEARNING_RATE=inf: input should be a finite number"),
     ({"FT_SEED": "-1"}, "FT_SEED=-1: input should be greater than or equal to 0"),
+    # was a data error (exit 3) after the tokenizer and the data were downloaded: no sample had a token to learn from
+    ({"FT_MAX_SEQ_LENGTH": "1"}, "FT_MAX_SEQ_LENGTH=1: input should be greater than or equal to 2"),
     ({"FT_SEED": "99999999999"}, "FT_SEED=99999999999: input should be less than 4294967296"),
     ({"FT_LR_SCHEDULER_TYPE": "cosine_with_min_lr"}, "FT_LR_SCHEDULER_TYPE=cosine_with_min_lr: must be one of"),
     ({"FT_LR_SCHEDULER_TYPE": "warmup_stable_decay"}, "FT_LR_SCHEDULER_TYPE=warmup_stable_decay: must be one of"),
     ({"FT_QUALITY_CHECK": "fail", "FT_EVAL_FRACTION": "0"}, "FT_QUALITY_CHECK=fail: nothing to check"),
+    # FSDP skips the sample answers (job.quality): the prompts alone checked nothing
+    ({"FT_QUALITY_CHECK": "fail", "FT_EVAL_FRACTION": "0", "FT_SAMPLE_PROMPTS": '["Two in words?"]',
+      "FT_STRATEGY": "fsdp", "FT_NPROC_PER_NODE": "2"},
+     "FT_QUALITY_CHECK=fail: nothing to check with FT_EVAL_FRACTION=0 and no FT_EVAL_SPLIT (no eval loss), and "
+     "FT_SAMPLE_PROMPTS are not answered while FSDP shards the model (FT_STRATEGY=fsdp with several processes); hold "
+     "out data, or use FT_STRATEGY=ddp"),
     # settings that would do nothing
     ({"FT_PROFILE": "guide", "FT_MICRO_BATCH_TOKENS": "4096"}, "FT_MICRO_BATCH_TOKENS=4096: sizes padding-free"),
     ({"FT_PADDING_FREE": "false", "FT_MICRO_BATCH_TOKENS": "4096"}, "and this run pads them"),
     ({"FT_PACKING_LENGTH": "4096"}, "FT_PACKING_LENGTH=4096: only with FT_PACKING=true"),
     ({"FT_EVAL_SPLIT": "train"}, "FT_EVAL_SPLIT=train: the split it trains on"),
+    # trained without evaluation (one record), or failed with datasets' traceback (exit 1) when no training record stayed
+    ({"FT_MAX_SAMPLES": "1"}, "FT_MAX_SAMPLES=1: too few records to hold out FT_EVAL_FRACTION=0.1 for evaluation and "
+                              "keep one for training; use FT_MAX_SAMPLES=2 or more, or FT_EVAL_FRACTION=0 to train "
+                              "without evaluation"),
+    ({"FT_MAX_SAMPLES": "9", "FT_EVAL_FRACTION": "0.9"}, "use FT_MAX_SAMPLES=10 or more"),
 ])
 def test_mistakes_found_before_anything_runs(monkeypatch, env, message):
     from job.config import load_settings

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -146,6 +147,20 @@ def test_every_file_type_loads_and_splits_90_10(tmp_path, suffix):
     assert len(train) + len(evaluation) == len(frame)
     assert len(evaluation) == math.ceil(0.1 * len(frame))  # datasets rounds the test share up
     assert set(train["text"]).isdisjoint(evaluation["text"])
+
+
+@pytest.mark.parametrize("records, fraction, needed", [(1, 0.1, 2), (2, 0.9, 10)])
+def test_too_few_records_to_hold_out_the_eval_fraction_are_a_config_error(tmp_path, records, fraction, needed):
+    """One record trained without evaluation, silently; two at 0.9 left no training record: datasets' ValueError."""
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"text": f"sample {i}"}) + "\n" for i in range(records)))
+    with pytest.raises(ConfigError, match=re.escape(
+            f"FT_DATASET={path}: split train has {records} record(s), too few to hold out FT_EVAL_FRACTION={fraction} "
+            f"for evaluation and keep one for training ({needed} needed); add records, evaluate on FT_EVAL_SPLIT, or "
+            "set FT_EVAL_FRACTION=0 to train without evaluation")):
+        load_splits(settings(dataset=str(path), eval_fraction=fraction), path)
+    train, evaluation = load_splits(settings(dataset=str(path), eval_fraction=0), path)
+    assert (len(train), evaluation) == (records, None)
 
 
 def test_directory_with_named_splits_uses_them(tmp_path):

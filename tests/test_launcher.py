@@ -192,6 +192,9 @@ def test_a_collective_that_lost_its_peer_is_retriable_and_a_bug_is_not(monkeypat
     ({"batch_size": 3, "nnodes": 2, "node_rank": 0}, 0, "cannot be split evenly over 2 processes"),
     ({"nnodes": 2, "node_rank": 0}, 0, "MASTER_ADDR: not set; with FT_NNODES=2"),
     ({"nproc_per_node": 2, "strategy": "fsdp"}, 0, "FT_STRATEGY=fsdp: FSDP shards over GPUs"),
+    # FSDP over every visible GPU skips the sample answers: with no eval, FT_QUALITY_CHECK=fail had nothing to check
+    ({"device": "auto", "strategy": "fsdp", "quality_check": "fail", "eval_fraction": 0, "sample_prompts": '["Hi?"]'},
+     2, r"FT_QUALITY_CHECK=fail: nothing to check .* FT_SAMPLE_PROMPTS are not answered while FSDP shards the model"),
 ])
 def test_what_the_processes_need_is_checked_before_any_download(monkeypatch, kw, gpus, message):
     """`check` and preflight call check_launch: before, an uneven global batch over the default process count (every

@@ -38,6 +38,12 @@ def test_sagemaker_channels_model_dir_failure_file_and_grace_are_the_defaults(sa
     assert resolve_run_id(cfg) == "ft-2026-11-30"
 
 
+def test_an_empty_termination_log_is_none_not_the_platforms_failure_file(sagemaker, monkeypatch):
+    """FT_TERMINATION_LOG="" turns the termination log off, on SageMaker too (it fell back to its failure file)."""
+    monkeypatch.setenv("FT_TERMINATION_LOG", "")
+    assert load_settings().termination_log is None and cli.termination_log_path() is None
+
+
 def test_sagemaker_hyperparameters_are_settings_below_the_environment(sagemaker, monkeypatch):
     (sagemaker / "hyperparameters.json").write_text(json.dumps(
         {"lora_r": "16", "FT_LEARNING_RATE": "0.0001", "sagemaker_region": "\"us-east-1\"", "dataset": "s3://b/d/"}))

@@ -44,6 +44,19 @@ def test_check_data_names_the_bad_row_without_loading_the_model(tiny_model, tmp_
     assert not any(e["event"] in ("loading model", "data check passed") for e in events(proc))
 
 
+def test_a_dataset_too_small_to_hold_out_evaluation_is_a_config_error(tiny_model, tmp_path):
+    """One record and FT_EVAL_FRACTION=0.1: the run trained without evaluation, without a word."""
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"text": "Two in words: two."}) + "\n")
+    proc = run_job(demo_env(tiny_model, FT_DATASET=str(data)), tmp_path, "check", "--data")
+    assert proc.returncode == CODE_BY_NAME["config"], proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    errors = [e["event"] for e in events(proc) if e["level"] == "error"]
+    assert errors == [f"FT_DATASET={data}: split train has 1 record(s), too few to hold out FT_EVAL_FRACTION=0.1 for "
+                      "evaluation and keep one for training (2 needed); add records, evaluate on FT_EVAL_SPLIT, or "
+                      "set FT_EVAL_FRACTION=0 to train without evaluation"], errors
+
+
 def test_check_data_shows_what_the_loss_trains_on(tiny_model, tmp_path):
     """`check --data --show N`: the first N training samples as the model sees them, the trained tokens in [[ ]]:
     with completion-only loss the answer and the token that closes it, never the question."""

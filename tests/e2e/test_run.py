@@ -238,6 +238,10 @@ def test_hub_revision_not_available_is_an_input_error(tiny_model, tmp_path):
     ({"FT_OUTPUT_URI": "gs://bucket/prefix"}, "config", "FT_OUTPUT_URI=gs://bucket/prefix: gs:// is not supported"),
     ({"FT_DATASET_FORMAT": "chat"}, "config", "FT_DATASET_FORMAT: the chat format needs column(s) ['messages']"),
     ({"FT_COMPUTE_DTYPE": "bf16"}, "config", "FT_COMPUTE_DTYPE=bf16: quantized layers compute in fp32 on the CPU"),
+    # no sample can train at one token: was exit 3 ("no training sample has a token to learn from") after the data
+    ({"FT_MAX_SEQ_LENGTH": "1"}, "config", "FT_MAX_SEQ_LENGTH=1: input should be greater than or equal to 2"),
+    # trained without evaluation, silently
+    ({"FT_MAX_SAMPLES": "1"}, "config", "FT_MAX_SAMPLES=1: too few records to hold out FT_EVAL_FRACTION=0.1"),
 ])
 def test_bad_input_exit_code_and_one_line_reason(tiny_model, tmp_path, env, code, message):
     proc = run_job(demo_env(tiny_model, **env), tmp_path)
