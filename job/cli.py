@@ -76,6 +76,7 @@ def cmd_check(args) -> int:
     from job.storage import StorageOptions, configure, open_destination
 
     cfg = load_settings()
+    signals.use_termination_log(cfg.termination_log)
     if args.show is not None and (args.show < 0 or not args.data):
         raise ConfigError(["--show: a number of samples (0 or more) to show, with --data"])
     log.setup(cfg.log_format, cfg.log_level)
@@ -95,6 +96,7 @@ def cmd_run(args) -> int:
     from job import distributed
 
     cfg = load_settings()
+    signals.use_termination_log(cfg.termination_log)
     distributed.one_gpu_only(cfg)  # before any import that may start CUDA (transformers asks torch.cuda early)
     from job import pipeline
 

@@ -44,6 +44,13 @@ def termination_log_path() -> Path | None:
     return Path(given or platforms.termination_log(os.environ) or DEFAULT_TERMINATION_LOG)
 
 
+def use_termination_log(path: Path | None) -> None:
+    """Once the settings are valid, their FT_TERMINATION_LOG holds (set in FT_CONFIG_FILE or SageMaker's
+    hyperparameters too, where termination_log_path, which reads the environment only, would not see it): written
+    into the environment, which torchrun's workers inherit. None (an empty value): no termination log."""
+    os.environ["FT_TERMINATION_LOG"] = "" if path is None else str(path)
+
+
 def write_termination_log(reason: str) -> None:
     """Write the one-line reason to FT_TERMINATION_LOG (Kubernetes' /dev/termination-log only where it exists;
     nothing when FT_TERMINATION_LOG is empty)."""

@@ -156,6 +156,20 @@ def test_an_empty_termination_log_writes_none(tmp_path):
     assert proc.returncode == 0 and '"termination_log": null' in proc.stdout, proc.stdout + proc.stderr
 
 
+def test_a_termination_log_set_in_the_yaml_file_gets_the_reason(tmp_path):
+    """The failure path reads FT_TERMINATION_LOG from the environment (the settings may be what failed); a valid
+    setting from FT_CONFIG_FILE was validated and then ignored."""
+    from conftest import ROOT
+
+    f = tmp_path / "settings.yaml"
+    f.write_text(f"termination_log: {tmp_path / 'reason'}\ndataset: {tmp_path / 'missing.jsonl'}\n"
+                 f"output_uri: {tmp_path / 'out'}\nbase_model: {tmp_path / 'no-model'}\n")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "FT_CONFIG_FILE": str(f)}
+    proc = subprocess.run([sys.executable, "-m", "job", "check"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode in (2, 3), proc.stdout + proc.stderr  # a missing model or dataset, found by `check`
+    assert (tmp_path / "reason").read_text().split(":")[0] in ("config", "input"), proc.stdout + proc.stderr
+
+
 def test_config_command_prints_effective_settings_with_secrets_redacted(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "FT_LORA_R": "8", "HF_TOKEN": "hf_abcdefghijklmnopqrstuvwxyz0123",
            "FT_DATASET": "acme/hf_abcdefghijklmnopqrstuvwxyz0123"}
