@@ -13,10 +13,10 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from job.config_sources import (CONFIG_FILE_VAR, PREFIX, PlatformSource, YamlSource, env_name, field_name,
                                 hyperparameters, read_yaml, unknown_settings)
@@ -274,9 +274,12 @@ class Settings(BaseSettings):
     )
 
     # --- quality: what every run shows of what it learned, and what it exports ----------------------------------
-    sample_prompts: str | None = Field(
+    # The environment's value is a JSON list in a string (NoDecode: left to _sample_prompts, which says what is wrong
+    # with it); FT_CONFIG_FILE and the chart's values may give the list itself.
+    sample_prompts: Annotated[str | list[str] | None, NoDecode] = Field(
         None, description="Prompts answered greedily before and after training, as a JSON list of strings "
-        "(`[\"Write 12 in words.\", \"What is the plural of leaf?\"]`), each rendered as a user turn by the chat "
+        "(`[\"Write 12 in words.\", \"What is the plural of leaf?\"]`; in FT_CONFIG_FILE or the chart's values, "
+        "a list), each rendered as a user turn by the chat "
         "template. Default: the first FT_SAMPLE_COUNT evaluation samples, cut where their answer begins. The answers "
         "go to the model card, the manifest and TensorBoard (text)."
     )
@@ -400,11 +403,15 @@ class Settings(BaseSettings):
                              "name the answering roles, e.g. `assistant` or `assistant,bot`")
         return ",".join(roles)
 
-    @field_validator("sample_prompts")
+    @field_validator("sample_prompts", mode="before")
     @classmethod
-    def _sample_prompts(cls, v: str | None) -> str | None:
+    def _sample_prompts(cls, v: Any) -> str | None:
+        import json
+
+        if isinstance(v, list):  # from a YAML file: kept as the JSON the environment would give
+            v = json.dumps(v, ensure_ascii=False)
         if v is not None:
-            _prompt_list(v)
+            _prompt_list(v if isinstance(v, str) else "")  # a number or a mapping: what is valid, said as for text
         return v
 
     @field_validator("work_dir", mode="before")

@@ -69,6 +69,30 @@ class _StdoutHandler(logging.StreamHandler):
         pass
 
 
+LIBRARIES = ("transformers", "datasets", "peft", "trl", "huggingface_hub", "accelerate", "bitsandbytes")
+
+
+class OncePerMessage(logging.Filter):
+    """Passes a library's record only the first time its text is seen: some warn on every call (bitsandbytes'
+    MatMul8bitLt logged "inputs will be cast ... to float16" 336 times in a two-step int8 run). Records that differ in
+    their text (a retry's count) all pass; the job's own records are not filtered. Remembers up to `limit` texts."""
+
+    def __init__(self, limit: int = 10_000):
+        super().__init__()
+        self.seen: set[tuple[str, str]] = set()
+        self.limit = limit
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".")[0] not in LIBRARIES:
+            return True
+        key = (record.name, record.getMessage())
+        if key in self.seen:
+            return False
+        if len(self.seen) < self.limit:
+            self.seen.add(key)
+        return True
+
+
 def setup(log_format: str = "auto", level: str = "info") -> None:
     """Configure structlog and route the standard library's logging through it."""
     global _configured
@@ -97,11 +121,12 @@ def setup(log_format: str = "auto", level: str = "info") -> None:
     )
     handler = _StdoutHandler()
     handler.setFormatter(formatter)
+    handler.addFilter(OncePerMessage())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # The libraries' own loggers stop propagating by default; send them to ours, quieter than our own level.
-    for name in ("transformers", "datasets", "peft", "trl", "huggingface_hub", "accelerate", "bitsandbytes"):
+    for name in LIBRARIES:
         lib = logging.getLogger(name)
         lib.handlers[:] = []
         lib.propagate = True

@@ -154,8 +154,9 @@ def objects(rendered: dict[str, str]) -> list[dict[str, Any]]:
     return docs
 
 
-def load_values(path: Path) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text()) or {}
+def load_values(path: Path | str) -> dict[str, Any]:
+    """A values file (like `helm -f`), for render(values): a mapping, {} when empty."""
+    return yaml.safe_load(Path(path).read_text()) or {}
 
 
 def _strip_helm(obj: Any) -> Any:
@@ -240,7 +241,8 @@ def _readme(files: list[str], multi_node: list[str]) -> str:
         1. Edit `configmap.yaml`: the job's settings, one `FT_*` variable each (`finetune-job env` lists them all);
            `FT_OUTPUT_URI` is where the adapter lands, in `<FT_OUTPUT_URI>/<run id>/`, the run id being the Job's name.
         2. Put your credentials in `secret.example.yaml` (or create the Secret `finetune-job-credentials` yourself;
-           its keys are optional), and set the image in `job.yaml` / `cronjob.yaml`.
+           its keys are optional: delete the ones you do not use, such as the AWS keys under IRSA; the job refuses a
+           key left at `REPLACE_ME`), and set the image in `job.yaml` / `cronjob.yaml`.
         3. `kubectl apply -f serviceaccount.yaml -f configmap.yaml -f secret.example.yaml -f pvc.yaml`, then
            `kubectl apply -f job.yaml` for one run or `kubectl apply -f cronjob.yaml` for a schedule.
         4. `kubectl logs -f job/finetune-job` follows the run. A Job is immutable: delete it before applying it again.

@@ -62,6 +62,16 @@ def test_every_problem_is_reported_together_one_line_each(monkeypatch):
     assert all("\n" not in line for line in found)
 
 
+def test_sample_prompts_may_be_a_list_in_the_yaml_file(monkeypatch, tmp_path):
+    f = tmp_path / "settings.yaml"
+    f.write_text('sample_prompts: ["Hi", "Capitalize: kiwi"]\n')
+    monkeypatch.setenv("FT_CONFIG_FILE", str(f))
+    assert load_settings().sample_prompt_list == ["Hi", "Capitalize: kiwi"]
+    f.write_text("sample_prompts: 5\n")
+    (line,) = problems(monkeypatch)
+    assert line == f'FT_SAMPLE_PROMPTS=5 in FT_CONFIG_FILE={f}: must be a JSON list of non-empty strings, e.g. ["Write 12 in words."]'
+
+
 def test_unknown_key_in_yaml_file_is_named_with_the_file(monkeypatch, tmp_path):
     f = tmp_path / "settings.yaml"
     f.write_text("learning_rat: 0.1\n")

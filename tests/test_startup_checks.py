@@ -60,3 +60,17 @@ def test_hub_requests_without_a_timeout_of_their_own_get_the_bound(silent, monke
         with pytest.raises(hub.HubDeadline, match=silent.url):
             get_session().get(f"{silent.url}/api/models/acme/x")
     assert hub._deadline is None  # the bounds end with the block
+
+
+def test_credentials_left_at_the_examples_placeholder_are_refused(monkeypatch):
+    """k8s/secret.example.yaml sets every key to REPLACE_ME and its README calls the keys optional: a user on IRSA who
+    filled in only HF_TOKEN shipped AWS_ACCESS_KEY_ID=REPLACE_ME, which boto3 uses before the pod's role."""
+    from job.errors import ConfigError
+    from job.preflight import check_credentials
+
+    env = {"HF_TOKEN": "hf_real", "AWS_ACCESS_KEY_ID": "REPLACE_ME", "AWS_SECRET_ACCESS_KEY": "REPLACE_ME"}
+    with pytest.raises(ConfigError) as info:
+        check_credentials(env)
+    assert [p.split(":")[0] for p in info.value.problems] == ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+    assert "still the example's placeholder REPLACE_ME" in info.value.problems[0]
+    check_credentials({"HF_TOKEN": "hf_real"})  # unset keys are the library's business

@@ -88,6 +88,15 @@ def test_a_value_reaches_the_job_as_written(field, value, text, monkeypatch):
     assert getattr(job_reads(monkeypatch, variables), field) == value
 
 
+def test_sample_prompts_may_be_a_list_in_the_values(monkeypatch):
+    """A YAML list, as a user writes it (the schema refused it: `got array, want string`), reaches the job as the
+    JSON list FT_SAMPLE_PROMPTS takes."""
+    prompts = ["Hi", "Capitalize: kiwi", "Ünïcode"]
+    objs, _ = render(with_output(sample_prompts=prompts))
+    variables = emitted_settings(objs)
+    assert job_reads(monkeypatch, variables).sample_prompt_list == prompts
+
+
 @pytest.mark.parametrize("empty", [None, ""])
 def test_an_empty_value_keeps_the_jobs_default(empty):
     objs, _ = render(with_output(model_revision=empty, base_model=empty))
