@@ -122,7 +122,7 @@ def model_card(cfg: Settings, run_id: str, facts: dict[str, Any], root: str = ""
 
 # {run_id}
 
-A LoRA adapter for `{cfg.base_model}`, trained by [finetune-job](https://github.com/) with trl's SFTTrainer.
+A LoRA adapter for `{cfg.base_model}`, trained by finetune-job with trl's SFTTrainer.
 
 | | |
 |---|---|
@@ -154,12 +154,16 @@ def usage(cfg: Settings, run_id: str, root: str = "") -> str:
         adapter, tokenizer = '"adapter"', '"tokenizer"'
         note = f"In a copy of this run's folder (`{cfg.output_uri.rstrip('/')}/{run_id}`):\n\n"
     base = model_name(cfg)
-    if base.startswith("s3://"):
+    if base.startswith("s3://") or is_local(cfg.base_model):
+        # A local path is where the job read the model (relative to its working directory): adapter_config.json
+        # records it, so AutoPeftModelForCausalLM elsewhere would look for it on the Hub.
+        line = f'"<a local copy of {base}>")' if base.startswith("s3://") else \
+            f'"{base}")  # the path the job read it from; elsewhere, your copy of it'
         return f"""{note}```python
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-base = AutoModelForCausalLM.from_pretrained("<a local copy of {base}>")
+base = AutoModelForCausalLM.from_pretrained({line}
 model = PeftModel.from_pretrained(base, {adapter})
 tokenizer = AutoTokenizer.from_pretrained({tokenizer})
 ```

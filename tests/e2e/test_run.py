@@ -145,7 +145,8 @@ def test_model_card_describes_the_run(demo):
     # adapter/README.md: the same card instead of peft's placeholder, its links and snippet pointing from there
     adapter_card = (run_dir / "adapter" / "README.md").read_text()
     assert adapter_card.startswith("---\n") and "r=64, alpha=16" in adapter_card
-    assert 'from_pretrained(".")' in adapter_card and 'from_pretrained("../tokenizer")' in adapter_card
+    # (the base model is a local path here: loaded from it, then the adapter onto it)
+    assert 'PeftModel.from_pretrained(base, ".")' in adapter_card and 'from_pretrained("../tokenizer")' in adapter_card
     assert "](loss.png)" in card and "](../loss.png)" in adapter_card and "`../manifest.json`" in adapter_card
 
 
