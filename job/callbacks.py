@@ -7,6 +7,7 @@ import time
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from job import distributed, log
 
@@ -64,6 +65,14 @@ def _round(v, digits: int = 4):
     if isinstance(v, float) and math.isfinite(v):
         return round(v, digits)
     return v
+
+
+class ProgressBar(ProgressCallback):
+    """transformers' progress bar on a console, without the raw log dicts it writes under the bar at every log
+    (`{'loss': '6.333', ...}`): ProgressLog logs them as events."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
 
 
 class SaveTimer(TrainerCallback):

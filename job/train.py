@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from job import distributed, log
-from job.callbacks import CheckpointMirror, DivergenceGuard, GracefulStop, ProgressLog, SaveTimer
+from job.callbacks import CheckpointMirror, DivergenceGuard, GracefulStop, ProgressBar, ProgressLog, SaveTimer
 from job.checkpoints import CheckpointStore
 from job.config import Settings
 from job.errors import ConfigError, DivergedError, InterruptedJob, OutOfMemoryError
@@ -141,6 +141,39 @@ def sft_config(cfg: Settings, placement: Placement, output_dir: Path, has_eval: 
     )
 
 
+def align_special_tokens(model, tokenizer) -> dict[str, tuple]:
+    """The model's config and generation config take the tokenizer's PAD/BOS/EOS ids, as the Trainer does at its
+    start (transformers.trainer_utils.align_special_tokens), logged here as one info event of what changed instead
+    of the Trainer's warning, which read as a fault on every run whose pad token the job chose (job/data.py: never
+    EOS). Returns {name: (before, after)} for the ids that changed."""
+    import logging
+
+    from transformers import trainer_utils
+
+    names = ("pad_token_id", "bos_token_id", "eos_token_id")
+    config = model.config.get_text_config()
+    generation = getattr(model, "generation_config", None)
+
+    def ids():
+        return {n: (getattr(config, n, None), getattr(generation, n, None) if generation is not None else None)
+                for n in names}
+
+    before = ids()
+    quiet = logging.getLogger(trainer_utils.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        trainer_utils.align_special_tokens(model, tokenizer)
+    finally:
+        quiet.setLevel(level)
+    after = ids()
+    changed = {n: (before[n], after[n]) for n in names if before[n] != after[n]}
+    if changed:
+        log.get().info("special tokens of the model's config set to the tokenizer's",
+                       **{n: {"before": list(b), "after": list(a)} for n, (b, a) in changed.items()})
+    return changed
+
+
 def uses_fsdp(cfg: Settings, speed: SpeedPlan) -> bool:
     return cfg.shards_model(speed.processes)
 
@@ -179,7 +212,7 @@ def fsdp_mixed_precision(dtype: torch.dtype):
 def build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, checkpoint_dir: Path, writer, callbacks, console,
                   speed: SpeedPlan):
     from transformers.integrations import TensorBoardCallback
-    from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from job.steps import StepCollator, StepTrainer
@@ -187,6 +220,7 @@ def build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, checkpoin
     # Padding-free: samples flattened into one row, position ids restarting at each; else rows padded with the pad
     # token (labels -100). Evaluation batches use it as it is; training steps through StepCollator.
     collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=speed.padding_free)
+    align_special_tokens(model, tokenizer)
     trainer = StepTrainer(
         model=model,
         args=sft_config(cfg, placement, checkpoint_dir, eval_ds is not None, console, speed),
@@ -200,6 +234,8 @@ def build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, checkpoin
     trainer.step_collator = StepCollator(collate, speed.micro_batch_tokens, speed.micro_batch_size)
     trainer.global_batch, trainer.group_by_length = speed.global_batch, cfg.group_by_length
     trainer.remove_callback(PrinterCallback)  # prints raw dicts; ProgressLog logs them as events
+    if trainer.pop_callback(ProgressCallback) is not None:  # a console's bar: it too printed the raw dicts
+        trainer.add_callback(ProgressBar())
     if uses_fsdp(cfg, speed):  # read when the Trainer shards the model, in train()
         # transformers (Trainer, update_fsdp_plugin_peft) puts accelerate's bf16 policy back when the 4-bit weights
         # are stored as floats; under FSDP the job stores them as bytes (model.quantization_config), so this holds.

@@ -138,3 +138,26 @@ def test_fsdp_keeps_the_loss_in_the_dtype_it_was_computed_in(tmp_path):
     finally:
         dist.destroy_process_group()
     assert seen == [torch.bfloat16] and loss.dtype == torch.float32
+
+
+def test_the_tokenizers_special_tokens_reach_the_config_as_one_info_event(tiny_model, capsys):
+    """The Trainer aligns them at its start with a warning that read as a fault on every run whose pad token the job
+    chose (SmolLM2: pad 2 -> 0); the job aligns them first and says what changed."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from job import log
+    from job.train import align_special_tokens
+
+    log.setup("json", "info")
+    model = load_model(tiny_model, settings(quantization="none"), CPU)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id + 1
+    changed = align_special_tokens(model, tokenizer)
+    assert changed == {"pad_token_id": ((tokenizer.pad_token_id + 1,) * 2, (tokenizer.pad_token_id,) * 2)}
+    assert model.config.pad_token_id == model.generation_config.pad_token_id == tokenizer.pad_token_id
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [e["event"] for e in lines if "special tokens" in e["event"] or "PAD/BOS" in e["event"]] == [
+        "special tokens of the model's config set to the tokenizer's"]
+    assert align_special_tokens(model, tokenizer) == {}  # aligned: nothing to say

@@ -281,3 +281,13 @@ def test_sigterm_stops_the_run_with_the_interrupted_code(tiny_model, tmp_path):
     assert interrupt_at(env, '"train step"', timeout=60) == CODE_BY_NAME["interrupted"]
     assert (tmp_path / "termination-log").read_text().startswith("interrupted: stopped by SIGTERM")
     assert not (tmp_path / "out" / "demo" / "manifest.json").exists()
+
+
+def test_a_console_run_logs_each_step_once_in_its_format(tiny_model, tmp_path):
+    """transformers' progress bar also wrote every log as a raw dict (`{'loss': '6.333', ...}`) beside the job's
+    `train step` events."""
+    proc = run_job(demo_env(tiny_model, FT_LOG_FORMAT="console", FT_MAX_STEPS="3", FT_LOGGING_STEPS="1",
+                            FT_SAMPLE_COUNT="0"), tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    assert out.count("train step") == 3 and "{'loss'" not in out and "'eval_loss'" not in out, out[-3000:]
