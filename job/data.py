@@ -18,7 +18,7 @@ from job.chat import ChatMasker, MaskingError
 from job.config import Settings
 from job.errors import ConfigError, InputError, JobError, first_line
 from job.fetch import DATA_BUILDERS
-from job.records import answer_roles, chat_column, conversation, problem
+from job.records import answer_roles, chat_column, conversation, numbers_as_text, problem
 
 IGNORE = -100
 ROW = "__row__"  # each record's index in its split as loaded, so that errors and logs name the record
@@ -183,6 +183,7 @@ class Tokenize:
             column = chat_column(record)
             messages, answers, reason = conversation(record.get(column), self.roles)
             return (f"`{column}` {reason}", []) if reason else (None, self._chat(messages, answers))
+        record = numbers_as_text(record, self.fmt, self.cfg.text_field)
         reason = problem(record, self.fmt, self.cfg.text_field)
         if reason:
             return reason, []
@@ -307,12 +308,13 @@ def _check_bad_records(bad: dict[str, list[int]], total: int, cfg: Settings) -> 
     n = sum(len(rows) for rows in bad.values())
     if not n:
         return 0
-    examples = "; ".join(f"row {min(rows)}: {reason}" for reason, rows in list(bad.items())[:3])
+    by_row = sorted(bad.items(), key=lambda item: min(item[1]))  # reasons in the order of their first rows
+    examples = "; ".join(f"row {min(rows)}: {reason}" for reason, rows in by_row[:3])
     if n > cfg.bad_records_max_fraction * total:
         raise InputError(f"FT_DATASET={cfg.dataset}: {n} of {total} records cannot be used, more than "
                          f"FT_BAD_RECORDS_MAX_FRACTION={cfg.bad_records_max_fraction} of them ({examples})")
     log.get().warning("records dropped", bad_records=n, records=total,
-                      reasons={reason: sorted(rows)[:10] for reason, rows in list(bad.items())[:10]})
+                      reasons={reason: sorted(rows)[:10] for reason, rows in by_row[:10]})
     return n
 
 
