@@ -63,6 +63,8 @@ def load_splits(cfg: Settings, path: Path):
     except StopIteration:  # datasets 5 on an empty JSON Lines file
         raise InputError(f"FT_DATASET={cfg.dataset}: the file is empty") from None
     except (DatasetGenerationError, ValueError, FileNotFoundError) as e:
+        if bad_line := _first_bad_json_line(path):  # datasets counts rows from its 10 MB chunk's start, not the file's
+            raise InputError(f"FT_DATASET={cfg.dataset}: could not be read: {bad_line}") from None
         cause = e.__cause__ or e
         raise InputError(f"FT_DATASET={cfg.dataset}: could not be read ({' '.join(str(cause).split())[:300]})") from None
     splits = list(ds)
@@ -87,6 +89,36 @@ def load_splits(cfg: Settings, path: Path):
     if len(train) == 0:
         raise InputError(f"FT_DATASET={cfg.dataset}: the training split is empty")
     return train, evaluation
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """Where the first JSON Lines file under `path` (a .jsonl file, or a directory's, in name order) first fails to
+    parse, as "line N (row R) is why": R counted from 0 as rows are everywhere, blank lines not counted; the file
+    named when `path` is a directory. None when every line parses. Read line by line, only on the error path:
+    datasets reports a row counted from the start of the 10 MB chunk it was reading."""
+    import json
+
+    files = [path] if path.is_file() else sorted(path.rglob("*.jsonl"))
+    for file in files:
+        if file.suffix != ".jsonl":
+            continue
+        row = 0
+        with file.open("rb") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():  # blank lines are skipped, not rows
+                    continue
+                try:  # bytes that are not UTF-8 do not stop datasets either
+                    record, why = json.loads(line.rstrip(b"\r\n").decode("utf-8", "replace")), None
+                except json.JSONDecodeError as e:
+                    why = f"not valid JSON: {e.msg} (column {e.colno})"
+                else:
+                    if not isinstance(record, dict):
+                        why = f"a JSON {type(record).__name__}, not an object"
+                if why:
+                    where = f"{file.relative_to(path)} " if file != path else ""
+                    return f"{where}line {number} (row {row}) is {why}"
+                row += 1
+    return None
 
 
 def _check_data_dir(cfg: Settings, path: Path) -> None:
