@@ -18,7 +18,7 @@ from job.chat import ChatMasker, MaskingError
 from job.config import Settings
 from job.errors import ConfigError, InputError, JobError, first_line
 from job.fetch import DATA_BUILDERS
-from job.records import answer_roles, chat_column, conversation, problem
+from job.records import answer_roles, chat_column, conversation, numbers_as_text, problem
 
 IGNORE = -100
 ROW = "__row__"  # each record's index in its split as loaded, so that errors and logs name the record
@@ -63,6 +63,8 @@ def load_splits(cfg: Settings, path: Path):
     except StopIteration:  # datasets 5 on an empty JSON Lines file
         raise InputError(f"FT_DATASET={cfg.dataset}: the file is empty") from None
     except (DatasetGenerationError, ValueError, FileNotFoundError) as e:
+        if bad_line := _first_bad_json_line(path):  # datasets counts rows from its 10 MB chunk's start, not the file's
+            raise InputError(f"FT_DATASET={cfg.dataset}: could not be read: {bad_line}") from None
         cause = e.__cause__ or e
         raise InputError(f"FT_DATASET={cfg.dataset}: could not be read ({' '.join(str(cause).split())[:300]})") from None
     splits = list(ds)
@@ -87,6 +89,36 @@ def load_splits(cfg: Settings, path: Path):
     if len(train) == 0:
         raise InputError(f"FT_DATASET={cfg.dataset}: the training split is empty")
     return train, evaluation
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """Where the first JSON Lines file under `path` (a .jsonl file, or a directory's, in name order) first fails to
+    parse, as "line N (row R) is why": R counted from 0 as rows are everywhere, blank lines not counted; the file
+    named when `path` is a directory. None when every line parses. Read line by line, only on the error path:
+    datasets reports a row counted from the start of the 10 MB chunk it was reading."""
+    import json
+
+    files = [path] if path.is_file() else sorted(path.rglob("*.jsonl"))
+    for file in files:
+        if file.suffix != ".jsonl":
+            continue
+        row = 0
+        with file.open("rb") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():  # blank lines are skipped, not rows
+                    continue
+                try:  # bytes that are not UTF-8 do not stop datasets either
+                    record, why = json.loads(line.rstrip(b"\r\n").decode("utf-8", "replace")), None
+                except json.JSONDecodeError as e:
+                    why = f"not valid JSON: {e.msg} (column {e.colno})"
+                else:
+                    if not isinstance(record, dict):
+                        why = f"a JSON {type(record).__name__}, not an object"
+                if why:
+                    where = f"{file.relative_to(path)} " if file != path else ""
+                    return f"{where}line {number} (row {row}) is {why}"
+                row += 1
+    return None
 
 
 def _check_data_dir(cfg: Settings, path: Path) -> None:
@@ -183,6 +215,7 @@ class Tokenize:
             column = chat_column(record)
             messages, answers, reason = conversation(record.get(column), self.roles)
             return (f"`{column}` {reason}", []) if reason else (None, self._chat(messages, answers))
+        record = numbers_as_text(record, self.fmt, self.cfg.text_field)
         reason = problem(record, self.fmt, self.cfg.text_field)
         if reason:
             return reason, []
@@ -307,12 +340,13 @@ def _check_bad_records(bad: dict[str, list[int]], total: int, cfg: Settings) -> 
     n = sum(len(rows) for rows in bad.values())
     if not n:
         return 0
-    examples = "; ".join(f"row {min(rows)}: {reason}" for reason, rows in list(bad.items())[:3])
+    by_row = sorted(bad.items(), key=lambda item: min(item[1]))  # reasons in the order of their first rows
+    examples = "; ".join(f"row {min(rows)}: {reason}" for reason, rows in by_row[:3])
     if n > cfg.bad_records_max_fraction * total:
         raise InputError(f"FT_DATASET={cfg.dataset}: {n} of {total} records cannot be used, more than "
                          f"FT_BAD_RECORDS_MAX_FRACTION={cfg.bad_records_max_fraction} of them ({examples})")
     log.get().warning("records dropped", bad_records=n, records=total,
-                      reasons={reason: sorted(rows)[:10] for reason, rows in list(bad.items())[:10]})
+                      reasons={reason: sorted(rows)[:10] for reason, rows in by_row[:10]})
     return n
 
 

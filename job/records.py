@@ -3,10 +3,13 @@
 A check returns why a record cannot be used (one line, naming the field), or None. Chat records come as
 `messages` of `role`/`content` or ShareGPT `conversations` of `from`/`value`; both become a list of
 `{"role", "content", ...}` with every answering turn's role written as `assistant`, the name chat templates know.
+Numbers where text is expected (a CSV column of numbers is read as int64; JSON's `"output": 12`) are taken as their
+text ("12"; a whole float such as 12.0 as "12").
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 CHAT_COLUMNS = ("messages", "conversations")
@@ -15,6 +18,26 @@ CHAT_COLUMNS = ("messages", "conversations")
 ANSWER_ALIASES = ("model", "gpt", "bot", "chatbot")
 # Other sides' names as datasets write them (ShareGPT's `human`), as chat templates know them.
 ROLE_ALIASES = {"human": "user"}
+
+
+def is_number(value: Any) -> bool:
+    """An int or a finite float (not a bool): taken as its text where a record holds text."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def number_text(value: int | float) -> str:
+    """A number as text; a whole float without its ".0" (12.0 -> "12"): datasets reads a column of whole numbers
+    with one decimal, or a CSV column of numbers with a blank cell, as floats."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def numbers_as_text(record: dict[str, Any], fmt: str, text_field: str) -> dict[str, Any]:
+    """`record` with the numbers in its text fields for format `fmt` (as `problem` checks them) written as text:
+    `12` and `12.0` become "12". Other values are left for `problem` to name."""
+    fields = {"text": [text_field], "alpaca": ["instruction", "input", "output"],
+              "prompt_completion": ["prompt", "completion"]}.get(fmt, [])
+    found = {f: number_text(record[f]) for f in fields if is_number(record.get(f))}
+    return {**record, **found} if found else record
 
 
 def answer_roles(setting: str) -> list[str]:
@@ -30,19 +53,22 @@ def conversation(turns: Any, roles: list[str]) -> tuple[list[dict[str, Any]] | N
     """`turns` as messages for a chat template, the indices of the answering turns, and why the record cannot be
     used (None when it can)."""
     if not isinstance(turns, list) or not turns:
-        what = "has no turns" if turns is None or turns == [] else f"is a {type(turns).__name__}, not a list of turns"
+        what = ("has no turns" if turns is None or turns == []
+                else f"is of type {type(turns).__name__}, not a list of turns")
         return None, [], what
     messages = []
     for n, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            return None, [], f"turn {n} is a {type(turn).__name__}, not an object with a role and a content"
+            return None, [], f"turn {n} is of type {type(turn).__name__}, not an object with a role and a content"
         role, content = turn.get("role", turn.get("from")), turn.get("content", turn.get("value"))
         if not isinstance(role, str) or not role:
             return None, [], f"turn {n} has no role (`role` or ShareGPT's `from`)"
         if content is None:
             return None, [], f"turn {n} ({role}) has no content (null)"
+        if is_number(content):
+            content = number_text(content)
         if not isinstance(content, (str, list)):
-            return None, [], f"turn {n} ({role}): content is a {type(content).__name__}, not text"
+            return None, [], f"turn {n} ({role}): content is of type {type(content).__name__}, not text"
         extra = {k: v for k, v in turn.items() if v is not None and k not in ("role", "content", "from", "value")}
         messages.append({**extra, "role": ROLE_ALIASES.get(role, role), "content": content})
     present = {m["role"] for m in messages}
@@ -70,7 +96,7 @@ def _text(record: dict[str, Any], field: str, optional: bool = False) -> str | N
     if value is None:
         return None if optional else f"`{field}` is null"
     if not isinstance(value, str):
-        return f"`{field}` is a {type(value).__name__}, not text"
+        return f"`{field}` is of type {type(value).__name__}, not text"
     if not optional and not value.strip():
         return f"`{field}` is empty"
     return None

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from job import log
 from job.chat import ChatMasker
 from job.config import Settings
 from job.speed import eager
@@ -119,10 +120,17 @@ def generation_mode(model):
 
 def sample_generations(cfg: Settings, model, tokenizer, eval_ds) -> dict[str, Any] | None:
     """Before and after answers to the sample prompts, with the share of each that stopped; None when there are no
-    prompts (FT_SAMPLE_COUNT=0 and no FT_SAMPLE_PROMPTS, or no evaluation split). `model` is the trained PeftModel."""
+    prompts (FT_SAMPLE_COUNT=0 and no FT_SAMPLE_PROMPTS, or no evaluation split: logged as a warning naming the
+    settings that would give prompts). `model` is the trained PeftModel."""
     texts = cfg.sample_prompt_list
     prompts = user_prompts(texts, tokenizer) if texts else eval_prompts(eval_ds, tokenizer, cfg.sample_count)
     if not prompts:
+        if cfg.sample_count > 0 and not texts:  # asked for, with nowhere to take them from: say so
+            log.get().warning(
+                "sample answers skipped: no held-out evaluation samples to take prompts from and no FT_SAMPLE_PROMPTS, "
+                "so the quality check cannot tell whether answers stop; set FT_SAMPLE_PROMPTS, or hold out evaluation "
+                "samples with FT_EVAL_FRACTION > 0 or FT_EVAL_SPLIT",
+                eval_fraction=cfg.eval_fraction, eval_split=cfg.eval_split, sample_count=cfg.sample_count)
         return None
     stops = ChatMasker(tokenizer).end_ids
     start = time.monotonic()

@@ -27,19 +27,23 @@ def reason(tokenizer, fmt: str, record: dict, **kw) -> str:
 
 @pytest.mark.parametrize("fmt, record, expected", [
     ("text", {"text": None}, "`text` is null"),
-    ("text", {"text": 7}, "`text` is a int, not text"),
+    ("text", {"text": True}, "`text` is of type bool, not text"),
+    ("text", {"text": {"a": 1}}, "`text` is of type dict, not text"),
+    ("alpaca", {"instruction": "True?", "output": False}, "`output` is of type bool, not text"),
+    ("chat", {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": True}]},
+     "turn 1 (assistant): content is of type bool, not text"),
     ("text", {"text": "   "}, "`text` is empty"),
     ("prompt_completion", {"prompt": "Q?", "completion": None}, "`completion` is null"),
     ("prompt_completion", {"prompt": None, "completion": "A"}, "`prompt` is null"),
     ("prompt_completion", {"prompt": [{"role": "user", "content": "Q"}], "completion": "A"}, "both be text or both"),
     ("alpaca", {"instruction": "Add.", "input": None, "output": None}, "`output` is null"),
-    ("alpaca", {"instruction": ["Add."], "output": "5"}, "`instruction` is a list, not text"),
+    ("alpaca", {"instruction": ["Add."], "output": "5"}, "`instruction` is of type list, not text"),
     ("tokens", {"input_ids": [], "labels": None}, "`input_ids` is not a non-empty list"),
     ("tokens", {"input_ids": [5, 6], "labels": [5]}, "`labels` is not a list as long as `input_ids` (2)"),
     ("tokens", {"input_ids": [5, 999999, 6]}, "`input_ids` holds 999999, outside the tokenizer's vocabulary (0 to "),
     ("tokens", {"input_ids": [5, -1]}, "`input_ids` holds -1, outside the tokenizer's vocabulary"),
     ("chat", {"messages": None}, "`messages` has no turns"),
-    ("chat", {"messages": ["hi"]}, "turn 0 is a str, not an object"),
+    ("chat", {"messages": ["hi"]}, "turn 0 is of type str, not an object"),
     ("chat", {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}]},
      "turn 1 (assistant) has no content (null)"),
     ("chat", {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}]},
@@ -48,6 +52,32 @@ def reason(tokenizer, fmt: str, record: dict, **kw) -> str:
 ])
 def test_each_kind_of_bad_record_is_named(tokenizer, fmt, record, expected):
     assert expected in reason(tokenizer, fmt, record)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_numeric_answers_are_taken_as_their_text(tmp_path, tokenizer, suffix):
+    """datasets reads a CSV column of numbers as int64, and JSON has numbers: `12` trains as "12" (and 7.0, from a
+    column that holds a 2.5, as "7")."""
+    path = tmp_path / f"sums{suffix}"
+    rows = [{"instruction": f"Add {i} and 7.", "input": "", "output": i + 7} for i in range(40)]
+    if suffix == ".csv":
+        path.write_text("instruction,input,output\n" + "".join(f"{r['instruction']},,{r['output']}\n" for r in rows))
+    else:
+        rows[1]["output"], rows[2]["input"] = 2.5, 0
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = settings(dataset=str(path), eval_fraction=0, bad_records="fail")
+    train, _ = load_splits(cfg, path)
+    train_tok, _, stats = tokenize_splits(train, None, tokenizer, cfg)
+    assert (stats.bad_records, stats.train_samples) == (0, 40)
+    answers = [tokenizer.decode([t for t in labels if t != -100], skip_special_tokens=True).strip()
+               for labels in train_tok["labels"][:3]]
+    assert answers == (["7", "2.5", "9"] if suffix == ".jsonl" else ["7", "8", "9"])  # 7.0 from a column of floats
+    if suffix == ".jsonl":
+        assert "0" in tokenizer.decode(train_tok["input_ids"][2])  # an `input` of 0 is kept, not taken as empty
+
+
+def test_a_numeric_chat_turn_is_taken_as_its_text(tokenizer):
+    assert reason(tokenizer, "chat", {"messages": [QA[0], {"role": "assistant", "content": 2}]}) == ""
 
 
 def test_an_empty_file_is_an_input_error(tmp_path):
@@ -88,6 +118,18 @@ def test_too_many_bad_records_stop_the_run_with_their_rows(tokenizer):
         tokenize_splits(Dataset.from_list(rows), None, tokenizer, settings())
     _, _, stats = tokenize_splits(Dataset.from_list(rows), None, tokenizer, settings(bad_records_max_fraction=0.5))
     assert (stats.bad_records, stats.train_samples) == (2, 2)
+
+
+def test_bad_rows_are_listed_in_row_order(tokenizer):
+    """Shuffled by the eval split, records come in another order than the file's: the reasons still go by row."""
+    from datasets import Dataset
+
+    rows = [{"prompt": f"Q{i}?", "completion": f"A{i}", "__row__": i} for i in range(30)]
+    rows[7]["completion"], rows[12]["prompt"], rows[20]["completion"] = None, None, " "
+    order = [20, *range(13, 20), 12, *range(8, 12), 7, *range(7), *range(21, 30)]
+    with pytest.raises(InputError, match=r"\(row 7: `completion` is null; row 12: `prompt` is null; "
+                                         r"row 20: `completion` is empty\)"):
+        tokenize_splits(Dataset.from_list([rows[i] for i in order]), None, tokenizer, settings())
 
 
 def test_rows_are_named_as_in_the_file_after_the_eval_split_shuffles_them(tmp_path, tokenizer):

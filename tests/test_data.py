@@ -183,6 +183,24 @@ def test_malformed_file_is_an_input_error(tmp_path):
         load_splits(settings(dataset=str(path)), path)
 
 
+@pytest.mark.parametrize("broken, why", [
+    (b'{"text": "bad \\x escape"}', r"not valid JSON: Invalid \\escape \(column 15\)"),
+    (b'{"text": "cut off', r"not valid JSON: Unterminated string starting at \(column 10\)"),
+    (b'["a list"]', r"a JSON list, not an object"),
+])
+def test_a_malformed_line_past_the_first_10_mb_is_named_by_its_line_in_the_file(tmp_path, broken, why):
+    """datasets reads JSON Lines in 10 MB chunks and counts the rows of a parse error from the chunk's start (row
+    6799 for row 150000 of 11 MB)."""
+    path = tmp_path / "big.jsonl"
+    line = json.dumps({"text": "sample " + "x" * 60}).encode() + b"\n"
+    with path.open("wb") as f:
+        f.write(line * 150_000 + b"\n" + broken + b"\n" + line * 20_000)  # the blank line is no row
+    assert path.stat().st_size > 10 << 20
+    with pytest.raises(InputError, match=rf"FT_DATASET=.*big.jsonl: could not be read: line 150002 \(row 150000\) is "
+                                         rf"{why}$"):
+        load_splits(settings(dataset=str(path)), path)
+
+
 def test_pretokenized_samples_are_taken_as_they_are(tokenizer):
     row = Tokenize(tokenizer, "tokens", settings(max_seq_length=4))({"input_ids": [5, 6, 7, 8, 9], "labels": None})
     assert row == {"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8], "truncated": True, "bad": "", "row": 0}

@@ -13,7 +13,7 @@ from job.config import Settings, load_settings
 from job.errors import CODE_BY_NAME, ConfigError, QualityError
 from job.export import vllm_problems
 from job.quality import draw_curves, enforce, problems, scalars
-from job.samples import eval_prompts, generate, user_prompts
+from job.samples import eval_prompts, generate, sample_generations, user_prompts
 
 
 def chat_eval(tokenizer, n: int = 3):
@@ -36,6 +36,18 @@ def test_eval_prompts_are_the_chat_template_up_to_the_answer(tokenizer):
         rendered = tokenizer.apply_chat_template([user], add_generation_prompt=True, tokenize=True, return_dict=False)
         assert tokenizer.decode(prompt.ids).strip() == tokenizer.decode(rendered).strip()
         assert prompt.reference == answer["content"]
+
+
+def test_no_held_out_samples_and_no_sample_prompts_say_why_answers_are_skipped(tokenizer, capsys):
+    """FT_EVAL_FRACTION=0 leaves no evaluation sample to prompt with: no answers, and no stop check, said once."""
+    cfg = Settings(dataset=str(DATA / "sample-chat.jsonl"), eval_fraction=0)
+    assert sample_generations(cfg, None, tokenizer, None) is None
+    out = capsys.readouterr().out
+    assert out.count("sample answers skipped") == 1
+    assert "no held-out evaluation samples" in out and "no FT_SAMPLE_PROMPTS" in out
+    assert "set FT_SAMPLE_PROMPTS, or hold out evaluation samples with FT_EVAL_FRACTION > 0 or FT_EVAL_SPLIT" in out
+    assert sample_generations(Settings(eval_fraction=0, sample_count=0), None, tokenizer, None) is None
+    assert "sample answers skipped" not in capsys.readouterr().out  # none asked for: nothing to say
 
 
 def test_user_prompts_go_through_the_chat_template(tokenizer):
