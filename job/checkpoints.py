@@ -53,7 +53,8 @@ def write_json(store: Storage, key: str, data: dict) -> None:
 
 class CheckpointStore:
     """The checkpoints of one run id at one URI. `fingerprint` is identity.training_fingerprint(cfg), `data` the
-    dataset's revision (fetch.Fetched.revision); either None leaves that check out. `on_data_change` is FT_ON_DATA_CHANGE."""
+    dataset's revision (fetch.Fetched.revision); either None leaves that check out. `on_data_change` is
+    FT_ON_DATA_CHANGE."""
 
     def __init__(self, store: Storage, keep: int, fingerprint: Fingerprint | None = None, data: str | None = None,
                  on_data_change: str = "fail"):
