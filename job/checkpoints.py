@@ -4,7 +4,8 @@ Layout under the checkpoint URI (one per run id):
 
     checkpoint-120/...              the Trainer's checkpoint: adapter, optimizer, scheduler, RNG and trainer state
     checkpoint-120/checkpoint.json  written after every other file of it: step, the fingerprints of the training
-                                    settings and of the data, and the sha256 of each file
+                                    settings (their hash, and the settings themselves with secrets redacted) and
+                                    of the data, and the sha256 of each file
     latest                          written after checkpoint.json: {"checkpoint": "checkpoint-120", "step": 120},
                                     for people and tools that look; resume takes the newest complete checkpoint
 
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from job import log
 from job.errors import ConfigError, DiskFullError, LeaseHeldError, UnavailableError
+from job.identity import Fingerprint
 from job.storage.base import file_sha256
 from job.storage import Storage
 
@@ -50,10 +52,11 @@ def write_json(store: Storage, key: str, data: dict) -> None:
 
 
 class CheckpointStore:
-    """The checkpoints of one run id at one URI. `fingerprint` is identity.settings_fingerprint, `data` the dataset's
-    revision (fetch.Fetched.revision); either None leaves that check out. `on_data_change` is FT_ON_DATA_CHANGE."""
+    """The checkpoints of one run id at one URI. `fingerprint` is identity.training_fingerprint(cfg), `data` the
+    dataset's revision (fetch.Fetched.revision); either None leaves that check out. `on_data_change` is
+    FT_ON_DATA_CHANGE."""
 
-    def __init__(self, store: Storage, keep: int, fingerprint: str | None = None, data: str | None = None,
+    def __init__(self, store: Storage, keep: int, fingerprint: Fingerprint | None = None, data: str | None = None,
                  on_data_change: str = "fail"):
         self.store, self.keep, self.fingerprint = store, keep, fingerprint
         self.data, self.on_data_change = data, on_data_change
@@ -71,7 +74,9 @@ class CheckpointStore:
         self.guard()
         name = f"checkpoint-{step}"
         files = {p.relative_to(local).as_posix(): file_sha256(p) for p in sorted(local.rglob("*")) if p.is_file()}
-        marker = {"step": step, "settings": self.fingerprint, "data": self.data, "files": files}
+        marker = {"step": step, "settings": self.fingerprint and self.fingerprint.digest,
+                  "training_settings": self.fingerprint and self.fingerprint.settings, "data": self.data,
+                  "files": files}
         (local / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         self.log.info("mirroring checkpoint", step=step, uri=self.store.describe(name), files=len(files))
         try:
@@ -173,11 +178,13 @@ class CheckpointStore:
         marker = read_json(self.store, f"{name}/{MARKER}")
         if not marker or not isinstance(marker.get("files"), dict):
             return f"no {MARKER} (the upload did not finish)"
-        if self.fingerprint and marker.get("settings") not in (None, self.fingerprint):
+        differ = self.fingerprint and marker.get("settings") is not None and self.fingerprint.mismatch(
+            marker.get("settings"), marker.get("training_settings"))
+        if differ:
             # The same run id with other training settings: resuming would mix two trainings.
             raise ConfigError([f"FT_RUN_ID: {self.store.describe(name)} was saved by this run id with other "
-                               "training settings; choose another FT_RUN_ID, restore the settings, or delete the "
-                               "checkpoints"])
+                               f"training settings{differ}; choose another FT_RUN_ID, restore the settings, or "
+                               "delete the checkpoints"])
         for rel, digest in marker["files"].items():
             try:
                 self.store.get(f"{name}/{rel}", local / rel)

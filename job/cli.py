@@ -72,7 +72,7 @@ def cmd_config(args) -> int:
 
 def cmd_check(args) -> int:
     from job import completion, preflight
-    from job.identity import resolve_run_id, settings_fingerprint
+    from job.identity import resolve_run_id, training_fingerprint
     from job.storage import StorageOptions, configure, open_destination
 
     cfg = load_settings()
@@ -84,7 +84,7 @@ def cmd_check(args) -> int:
     configure(StorageOptions.of(cfg))
     run_id = resolve_run_id(cfg)
     dest = open_destination(cfg.output_uri)
-    if completion.find(dest.for_checks(), run_id, settings_fingerprint(cfg), cfg.overwrite, cfg.export).intact:
+    if completion.find(dest.for_checks(), run_id, training_fingerprint(cfg), cfg.overwrite, cfg.export).intact:
         log.get().info("run already complete: `run` ends at once if the data is unchanged", uri=dest.describe(run_id))
     preflight.run(cfg, run_id)
     if args.data:

@@ -1,10 +1,11 @@
 """Idempotent completion: a run id whose complete run is already at the destination is not trained again.
 
 A run is complete when its manifest exists and every file it lists is there with its checksum. The manifest records
-the fingerprint of the training settings (identity.settings_fingerprint) and the dataset's revision: an attempt with
-the same fingerprint and data (a Job retried after its pod was preempted in its last seconds) ends with 0 at once,
-after removing the checkpoints an earlier attempt could not; one with other settings or data is a configuration
-error unless FT_OVERWRITE=true, which trains again and replaces the run.
+the fingerprint of the training settings (identity.settings_fingerprint) and the dataset's revision, and its config
+the settings themselves (secrets redacted): an attempt with the same fingerprinted settings and data (a Job retried
+after its pod was preempted in its last seconds) ends with 0 at once, after removing the checkpoints an earlier
+attempt could not; one with other settings (the error names them) or data is a configuration error unless
+FT_OVERWRITE=true, which trains again and replaces the run.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from job import log
 from job.errors import ConfigError, storage_failure
+from job.identity import Fingerprint
 from job.publish import MANIFEST
 from job.storage import Storage, StorageError
 
@@ -50,7 +52,7 @@ def read_manifest(dest: Storage, run_id: str) -> dict | None:
             return None
 
 
-def find(dest: Storage, run_id: str, fingerprint: str, overwrite: bool, export: str = "adapter") -> Completed:
+def find(dest: Storage, run_id: str, fingerprint: Fingerprint, overwrite: bool, export: str = "adapter") -> Completed:
     """Look for a completed run before any work is done. Raises ConfigError when one exists with other training
     settings (or from a version that did not record them), or without the merged model `export` (FT_EXPORT) asks
     for, and FT_OVERWRITE is off; storage_failure's error when the destination cannot be read. With FT_OVERWRITE=true
@@ -59,9 +61,12 @@ def find(dest: Storage, run_id: str, fingerprint: str, overwrite: bool, export: 
         found = Completed(None if overwrite else read_manifest(dest, run_id))
         if found.manifest is None:
             return found
-        if found.settings != fingerprint:
-            raise ConfigError([f"FT_RUN_ID={run_id}: a completed run with other training settings already exists at "
-                               f"{dest.describe(run_id)}; choose another run id or set FT_OVERWRITE=true"])
+        config = found.manifest.get("config")  # every setting, redacted; the fingerprinted ones are compared
+        differ = (" (not named: it was published by a version that recorded no fingerprint)"
+                  if found.settings is None else fingerprint.mismatch(found.settings, config))
+        if differ:
+            raise ConfigError([f"FT_RUN_ID={run_id}: a completed run with other training settings{differ} already "
+                               f"exists at {dest.describe(run_id)}; choose another run id or set FT_OVERWRITE=true"])
         found.intact = _intact(dest, run_id, found.manifest)
         if found.intact and export == "merged" and not found.manifest.get("export"):  # not in the fingerprint
             raise ConfigError([f"FT_EXPORT=merged: the completed run at {dest.describe(run_id)} was published without "

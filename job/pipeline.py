@@ -9,7 +9,7 @@ from job import (completion, data, distributed, export, fetch, lease, log, model
                  tbsync, train)
 from job.checkpoints import CheckpointStore
 from job.config import Settings
-from job.identity import resolve_run_id, settings_fingerprint
+from job.identity import Fingerprint, resolve_run_id, training_fingerprint
 from job.signals import Stopper
 from job.storage import StorageOptions, configure, open_destination
 
@@ -21,7 +21,7 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
     log.get().info("run starting", run_id=run_id, base_model=cfg.base_model, dataset=cfg.dataset,
                    output_uri=cfg.output_uri)
     dest = open_destination(cfg.output_uri)
-    fingerprint = settings_fingerprint(cfg)
+    fingerprint = training_fingerprint(cfg)
     attempt = distributed.broadcast(lease.new_attempt_id())  # the processes of one attempt share its work dir
     scratch = cfg.work_dir / run_id / attempt  # private: no attempt publishes another's files
     # The processes of a node check, download and cache one after the other: the first does the work.
@@ -109,7 +109,7 @@ def load_and_plan(cfg: Settings, path, placement, train_ds=None) -> tuple:
 
 
 def run_facts(cfg: Settings, model_src, data_src, stats, placement, plan, result, load_seconds: float,
-              fingerprint: str) -> dict:
+              fingerprint: Fingerprint) -> dict:
     """What the manifest and the model card say about the run: sources and their revisions, data statistics, where
     and how it trained (the plan included), the metrics, and the fingerprint completion.find compares."""
     sharded = train.uses_fsdp(cfg, plan)
@@ -123,7 +123,7 @@ def run_facts(cfg: Settings, model_src, data_src, stats, placement, plan, result
                      "attempt_seconds": round(result.train_seconds, 2), "load_seconds": round(load_seconds, 2),
                      "optim": train.effective_optim(cfg, placement, sharded), **vars(plan)},
         "metrics": result.metrics,
-        "fingerprint": {"settings": fingerprint, "data": data_src.revision},
+        "fingerprint": {"settings": fingerprint.digest, "data": data_src.revision},
     }
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from job.checkpoints import LATEST, MARKER, CheckpointStore
+from job.identity import Fingerprint
 from job.storage import LocalStorage
 
 
@@ -80,14 +81,90 @@ def test_a_checkpoint_saved_with_other_training_settings_is_refused(tmp_path):
 
     from job.errors import ConfigError
 
-    CheckpointStore(LocalStorage(str(tmp_path / "remote")), 2, "settings-a").mirror(fake_checkpoint(tmp_path, 10), 10)
-    assert CheckpointStore(LocalStorage(str(tmp_path / "remote")), 2, "settings-a").restore(tmp_path / "r1")[1] == 10
+    a = Fingerprint("settings-a")
+    CheckpointStore(LocalStorage(str(tmp_path / "remote")), 2, a).mirror(fake_checkpoint(tmp_path, 10), 10)
+    assert CheckpointStore(LocalStorage(str(tmp_path / "remote")), 2, a).restore(tmp_path / "r1")[1] == 10
     with pytest.raises(ConfigError, match="saved by this run id with other training settings"):
-        CheckpointStore(LocalStorage(str(tmp_path / "remote")), 2, "settings-b").restore(tmp_path / "r2")
+        CheckpointStore(LocalStorage(str(tmp_path / "remote")), 2, Fingerprint("settings-b")).restore(tmp_path / "r2")
+
+
+def settings_store(tmp_path: Path, **settings) -> CheckpointStore:
+    from job.config import Settings
+    from job.identity import training_fingerprint
+
+    cfg = Settings(**{"device": "cpu", "base_model": "m", "dataset": "d.jsonl", **settings})
+    return CheckpointStore(LocalStorage(str(tmp_path / "remote")), 2, training_fingerprint(cfg))
+
+
+def test_a_resume_with_another_logging_eval_interval_or_destination_is_the_same_training(tmp_path):
+    settings_store(tmp_path, logging_steps=25, eval_steps=25).mirror(fake_checkpoint(tmp_path, 10), 10)
+    resumed = settings_store(tmp_path, logging_steps=1, eval_steps=5, output_uri="s3://elsewhere/runs")
+    assert resumed.restore(tmp_path / "r")[1] == 10
+
+
+def test_a_checkpoint_with_other_training_settings_is_refused_naming_them(tmp_path):
+    from job.errors import ConfigError
+
+    settings_store(tmp_path, lora_r=16).mirror(fake_checkpoint(tmp_path, 10), 10)
+    with pytest.raises(ConfigError) as e:
+        settings_store(tmp_path, lora_r=64, logging_steps=1).restore(tmp_path / "r")
+    assert "was saved by this run id with other training settings (FT_LORA_R: 16 saved, 64 now); " in str(e.value)
+    assert "LOGGING" not in str(e.value)
+
+
+def test_a_checkpoint_that_records_only_the_hash_is_compared_by_it(tmp_path):
+    from job.errors import ConfigError
+
+    settings_store(tmp_path, lora_r=16).mirror(fake_checkpoint(tmp_path, 10), 10)
+    marker_path = tmp_path / "remote" / "checkpoint-10" / MARKER
+    marker = json.loads(marker_path.read_text())
+    del marker["training_settings"]  # as an older version wrote it
+    marker_path.write_text(json.dumps(marker))
+    assert settings_store(tmp_path, lora_r=16).restore(tmp_path / "r1")[1] == 10
+    with pytest.raises(ConfigError, match=r"other training settings \(not named: it was saved by an older version"):
+        settings_store(tmp_path, lora_r=64).restore(tmp_path / "r2")
+    # the previous rule's hash (logging interval included) still resumes the same settings
+    from job.config import Settings
+    from job.identity import NOT_FINGERPRINTED, LEGACY_FINGERPRINTED, settings_fingerprint
+
+    old = Settings(device="cpu", base_model="m", dataset="d.jsonl", lora_r=16)
+    marker_path.write_text(json.dumps({**marker, "settings": settings_fingerprint(
+        old, NOT_FINGERPRINTED - LEGACY_FINGERPRINTED)}))
+    assert settings_store(tmp_path, lora_r=16).restore(tmp_path / "r3")[1] == 10
+
+
+def test_the_recorded_settings_hold_no_secret(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 30)
+    settings_store(tmp_path, model_revision="hf_" + "x" * 30).mirror(
+        fake_checkpoint(tmp_path, 10), 10)
+    text = (tmp_path / "remote" / "checkpoint-10" / MARKER).read_text()
+    assert "x" * 30 not in text
+    assert json.loads(text)["training_settings"]["model_revision"] == "***"
+
+
+def test_a_completed_run_is_compared_on_its_manifest_config(tmp_path):
+    from job import completion
+    from job.config import Settings
+    from job.errors import ConfigError
+    from job.identity import training_fingerprint
+    from job.publish import MANIFEST
+
+    def cfg(**kw):
+        return Settings(device="cpu", base_model="m", dataset="d.jsonl", **kw)
+
+    (tmp_path / "out" / "demo").mkdir(parents=True)
+    saved = cfg(lora_r=16, logging_steps=25)
+    (tmp_path / "out" / "demo" / MANIFEST).write_text(json.dumps({
+        "config": saved.model_dump(mode="json"), "files": {},
+        "fingerprint": {"settings": "an older rule's hash", "data": "sha256:d"}}))
+    dest = LocalStorage(str(tmp_path / "out"))
+    assert completion.find(dest, "demo", training_fingerprint(cfg(lora_r=16, logging_steps=1)), False).intact
+    with pytest.raises(ConfigError, match=r"other training settings \(FT_LORA_R: 16 saved, 64 now\) already exists"):
+        completion.find(dest, "demo", training_fingerprint(cfg(lora_r=64)), False)
 
 
 def data_store(tmp_path: Path, data: str, on_data_change: str = "fail") -> CheckpointStore:
-    return CheckpointStore(LocalStorage(str(tmp_path / "remote")), 2, "settings", data, on_data_change)
+    return CheckpointStore(LocalStorage(str(tmp_path / "remote")), 2, Fingerprint("settings"), data, on_data_change)
 
 
 def test_checkpoints_carry_the_data_fingerprint_and_resume_on_the_same_data(tmp_path):

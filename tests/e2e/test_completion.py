@@ -99,11 +99,12 @@ def test_a_complete_run_with_other_settings_or_data_stays_a_config_error(tiny_mo
     env = resumable_env(tiny_model, tmp_path, FT_OVERWRITE="false", FT_MAX_STEPS="2", FT_DATASET=str(data))
     assert run(env).returncode == 0
 
-    again = run(env)
+    again = run({**env, "FT_LOGGING_STEPS": "7", "FT_EVAL_STEPS": "9"})  # not what is trained: the same run
     assert_finished_without_training(again)
-    other = run({**env, "FT_LEARNING_RATE": "0.001"})
+    other = run({**env, "FT_LEARNING_RATE": "0.001", "FT_LOGGING_STEPS": "7"})
     assert other.returncode == CODE_BY_NAME["config"], other.stdout[-2000:]
-    assert "FT_RUN_ID=demo: a completed run with other training settings already exists" in other.stdout
+    assert ("FT_RUN_ID=demo: a completed run with other training settings (FT_LEARNING_RATE: 0.003 saved, 0.001 "
+            "now) already exists") in other.stdout
     data.write_bytes(data.read_bytes() + b'{"text": "one more line"}\n')
     changed = run(env)
     assert changed.returncode == CODE_BY_NAME["config"], changed.stdout[-2000:]
