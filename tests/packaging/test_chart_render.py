@@ -241,3 +241,15 @@ def test_the_job_ends_cleanly():
     assert c["terminationMessagePath"] == "/run/reason"
     objs, _ = render(with_output())
     assert container(objs)["terminationMessagePath"] == "/dev/termination-log"
+
+
+def test_notes_warn_when_a_hub_destination_leaves_checkpoints_on_no_persistent_volume():
+    """Checkpoints are not pushed to the Hub: without config.checkpoint_uri they stay in the work directory, which a
+    retried pod does not get back (the job warns too, at run time, where nobody installing the chart looks)."""
+    warning = "a retried pod trains again from step 0"
+    _, notes = render(with_output(output_uri="hf://acme/adapter"))
+    assert warning in notes and "config.checkpoint_uri" in notes
+    _, notes = render(with_output(output_uri="hf://acme/adapter", checkpoint_uri="s3://bucket/ckpt"))
+    assert warning not in notes
+    _, notes = render(with_output())  # an S3 destination keeps its checkpoints beside the adapter
+    assert warning not in notes
