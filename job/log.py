@@ -148,6 +148,10 @@ def route_library_logs(console: bool) -> None:
     transformers.utils.logging.enable_propagation()
     datasets.utils.logging.enable_propagation()
     huggingface_hub.utils.logging.enable_propagation()
+    # datasets and huggingface_hub give their root logger a stderr handler when first imported (after setup()
+    # cleared them): their records came twice, raw on stderr and as our events.
+    for name in LIBRARIES:
+        logging.getLogger(name).handlers[:] = []
     for lib in (transformers.utils.logging, datasets.utils.logging):
         lib.set_verbosity(max(logging.WARNING, logging.getLogger().level))
     if not console:
