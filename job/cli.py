@@ -15,6 +15,7 @@ from pathlib import Path
 
 from job import log, signals
 from job.config import Settings, env_name, load_settings, requested_log_format
+from job.config_sources import check_credentials
 from job.errors import EXIT_CODES, ConfigError, InterruptedJob, JobError, StopSignal
 from job.signals import termination_log_path, write_termination_log
 
@@ -77,6 +78,7 @@ def cmd_check(args) -> int:
 
     cfg = load_settings()
     signals.use_termination_log(cfg.termination_log)
+    check_credentials()  # before the destination is read with them
     if args.show is not None and (args.show < 0 or not args.data):
         raise ConfigError(["--show: a number of samples (0 or more) to show, with --data"])
     log.setup(cfg.log_format, cfg.log_level)
@@ -97,6 +99,7 @@ def cmd_run(args) -> int:
 
     cfg = load_settings()
     signals.use_termination_log(cfg.termination_log)
+    check_credentials()  # before the destination is read with them
     distributed.one_gpu_only(cfg)  # before any import that may start CUDA (transformers asks torch.cuda early)
     from job import pipeline
 

@@ -105,3 +105,21 @@ def unknown_settings(keys: list[str], where: str, fields) -> list[str]:
             hint = f"; `finetune-job env` lists the {len(known)} known ones"
         problems.append(f"{key}: unknown setting{where}{hint}")
     return problems
+
+
+# The credentials the libraries read from the environment, which the plain manifests' example Secret
+# (k8s/secret.example.yaml) and the cloud definitions (deploy/) fill with this placeholder.
+CREDENTIALS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+PLACEHOLDER = "REPLACE_ME"
+
+
+def check_credentials(environ=None) -> None:
+    """Raise ConfigError naming each credential still set to the examples' placeholder: boto3 would try a key
+    `REPLACE_ME` before the pod's IRSA or workload identity, and the Hub would refuse the token, each after the run
+    started."""
+    environ = os.environ if environ is None else environ
+    left = [name for name in CREDENTIALS if environ.get(name, "").startswith(PLACEHOLDER)]
+    if left:
+        raise ConfigError([f"{name}: still the examples' placeholder value; put the real value in the Secret, "
+                           "or remove the key (without it the library's own chain applies: an IRSA or workload "
+                           "identity role, an instance profile, a public model)" for name in left])

@@ -107,8 +107,9 @@ def _first_bad_json_line(path: Path) -> str | None:
             for number, line in enumerate(f, 1):
                 if not line.strip():  # blank lines are skipped, not rows
                     continue
-                try:  # bytes that are not UTF-8 do not stop datasets either
-                    record, why = json.loads(line.rstrip(b"\r\n").decode("utf-8", "replace")), None
+                try:  # bytes that are not UTF-8 do not stop datasets either; a byte-order mark is not JSON's
+                    text = line.rstrip(b"\r\n").decode("utf-8-sig" if number == 1 else "utf-8", "replace")
+                    record, why = json.loads(text), None
                 except json.JSONDecodeError as e:
                     why = f"not valid JSON: {e.msg} (column {e.colno})"
                 else:

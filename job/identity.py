@@ -65,15 +65,24 @@ class Fingerprint:
         """None when a record with the hash `digest` and the settings `settings` (None: not recorded) was trained
         with these settings; else the text that names the settings that differ, e.g. " (FT_LORA_R: 16 saved, 64
         now)", or says that the record does not tell. Settings the record lacks (added since) count as the same."""
+        if digest is not None and digest in (self.digest, self.legacy):
+            return None
         if isinstance(settings, dict) and self.settings:
             differ = [name for name in sorted(self.settings.keys() & settings.keys())
                       if settings[name] != self.settings[name]]
-            if not differ:
+            if differ:
+                return " (" + "; ".join(f"{env_name(name)}: {_shown(settings[name])} saved, "
+                                        f"{_shown(self.settings[name])} now" for name in differ) + ")"
+            # Equal as shown: a setting added since that keeps its default is the same; a redacted value (a token
+            # in a URI or a revision) may hide a difference that only the hash saw.
+            defaults = _defaults()
+            added = [n for n in sorted(self.settings.keys() - settings.keys()) if self.settings[n] != defaults.get(n)]
+            if added:
+                return " (" + "; ".join(f"{env_name(n)}: not recorded, {_shown(self.settings[n])} now"
+                                        for n in added) + ")"
+            if digest is None or not any("***" in json.dumps(v) for v in settings.values()):
                 return None
-            return " (" + "; ".join(f"{env_name(name)}: {_shown(settings[name])} saved, {_shown(self.settings[name])}"
-                                    " now" for name in differ) + ")"
-        if digest is not None and digest in (self.digest, self.legacy):
-            return None
+            return " (a value shown redacted differs: a credential in a URI, or a token-like revision)"
         return " (not named: it was saved by an older version, which recorded only their hash)"
 
 
@@ -86,7 +95,9 @@ def resolve_run_id(cfg: Settings) -> str:
         if value := os.environ.get(var):
             value = value.split("#")[0]  # AWS Batch multi-node jobs: "<job id>#<node index>", one run on every node
             return re.sub(r"[^A-Za-z0-9._-]", "-", value)[:128]
-    return "run-" + settings_fingerprint(cfg)[:12]
+    # The previous rule's hash: the same settings keep the id they had (a retry or rerun after an upgrade finds its
+    # checkpoints and completed run), and runs to two destinations keep two ids.
+    return "run-" + settings_fingerprint(cfg, NOT_FINGERPRINTED - LEGACY_FINGERPRINTED)[:12]
 
 
 def settings_fingerprint(cfg: Settings, exclude: set[str] = NOT_FINGERPRINTED) -> str:
@@ -107,6 +118,11 @@ def training_fingerprint(cfg: Settings) -> Fingerprint:
     """The Fingerprint a checkpoint or a completed run of these settings records, and the one a resume compares."""
     return Fingerprint(settings_fingerprint(cfg), fingerprinted_settings(cfg),
                        settings_fingerprint(cfg, NOT_FINGERPRINTED - LEGACY_FINGERPRINTED))
+
+
+def _defaults() -> dict:
+    """Every fingerprinted setting's default, as fingerprinted_settings shows values."""
+    return Settings.model_construct().model_dump(mode="json", exclude=NOT_FINGERPRINTED)
 
 
 def _shown(value) -> str:

@@ -13,29 +13,12 @@ from job import log
 from job.config import Settings
 from job import diskspace
 from job.errors import ConfigError, DiskFullError, InputError, first_line, human_bytes, storage_failure
+from job.config_sources import check_credentials
 from job.fetch import MODEL_FILES, check_data_file, source_errors
 from job.model import Placement, adaptable_modules, choose_attention, meta_model, resolve_placement, resolve_targets
 from job.storage import HubStorage, LocalStorage, S3Storage, Storage, open_destination, open_source
 
 PROBE = ".finetune-job-write-probe"
-
-
-# The credentials the libraries read from the environment, which the plain manifests' example Secret
-# (k8s/secret.example.yaml) and the cloud definitions (deploy/) fill with this placeholder.
-CREDENTIALS = ("HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-PLACEHOLDER = "REPLACE_ME"
-
-
-def check_credentials(environ=None) -> None:
-    """Raise ConfigError naming each credential still set to the examples' placeholder: boto3 would try a key
-    `REPLACE_ME` before the pod's IRSA or workload identity, and the Hub would refuse the token, each after the run
-    started."""
-    environ = os.environ if environ is None else environ
-    left = [name for name in CREDENTIALS if environ.get(name, "").startswith(PLACEHOLDER)]
-    if left:
-        raise ConfigError([f"{name}: still the example's placeholder {PLACEHOLDER}; put the real value in the Secret, "
-                           "or remove the key (without it the library's own chain applies: an IRSA or workload "
-                           "identity role, an instance profile, a public model)" for name in left])
 
 
 def run(cfg: Settings, run_id: str) -> Placement:

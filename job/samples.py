@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from job import log
+from job import distributed, log
 from job.chat import ChatMasker
 from job.config import Settings
 from job.speed import eager
@@ -125,7 +125,7 @@ def sample_generations(cfg: Settings, model, tokenizer, eval_ds) -> dict[str, An
     texts = cfg.sample_prompt_list
     prompts = user_prompts(texts, tokenizer) if texts else eval_prompts(eval_ds, tokenizer, cfg.sample_count)
     if not prompts:
-        if cfg.sample_count > 0 and not texts:  # asked for, with nowhere to take them from: say so
+        if cfg.sample_count > 0 and not texts and distributed.is_main():  # asked for, nowhere to take them from
             log.get().warning(
                 "sample answers skipped: no held-out evaluation samples to take prompts from and no FT_SAMPLE_PROMPTS, "
                 "so the quality check cannot tell whether answers stop; set FT_SAMPLE_PROMPTS, or hold out evaluation "

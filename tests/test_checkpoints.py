@@ -133,6 +133,37 @@ def test_a_checkpoint_that_records_only_the_hash_is_compared_by_it(tmp_path):
     assert settings_store(tmp_path, lora_r=16).restore(tmp_path / "r3")[1] == 10
 
 
+def test_a_difference_hidden_by_redaction_or_a_setting_added_since_is_judged_by_the_hash():
+    from job.config import Settings
+    from job.identity import training_fingerprint
+
+    def fp(**kw):
+        return training_fingerprint(Settings(device="cpu", base_model="m", dataset="d.jsonl", **kw))
+
+    saved, now = fp(model_revision="hf_" + "a" * 30), fp(model_revision="hf_" + "b" * 30)  # both shown as ***
+    assert saved.settings == now.settings and saved.digest != now.digest
+    assert "a value shown redacted differs" in now.mismatch(saved.digest, saved.settings)
+    assert now.mismatch(now.digest, saved.settings) is None
+    older = {k: v for k, v in fp().settings.items() if k != "lora_r"}  # a record from before lora_r existed
+    assert fp().mismatch("another rule's hash", older) is None  # lora_r at its default: the same training
+    assert fp(lora_r=16).mismatch("another rule's hash", older) == " (FT_LORA_R: not recorded, 16 now)"
+
+
+def test_the_default_run_id_is_the_one_the_same_settings_had(monkeypatch):
+    """The run id without FT_RUN_ID or a batch job id hashes the settings as before the logging and eval intervals and
+    the destination left the fingerprint: a retry or rerun after an upgrade finds its checkpoints and completed run,
+    and two destinations keep two ids."""
+    from job.config import Settings
+    from job.identity import LEGACY_FINGERPRINTED, NOT_FINGERPRINTED, PLATFORM_JOB_IDS, resolve_run_id, \
+        settings_fingerprint
+
+    for var in PLATFORM_JOB_IDS:
+        monkeypatch.delenv(var, raising=False)
+    cfg = Settings(device="cpu", base_model="m", dataset="d.jsonl", output_uri="s3://a/runs")
+    assert resolve_run_id(cfg) == "run-" + settings_fingerprint(cfg, NOT_FINGERPRINTED - LEGACY_FINGERPRINTED)[:12]
+    assert resolve_run_id(cfg) != resolve_run_id(cfg.model_copy(update={"output_uri": "s3://b/runs"}))
+
+
 def test_the_recorded_settings_hold_no_secret(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 30)
     settings_store(tmp_path, model_revision="hf_" + "x" * 30).mirror(

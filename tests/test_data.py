@@ -225,3 +225,12 @@ def test_trained_tokens_are_marked_with_brackets_the_sample_does_not_hold(tokeni
     assert "[[x]]" in trained and "wiki markup" not in trained and text.count(opening) == 1
     text, opening, closing = render("Give the list as JSON:", "[1, 2]")  # brackets beside the marker would merge
     assert (opening, closing) == ("⟦", "⟧") and text.endswith("⟦[1, 2]⟧")
+
+
+def test_a_byte_order_mark_is_not_taken_for_the_bad_line(tmp_path):
+    """json.loads refuses a BOM; datasets reads past it: the scan named line 1 while the fault was elsewhere."""
+    from job.data import _first_bad_json_line
+
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"text": "a"}\n{"text": "b"}\n{"text": oops}\n')
+    assert _first_bad_json_line(path).startswith("line 3 (row 2) is not valid JSON")

@@ -66,11 +66,30 @@ def test_credentials_left_at_the_examples_placeholder_are_refused(monkeypatch):
     """k8s/secret.example.yaml sets every key to REPLACE_ME and its README calls the keys optional: a user on IRSA who
     filled in only HF_TOKEN shipped AWS_ACCESS_KEY_ID=REPLACE_ME, which boto3 uses before the pod's role."""
     from job.errors import ConfigError
-    from job.preflight import check_credentials
+    from job.config_sources import check_credentials
 
     env = {"HF_TOKEN": "hf_real", "AWS_ACCESS_KEY_ID": "REPLACE_ME", "AWS_SECRET_ACCESS_KEY": "REPLACE_ME"}
     with pytest.raises(ConfigError) as info:
         check_credentials(env)
     assert [p.split(":")[0] for p in info.value.problems] == ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
-    assert "still the example's placeholder REPLACE_ME" in info.value.problems[0]
+    assert "still the examples' placeholder value" in info.value.problems[0]
     check_credentials({"HF_TOKEN": "hf_real"})  # unset keys are the library's business
+
+
+def test_a_placeholder_credential_is_named_before_the_destination_is_read(tmp_path):
+    """`check` and `run` read the destination (a completed run?) before the preflight checks: boto3 signed that read
+    with the placeholder and the job failed on the storage error instead."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "FT_OUTPUT_URI": "s3://bucket/runs",
+           "AWS_ACCESS_KEY_ID": "REPLACE_ME", "AWS_SECRET_ACCESS_KEY": "REPLACE_ME", "AWS_EC2_METADATA_DISABLED": "true",
+           "FT_TERMINATION_LOG": str(tmp_path / "reason")}
+    for command in ("check", "run"):
+        proc = subprocess.run([sys.executable, "-m", "job", command], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        # (the value itself is redacted from the log, as every credential's is)
+        assert "AWS_ACCESS_KEY_ID: still the examples' placeholder value" in proc.stdout + proc.stderr
