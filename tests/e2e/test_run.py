@@ -172,7 +172,8 @@ def test_a_completed_run_is_not_overwritten(demo, tiny_model):
     assert "run already complete: nothing to train" in proc.stdout and "training started" not in proc.stdout
     proc = run_job(demo_env(tiny_model, FT_OVERWRITE="false", FT_LEARNING_RATE="0.001"), tmp)
     assert proc.returncode == CODE_BY_NAME["config"]
-    assert "FT_RUN_ID=demo: a completed run with other training settings already exists" in proc.stdout
+    assert "FT_RUN_ID=demo: a completed run with other training settings (FT_LEARNING_RATE: " in proc.stdout
+    assert "0.001 now) already exists" in proc.stdout
     # FT_EXPORT is not a training setting, but a merged model the run was published without is not there to find
     proc = run_job(demo_env(tiny_model, FT_OVERWRITE="false", FT_EXPORT="merged"), tmp)
     assert proc.returncode == CODE_BY_NAME["config"], proc.stdout[-2000:]
