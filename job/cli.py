@@ -71,14 +71,21 @@ def cmd_config(args) -> int:
     return 0
 
 
+def _settings() -> Settings:
+    """The settings of `run` and `check`, with what holds once they are valid: their FT_TERMINATION_LOG (from any
+    source), and no credential left at the examples' placeholder before the destination is read with it."""
+    cfg = load_settings()
+    signals.use_termination_log(cfg.termination_log)
+    check_credentials()
+    return cfg
+
+
 def cmd_check(args) -> int:
     from job import completion, preflight
     from job.identity import resolve_run_id, training_fingerprint
     from job.storage import StorageOptions, configure, open_destination
 
-    cfg = load_settings()
-    signals.use_termination_log(cfg.termination_log)
-    check_credentials()  # before the destination is read with them
+    cfg = _settings()
     if args.show is not None and (args.show < 0 or not args.data):
         raise ConfigError(["--show: a number of samples (0 or more) to show, with --data"])
     log.setup(cfg.log_format, cfg.log_level)
@@ -97,9 +104,7 @@ def cmd_check(args) -> int:
 def cmd_run(args) -> int:
     from job import distributed
 
-    cfg = load_settings()
-    signals.use_termination_log(cfg.termination_log)
-    check_credentials()  # before the destination is read with them
+    cfg = _settings()
     distributed.one_gpu_only(cfg)  # before any import that may start CUDA (transformers asks torch.cuda early)
     from job import pipeline
 

@@ -589,8 +589,8 @@ class Settings(BaseSettings):
         nothing is held out (FT_EVAL_SPLIT set, or FT_EVAL_FRACTION=0)."""
         if self.eval_split is not None or self.eval_fraction <= 0:
             return None
-        n = max(2, math.ceil(1 / (1 - self.eval_fraction)) - 1)  # the bound, less one for float rounding
-        while math.ceil(self.eval_fraction * n) >= n:
+        n = 2
+        while math.ceil(self.eval_fraction * n) >= n:  # datasets' own arithmetic (floats), not a derived bound
             n += 1
         return n
 
@@ -600,13 +600,12 @@ class Settings(BaseSettings):
         sharded by FSDP, under which job.quality skips them); else None."""
         if self.quality_check != "fail" or self.eval_split is not None or self.eval_fraction > 0:
             return None
+        nothing = "FT_QUALITY_CHECK=fail: nothing to check with FT_EVAL_FRACTION=0 and no FT_EVAL_SPLIT (no eval loss)"
         if not self.sample_prompts:
-            return ("FT_QUALITY_CHECK=fail: nothing to check with FT_EVAL_FRACTION=0 and no FT_EVAL_SPLIT (no eval "
-                    "loss) nor FT_SAMPLE_PROMPTS (no sample answers); hold out data or give prompts")
+            return f"{nothing} nor FT_SAMPLE_PROMPTS (no sample answers); hold out data or give prompts"
         if self.shards_model(processes):
-            return ("FT_QUALITY_CHECK=fail: nothing to check with FT_EVAL_FRACTION=0 and no FT_EVAL_SPLIT (no eval "
-                    "loss), and FT_SAMPLE_PROMPTS are not answered while FSDP shards the model (FT_STRATEGY=fsdp with "
-                    "several processes); hold out data, or use FT_STRATEGY=ddp")
+            return (f"{nothing}, and FT_SAMPLE_PROMPTS are not answered while FSDP shards the model (FT_STRATEGY=fsdp "
+                    "with several processes); hold out data, or use FT_STRATEGY=ddp")
         return None
 
     @property

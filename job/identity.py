@@ -49,6 +49,7 @@ NOT_FINGERPRINTED = {"run_id", "overwrite", "log_format", "log_level", "work_dir
 # Fingerprinted before this rule left them out: a checkpoint or completed run that records only a hash may have
 # hashed them (Fingerprint.legacy).
 LEGACY_FINGERPRINTED = {"logging_steps", "eval_steps", "output_uri"}
+PREVIOUS_RULE = NOT_FINGERPRINTED - LEGACY_FINGERPRINTED  # what the previous rule left out
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def resolve_run_id(cfg: Settings) -> str:
             return re.sub(r"[^A-Za-z0-9._-]", "-", value)[:128]
     # The previous rule's hash: the same settings keep the id they had (a retry or rerun after an upgrade finds its
     # checkpoints and completed run), and runs to two destinations keep two ids.
-    return "run-" + settings_fingerprint(cfg, NOT_FINGERPRINTED - LEGACY_FINGERPRINTED)[:12]
+    return "run-" + settings_fingerprint(cfg, PREVIOUS_RULE)[:12]
 
 
 def settings_fingerprint(cfg: Settings, exclude: set[str] = NOT_FINGERPRINTED) -> str:
@@ -116,8 +117,7 @@ def fingerprinted_settings(cfg: Settings) -> dict:
 
 def training_fingerprint(cfg: Settings) -> Fingerprint:
     """The Fingerprint a checkpoint or a completed run of these settings records, and the one a resume compares."""
-    return Fingerprint(settings_fingerprint(cfg), fingerprinted_settings(cfg),
-                       settings_fingerprint(cfg, NOT_FINGERPRINTED - LEGACY_FINGERPRINTED))
+    return Fingerprint(settings_fingerprint(cfg), fingerprinted_settings(cfg), settings_fingerprint(cfg, PREVIOUS_RULE))
 
 
 def _defaults() -> dict:

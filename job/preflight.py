@@ -13,7 +13,6 @@ from job import log
 from job.config import Settings
 from job import diskspace
 from job.errors import ConfigError, DiskFullError, InputError, first_line, human_bytes, storage_failure
-from job.config_sources import check_credentials
 from job.fetch import MODEL_FILES, check_data_file, source_errors
 from job.model import Placement, adaptable_modules, choose_attention, meta_model, resolve_placement, resolve_targets
 from job.storage import HubStorage, LocalStorage, S3Storage, Storage, open_destination, open_source
@@ -23,7 +22,6 @@ PROBE = ".finetune-job-write-probe"
 
 def run(cfg: Settings, run_id: str) -> Placement:
     """Every check in order; the first failure raises with its exit code."""
-    check_credentials()
     placement = resolve_placement(cfg)
     if cfg.require_gpu and placement.device != "cuda":
         raise ConfigError(["FT_REQUIRE_GPU=true: no CUDA GPU is visible to this process"])

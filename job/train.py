@@ -284,7 +284,8 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
         resume = checkpoints.restore_everywhere(scratch / "resume")
         if resume:
             history.restore(*resume)
-        trainer.args.eval_on_start = eval_ds is not None and not resume  # RunHistory keeps its loss
+        if resume:  # the first attempt's evaluation before training travels in the checkpoint (RunHistory)
+            trainer.args.eval_on_start = False
         if resume and eval_ds is not None and history.eval_loss_before is None and distributed.is_main():
             # (a checkpoint of an older version's FSDP run): evaluating the resumed weights would not be "before"
             log.get().warning("eval loss before training unknown: the checkpoint resumed from does not record it",
