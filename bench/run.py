@@ -65,6 +65,8 @@ VARIANTS = {
     "fast-noliger": {**RECIPE, "FT_PROFILE": "fast", "FT_USE_LIGER": "false"},
     # the 4-bit weights dequantized before every product, as before FT_DEQUANTIZE_ONCE (on by default in `fast`)
     "fast-nodq": {**RECIPE, "FT_PROFILE": "fast", "FT_DEQUANTIZE_ONCE": "false"},
+    # the default without CUDA graphs of its small steps (FT_CUDA_GRAPHS, on by default in `fast` since issue 17)
+    "fast-nographs": {**RECIPE, "FT_PROFILE": "fast", "FT_CUDA_GRAPHS": "false"},
     # regional torch.compile of the decoder layers (FT_COMPILE; its compile time is inside the epoch's wall time)
     "fast-compile": {**RECIPE, "FT_PROFILE": "fast", "FT_COMPILE": "true"},
     # Run 17: a warm cache still compiled for 42 s, 3 s of it in dynamo's phase timers, with 32 Triton kernels sent to

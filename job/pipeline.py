@@ -51,7 +51,7 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
         train_raw, eval_raw = data.load_splits(cfg, data_src.path)
     train_ds, eval_ds, stats = data.tokenize_splits(train_raw, eval_raw, tokenizer, cfg)
 
-    base, plan, load_seconds = load_and_plan(cfg, model_src.path, placement, train_ds)
+    base, plan, load_seconds = load_and_plan(cfg, model_src.path, placement, train_ds, eval_ds)
     main = distributed.is_main()  # the one process that writes TensorBoard, checkpoints and results
     log.get().info("tensorboard logs", path=str(scratch / "output" / "tensorboard"),
                    hint=f"tensorboard --logdir {scratch / 'output' / 'tensorboard'}")
@@ -89,9 +89,9 @@ def run(cfg: Settings, console: bool, stopper: Stopper) -> dict:
     return summary
 
 
-def load_and_plan(cfg: Settings, path, placement, train_ds=None) -> tuple:
+def load_and_plan(cfg: Settings, path, placement, train_ds=None, eval_ds=None) -> tuple:
     """The base model, loaded as FT_QUANTIZATION says, and the speed plan every process follows (rank 0's, sized from
-    its free memory and the tokenized training samples' lengths); returns (model, plan, seconds the load took)."""
+    its free memory and the tokenized samples' lengths); returns (model, plan, seconds the load took)."""
     start = time.monotonic()
     base = model.load_model(path, cfg, placement)
     # peft writes this into adapter_config.json (base_model_name_or_path) of every checkpoint and of the adapter,
@@ -103,7 +103,8 @@ def load_and_plan(cfg: Settings, path, placement, train_ds=None) -> tuple:
         [] if cfg.packing else [len(ids) for ids in train_ds["input_ids"]], cfg.global_batch // processes,
         cfg.packing, cfg.row_length, cfg.group_by_length)
     plan = distributed.broadcast(speed.plan(cfg, placement, base.config, processes,
-                                            speed.dequantized_size(base, placement.dtype), step_tokens))
+                                            speed.dequantized_size(base, placement.dtype), step_tokens,
+                                            None if eval_ds is None else [len(ids) for ids in eval_ds["input_ids"]]))
     log.get().info("speed plan", **vars(plan), load_s=round(seconds, 2))
     return base, plan, seconds
 

@@ -22,6 +22,10 @@ from job.model import Placement
 # against 6,697 at 8192 and 5,078 at 16384). torch's varlen kernel (job/attention.py, FT_ATTENTION=auto on a GPU)
 # attends within each sample only: 15,643 tokens/s at 8192 and 16,091 at 16384 (bench/RESULTS.md).
 VARLEN_MAX_MICRO_BATCH_TOKENS = 16384
+# Evaluation runs forward only, one layer's activations at a time: with the varlen kernel (no mask growing with the
+# batch) its batches may be larger. At 4 samples per step, evaluating 100 held-out samples in 16,384-token batches
+# took 7 launch-bound forwards, ~0.9 s per evaluation on an H200 (bench/RESULTS.md, run 18).
+VARLEN_MAX_EVAL_TOKENS = 65536
 SDPA_MAX_MICRO_BATCH_TOKENS = 4096
 LEAN_MICRO_BATCH_TOKENS = 8192  # with checkpointing: 8.2 GiB peak for a 7B model, all-linear LoRA (bench/RESULTS.md)
 SAFETY = 1.5  # allocator fragmentation, LoRA buffers, optimizer temporaries, the estimate's own error
@@ -43,6 +47,7 @@ class SpeedPlan:
     attention: str
     processes: int = 1
     dequantize_once: bool = False  # a bf16 copy of the 4-bit base weights, dequantized once (job/speed.py)
+    cuda_graphs: bool = False  # micro-batches padded to buckets and replayed from CUDA graphs (job/graphs.py)
 
     @property
     def global_batch(self) -> int:
@@ -65,11 +70,20 @@ def activation_bytes_per_token(model_config, checkpointing: bool, liger: bool) -
     return kept + (0 if liger else 4 * vocab)
 
 
+def forward_bytes_per_token(model_config) -> float:
+    """Bytes per token that a forward pass without gradients (evaluation) holds at once: one layer's activations
+    (34*h, as in activation_bytes_per_token) and fp32 logits (4 per vocabulary entry, where a loss computes them
+    whole). Nothing is kept for a backward pass, so the layers do not add up."""
+    c = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    return 34 * c.hidden_size + 4 * c.vocab_size
+
+
 def plan(cfg: Settings, placement: Placement, model_config, processes: int = 1, dequantized_bytes: int = 0,
-         step_tokens: int | None = None) -> SpeedPlan:
+         step_tokens: int | None = None, eval_lengths: list[int] | None = None) -> SpeedPlan:
     """The plan for this hardware. `dequantized_bytes`: what a compute-dtype copy of the model's 4-bit weights would
     take (dequantized_size; 0 for a model without them). `step_tokens`: tokens that nearly every optimizer step of
-    this process holds (typical_step_tokens; None when unknown). Raises ConfigError when the global batch cannot be
+    this process holds (typical_step_tokens; None when unknown). `eval_lengths`: the evaluation samples' token counts
+    (None when unknown), which size evaluation batches in samples (eval_batch_samples). Raises ConfigError when the global batch cannot be
     split evenly over the processes, or Liger or FT_DEQUANTIZE_ONCE is asked for where it cannot run."""
     gpu = placement.device == "cuda"
     sharded = cfg.shards_model(processes)
@@ -104,23 +118,64 @@ def plan(cfg: Settings, placement: Placement, model_config, processes: int = 1, 
         dequantize = gpu and cfg.profile == "fast" and not sharded and dequantized_bytes > 0 and \
             tokens * activation_bytes_per_token(model_config, ckpt, liger) * SAFETY + dequantized_bytes <= free_gpu_bytes()
     reserve = dequantized_bytes if dequantize else 0
-    eval_tokens = _eval_tokens(placement, model_config, attention, tokens, reserve)
-    return _logged(SpeedPlan(True, tokens, None, step, max(1, eval_tokens // cfg.row_length), ckpt, liger, attention,
-                             processes, dequantize))
+    graphs = _cuda_graphs(cfg, placement, attention, processes, ckpt, tokens)
+    if graphs:  # the graphs' memory pool keeps a micro-batch's activations while evaluation runs beside it
+        reserve += int(tokens * activation_bytes_per_token(model_config, ckpt, liger))
+    eval_tokens = _eval_tokens(placement, model_config, attention, tokens, reserve,
+                               VARLEN_MAX_EVAL_TOKENS if cfg.profile == "fast" else VARLEN_MAX_MICRO_BATCH_TOKENS)
+    return _logged(SpeedPlan(True, tokens, None, step, eval_batch_samples(eval_lengths, eval_tokens, cfg.row_length),
+                             ckpt, liger, attention, processes, dequantize, graphs))
 
 
-def _eval_tokens(placement: Placement, model_config, attention: str, train_tokens: int, reserve: int = 0) -> int:
+def eval_batch_samples(lengths: list[int] | None, tokens: int, row_length: int) -> int:
+    """Samples per padding-free evaluation batch such that no batch holds more than `tokens` tokens, whatever samples
+    it gets: the most samples whose longest `lengths` add up to at most `tokens` (in any order, over any process's
+    share). Without lengths, every sample is taken to be `row_length` long (FT_MAX_SEQ_LENGTH). At least 1."""
+    if not lengths:
+        return max(1, tokens // row_length)
+    total, count = 0, 0
+    for n in sorted(lengths, reverse=True):
+        if total + n > tokens:
+            break
+        total, count = total + n, count + 1
+    return max(1, count)
+
+
+def _cuda_graphs(cfg: Settings, placement: Placement, attention: str, processes: int, checkpointing: bool,
+                 tokens: int) -> bool:
+    """FT_CUDA_GRAPHS for a padding-free plan: asked for, or by default in `fast` where micro-batches are small
+    enough to be launch-bound (job/graphs.py MAX_MICRO_BATCH_TOKENS). Raises ConfigError where it was asked for
+    and cannot run (the settings' own clashes are refused when they are read)."""
+    import torch
+
+    from job.graphs import MAX_MICRO_BATCH_TOKENS
+
+    why = ("needs a CUDA GPU" if placement.device != "cuda" else
+           f"needs the varlen attention kernel (FT_ATTENTION resolved to {attention})" if attention != "varlen" else
+           "needs bf16 compute (fp16's loss scaling runs outside a graph)" if placement.dtype != torch.bfloat16 else
+           "runs on one process (the gradients' reduction runs outside a graph)" if processes > 1 else
+           "cannot replay gradient checkpointing (the plan needs it to fit)" if checkpointing else None)
+    if cfg.cuda_graphs:
+        if why:
+            raise ConfigError([f"FT_CUDA_GRAPHS=true: {why}; leave it unset"])
+        return True
+    return cfg.cuda_graphs is None and why is None and cfg.profile == "fast" and not cfg.compile and \
+        not cfg.packing and tokens <= MAX_MICRO_BATCH_TOKENS
+
+
+def _eval_tokens(placement: Placement, model_config, attention: str, train_tokens: int, reserve: int = 0,
+                 cap: int = VARLEN_MAX_EVAL_TOKENS) -> int:
     """Tokens per padding-free evaluation batch (FT_MAX_SEQ_LENGTH-long samples' worth). Evaluation only runs
     forward, keeping one layer's activations at a time, so on a GPU with the varlen kernel it takes the largest
-    batch up to VARLEN_MAX_MICRO_BATCH_TOKENS whose activations fit with checkpointing's estimate (an upper bound for
-    a forward); small training steps would otherwise evaluate in as many small, launch-bound forwards (the bench
+    batch up to `cap` (VARLEN_MAX_EVAL_TOKENS in `fast`; `lean` keeps its memory low with 16,384) whose activations
+    fit (forward_bytes_per_token); small training steps would otherwise evaluate in as many small, launch-bound forwards (the bench
     workload's 100 held-out samples: 25 forwards, ~2 s per evaluation on an H200, ~30% of an epoch with 10
     evaluations; bench/NOTES.md). The reported loss does not depend on it: StepTrainer tallies it per token."""
     if placement.device != "cuda" or attention != "varlen":  # sdpa's dense mask grows with the square of a batch
         return train_tokens
     free = free_gpu_bytes() - reserve
-    fits = [t for t in (VARLEN_MAX_MICRO_BATCH_TOKENS >> i for i in range(5))
-            if t * activation_bytes_per_token(model_config, True, False) * SAFETY <= free]
+    fits = [t for t in (cap >> i for i in range(7))
+            if t * forward_bytes_per_token(model_config) * SAFETY <= free]
     return max([train_tokens, *fits[:1]])
 
 

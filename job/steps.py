@@ -18,6 +18,7 @@ figure does not depend on how the evaluation samples are batched or padded.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import torch
@@ -36,12 +37,18 @@ class StepCollator:
     `collate` turns a list of samples into one batch (trl's DataCollatorForLanguageModeling: padding-free, one row
     [1, tokens] with position_ids and cu_seq_lens; or padded rows [samples, longest]). Samples stay in order; a
     micro-batch takes samples while it holds at most `max_tokens` tokens (padding-free) or `max_samples` samples
-    (padded). A sample longer than `max_tokens` is a micro-batch of its own."""
+    (padded). A sample longer than `max_tokens` is a micro-batch of its own. With `bucket_sequences` (CUDA graphs:
+    the most samples a micro-batch can hold), each padding-free micro-batch is padded to a bucket (job/graphs.py
+    pad_to_bucket); collated here, in the dataloader, so the padding costs the training loop nothing."""
 
-    def __init__(self, collate, max_tokens: int | None = None, max_samples: int | None = None):
+    def __init__(self, collate, max_tokens: int | None = None, max_samples: int | None = None,
+                 bucket_sequences: int | None = None):
         if (max_tokens is None) == (max_samples is None):
             raise ValueError("give exactly one of max_tokens (padding-free) and max_samples (padded)")
+        if bucket_sequences is not None and max_tokens is None:
+            raise ValueError("bucket_sequences (CUDA graphs) needs padding-free micro-batches (max_tokens)")
         self.collate, self.max_tokens, self.max_samples = collate, max_tokens, max_samples
+        self.bucket_sequences = bucket_sequences
 
     def groups(self, lengths: list[int]) -> list[range]:
         """Consecutive index ranges of the step's samples, one per micro-batch."""
@@ -57,7 +64,12 @@ class StepCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         groups = self.groups([len(f["input_ids"]) for f in features])
-        return {"micro_batches": [self.collate([features[i] for i in group]) for group in groups]}
+        batches = [self.collate([features[i] for i in group]) for group in groups]
+        if self.bucket_sequences:
+            from job.graphs import pad_to_bucket
+
+            batches = [pad_to_bucket(b, self.bucket_sequences, self.collate.pad_token_id) for b in batches]
+        return {"micro_batches": batches}
 
 
 def trained_tokens(batch: dict[str, Any]) -> torch.Tensor:
@@ -78,6 +90,8 @@ class StepTrainer(SFTTrainer):
     # are not launch-bound (bench/RESULTS.md run 12): worth it only past ~60 evaluations.
     eager_evaluation: bool = False
     _eval_tally: torch.Tensor | None = None
+    # FT_CUDA_GRAPHS (job/graphs.py StepGraphs): training micro-batches replayed from captured graphs
+    graphs: Any = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -131,7 +145,10 @@ class StepTrainer(SFTTrainer):
         """Forward and backward over each micro-batch of one optimizer step; returns the step's loss (this
         process's share of the per-token mean, as transformers reports it)."""
         micro_batches = inputs["micro_batches"]
-        tokens = sum(trained_tokens(mb) for mb in micro_batches).to(self.args.device)
+        if self.graphs is not None and model.training:
+            return self._graphed_step(model, micro_batches)
+        # Counted on the host, where the micro-batches still are: a blocking copy to the GPU waits for its queue.
+        tokens = torch.full((), sum(int(trained_tokens(mb)) for mb in micro_batches), device=self.args.device)
         if self.accelerator.num_processes > 1:
             tokens = self.accelerator.reduce(tokens, reduction="sum")
         loss = torch.zeros((), device=self.args.device)
@@ -141,6 +158,27 @@ class StepTrainer(SFTTrainer):
             last = i == len(micro_batches) - 1
             with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
                 loss = loss + super().training_step(model, batch, num_items_in_batch=tokens)
+        return loss
+
+    def _graphed_step(self, model, micro_batches) -> torch.Tensor:
+        """training_step through CUDA graphs (one process; job/graphs.py). The step's trained tokens are counted on
+        the host, where the micro-batches still are, so that no copy waits for the GPU; a micro-batch that has no
+        bucket (more samples than a bucket holds) or no graph computes eagerly, as without graphs."""
+        from job.graphs import REAL_TOKENS
+
+        count = torch.full((), sum(int(trained_tokens(mb)) for mb in micro_batches), device=self.args.device)
+        if self.graphs.loss_fn is None:
+            self.graphs.loss_fn = functools.partial(self.loss_and_tally, model)
+        self.graphs.begin_step()
+        loss = torch.zeros((), device=self.args.device)
+        for batch in micro_batches:
+            out = self.graphs.run(batch, count) if REAL_TOKENS in batch else None
+            if out is None:
+                loss = loss + super().training_step(model, batch, num_items_in_batch=count)
+            else:
+                loss = loss + out[0]
+                self._add_tally("train", out[1])
+        self.graphs.end_step()
         return loss
 
     def floating_point_ops(self, inputs) -> float:
@@ -154,26 +192,43 @@ class StepTrainer(SFTTrainer):
         that its entropy, token accuracy and token count stay on the device until a log needs them: trl reads them
         back with three host synchronisations per micro-batch, which drain the queue of kernels that small steps
         depend on. Outputs are built only when asked for (trl 1.16 runs a second forward to return them)."""
+        from job.graphs import REAL_TOKENS, unpadded_inputs
+
+        real, inputs = inputs.get(REAL_TOKENS), unpadded_inputs(inputs)  # a micro-batch padded for CUDA graphs
         if return_outputs or not self._plain_loss():
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch) if return_outputs else \
                 (super().compute_loss(model, inputs, False, num_items_in_batch), None)
         else:
-            outputs = model(**{**inputs, "use_cache": False}, fused_lm_head=True)
-            labelled = outputs.label_mask.sum()
-            count = labelled if num_items_in_batch is None else num_items_in_batch
-            loss = -outputs.log_probs.sum() / torch.as_tensor(count).clamp(min=1)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP averages gradients
-            seen = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
-            mode = "train" if model.training else "eval"
-            tally = torch.stack([outputs.entropy.detach().sum(), outputs.is_top1.sum(), labelled,
-                                 torch.as_tensor(seen, device=labelled.device)]).double()
-            self._tallies[mode] = tally + self._tallies[mode] if mode in self._tallies else tally
+            seen = real if real is not None else \
+                inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
+            loss, tally = self.loss_and_tally(model, inputs, num_items_in_batch, seen)
+            outputs = None
+            self._add_tally("train" if model.training else "eval", tally)
         if self._eval_tally is not None and not model.training:  # a per-token mean over this batch: weigh it back
             n = trained_tokens(inputs).to(self._eval_tally.device).double()
             # a batch of fill-ups alone has no tokens (and, through trl's mean, a NaN loss): it adds nothing
             self._eval_tally += torch.stack([torch.where(n > 0, loss.detach().double() * n, 0.0), n])
         return (loss, outputs) if return_outputs else loss
+
+    def loss_and_tally(self, model, inputs, num_items_in_batch, seen) -> tuple[torch.Tensor, torch.Tensor]:
+        """compute_loss's plain case: (the loss, [entropy sum, correct top-1 predictions, labelled tokens, `seen`
+        input tokens] as float64 on the device). No host synchronisation beyond the model's own, so that
+        job/graphs.py can capture it."""
+        outputs = model(**{**inputs, "use_cache": False}, fused_lm_head=True)
+        labelled = outputs.label_mask.sum()
+        count = labelled if num_items_in_batch is None else num_items_in_batch
+        loss = -outputs.log_probs.sum() / torch.as_tensor(count).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP averages gradients
+        # A host number goes in through a fill, not a copy: a blocking copy to the GPU waits for its queue.
+        seen = seen.to(torch.float64) if isinstance(seen, torch.Tensor) else \
+            torch.full((), seen, dtype=torch.float64, device=labelled.device)
+        tally = torch.cat([torch.stack([outputs.entropy.detach().sum(), outputs.is_top1.sum(), labelled]).double(),
+                           seen[None]])
+        return loss, tally
+
+    def _add_tally(self, mode: str, tally: torch.Tensor) -> None:
+        self._tallies[mode] = tally + self._tallies[mode] if mode in self._tallies else tally
 
     def _plain_loss(self) -> bool:
         parallel = getattr(self.accelerator, "parallelism_config", None)

@@ -231,7 +231,9 @@ def build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, checkpoin
         peft_config=lora_config(cfg, model),
         callbacks=[TensorBoardCallback(writer), ProgressLog(), *callbacks],
     )
-    trainer.step_collator = StepCollator(collate, speed.micro_batch_tokens, speed.micro_batch_size)
+    # CUDA graphs: at most a step's samples (this process's) in a micro-batch, so its buckets' shapes are fixed
+    trainer.step_collator = StepCollator(collate, speed.micro_batch_tokens, speed.micro_batch_size,
+                                         bucket_sequences=speed.step_samples if speed.cuda_graphs else None)
     trainer.global_batch, trainer.group_by_length = speed.global_batch, cfg.group_by_length
     trainer.remove_callback(PrinterCallback)  # prints raw dicts; ProgressLog logs them as events
     if trainer.pop_callback(ProgressCallback) is not None:  # a console's bar: it too printed the raw dicts
@@ -251,6 +253,10 @@ def build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, checkpoin
     if cfg.compile:
         compile_layers(trainer.model)
         trainer.eager_evaluation = True
+    if speed.cuda_graphs:
+        from job.graphs import StepGraphs
+
+        trainer.graphs = StepGraphs(trainer.model.parameters(), placement.device)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     log.get().info("model ready", trainable_params=trainable, total_params=total,
                    trainable_pct=round(100 * trainable / total, 3))
@@ -312,11 +318,16 @@ def train(cfg: Settings, model, tokenizer, train_ds, eval_ds, placement: Placeme
                            graph_breaks=sum(counters["graph_break"].values()),
                            reasons=[r[:300] for r, _ in counters["graph_break"].most_common(3)], **caches,
                            compile_seconds=compile_seconds())
+        if trainer.graphs is not None:
+            log.get().info("CUDA graphs", graphs=len(trainer.graphs.statics), buckets=sorted(trainer.graphs.statics),
+                           capture_seconds=round(trainer.graphs.captured_seconds, 2), off=trainer.graphs.disabled)
     except torch.OutOfMemoryError as e:
         raise out_of_memory(e, speed) from None
     finally:
         if writer is not None:
             writer.close()
+        if trainer.graphs is not None:  # their memory pool back, before sample answers
+            trainer.graphs.release()
         release_dequantized(trainer.model)  # its memory back; sample answers compute as the adapter's users will
     save_adapter(trainer, stage / "adapter")
     result.model = trainer.model

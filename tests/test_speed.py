@@ -134,11 +134,11 @@ def test_typical_step_tokens_is_the_90th_percentile_of_a_steps_tokens():
 
 
 @pytest.mark.parametrize("attention, free_gib, batch, expected", [
-    ("varlen", 130, 4, 16),  # small steps evaluate in large forwards: 16384 tokens of 1024-token samples
-    ("varlen", 8, 4, 8),     # the largest that fits (517 KiB per token with checkpointing's estimate, x1.5)
-    ("varlen", 4, 4, 4),     # never smaller than a training micro-batch
+    ("varlen", 130, 4, 64),  # small steps evaluate in large forwards: 65536 tokens of 1024-token samples
+    ("varlen", 8, 4, 16),    # the largest that fits (261 KiB per token: one layer and the logits, x1.5)
+    ("varlen", 1, 4, 2),     # 1 GiB: no smaller than the training micro-batch, 2048 tokens here
     ("sdpa", 130, 4, 4),     # sdpa's dense mask grows with the square of a batch: as large as a training one
-    ("varlen", 130, 64, 16),
+    ("varlen", 130, 64, 64),
 ])
 def test_evaluation_batches_are_as_large_as_a_forward_allows(monkeypatch, attention, free_gib, batch, expected):
     from transformers import LlamaConfig

@@ -4,6 +4,7 @@ adapter; only FT_PACKING (the user's explicit choice) changes the steps, and say
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +24,10 @@ PLANS = {
     "dequantized": {"FT_PROFILE": "fast", "FT_DEQUANTIZE_ONCE": "true"},  # the 4-bit weights dequantized once
     # FT_COMPILE as a GPU with room runs it: compiled layers over the dequantized copy
     "compiled-dequantized": {"FT_PROFILE": "fast", "FT_COMPILE": "true", "FT_DEQUANTIZE_ONCE": "true"},
+    # CUDA graphs as a GPU runs them (FT_CUDA_GRAPHS): micro-batches padded to buckets, computed through StepGraphs'
+    # buffers without the capture the CPU cannot do (graphs_on_cpu/sitecustomize.py), with the varlen reference
+    "graphed": {"FT_PROFILE": "fast", "FT_ATTENTION": "varlen",
+                "PYTHONPATH": str(Path(__file__).parent / "graphs_on_cpu")},
 }
 
 
@@ -32,7 +37,12 @@ def train(tiny_model, tmp_path, name: str, **extra: str) -> dict:
     proc = run_job(demo_env(tiny_model, FT_RUN_ID=name, **COMMON, **extra), tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = events(proc)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(tmp_path / "out" / name / "tensorboard"))
+    board.Reload()
     return {
+        "tensorboard": {tag: [s.value for s in board.Scalars(tag)] for tag in board.Tags()["scalars"]},
         "manifest": json.loads((tmp_path / "out" / name / "manifest.json").read_text()),
         "losses": [e["loss"] for e in log if e["event"] == "train step"],
         "evals": [e for e in log if e["event"] == "eval"],
@@ -63,7 +73,7 @@ def test_padding_free_and_split_steps_train_what_padded_steps_train(runs):
     """The same per-step losses and the same adapter, within float32 noise, however a step is computed."""
     reference = runs["guide"]
     assert reference["losses"][-1] < reference["losses"][0]  # it learns, so equal losses mean something
-    for name in ("fast", "split", "lean", "compiled", "dequantized", "compiled-dequantized"):
+    for name in ("fast", "split", "lean", "compiled", "dequantized", "compiled-dequantized", "graphed"):
         assert runs[name]["losses"] == pytest.approx(reference["losses"], rel=1e-4), name
         for key, weight in reference["adapter"].items():
             torch.testing.assert_close(runs[name]["adapter"][key], weight, rtol=1e-3, atol=1e-5, msg=name)
@@ -89,6 +99,21 @@ def test_compiled_layers_share_their_graphs(runs, tiny_model):
         "cache_bypass_aot")
     assert runs["compiled"]["manifest"]["quality"]["generations"]["samples"]
     assert not any(e["event"] == "decoder layers compiled" for e in runs["fast"]["log"])
+
+
+def test_graphed_steps_are_padded_to_buckets(runs):
+    """The `graphed` run took the path a GPU captures: every micro-batch padded to a multiple of the bucket size, the
+    padding trained nothing (the losses and adapter above) and counted in no metric (the same token counts)."""
+    from job.graphs import BUCKET_TOKENS
+
+    assert runs["graphed"]["manifest"]["training"]["cuda_graphs"] is True
+    assert runs["fast"]["manifest"]["training"]["cuda_graphs"] is False  # the CPU itself never plans them
+    graphs = next(e for e in runs["graphed"]["log"] if e["event"] == "CUDA graphs")
+    assert graphs["buckets"] and all(b % BUCKET_TOKENS == 0 for b in graphs["buckets"]) and graphs["off"] is None
+    graphed, fast = runs["graphed"]["tensorboard"], runs["fast"]["tensorboard"]
+    assert graphed["train/num_tokens"] == fast["train/num_tokens"] and fast["train/num_tokens"][-1] > 0
+    for tag in ("train/entropy", "train/mean_token_accuracy"):
+        assert graphed[tag] == pytest.approx(fast[tag], rel=1e-4), tag
 
 
 def test_dequantized_weights_are_used_for_training_and_released(runs):
