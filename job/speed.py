@@ -106,6 +106,9 @@ def plan(cfg: Settings, placement: Placement, model_config, processes: int = 1, 
     # Packed rows are always padding-free: padded, their samples would attend to each other.
     padding_free = cfg.padding_free if cfg.padding_free is not None else cfg.profile != "guide" or cfg.packing
     if not padding_free:
+        if cfg.cuda_graphs:
+            raise ConfigError([f"FT_CUDA_GRAPHS=true: needs padding-free micro-batches, and FT_PROFILE={cfg.profile} "
+                               "pads them; set FT_PADDING_FREE=true, or leave FT_CUDA_GRAPHS unset"])
         ckpt = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else cfg.profile != "fast"
         micro = min(cfg.batch_size, step)
         return _logged(SpeedPlan(False, None, micro, step, cfg.batch_size, ckpt, liger, attention, processes,
@@ -150,11 +153,12 @@ def _cuda_graphs(cfg: Settings, placement: Placement, attention: str, processes:
 
     from job.graphs import MAX_MICRO_BATCH_TOKENS
 
+    uses = "FT_PROFILE=lean" if cfg.profile == "lean" else "the micro-batch does not fit in free GPU memory without it"
     why = ("needs a CUDA GPU" if placement.device != "cuda" else
            f"needs the varlen attention kernel (FT_ATTENTION resolved to {attention})" if attention != "varlen" else
            "needs bf16 compute (fp16's loss scaling runs outside a graph)" if placement.dtype != torch.bfloat16 else
            "runs on one process (the gradients' reduction runs outside a graph)" if processes > 1 else
-           "cannot replay gradient checkpointing (the plan needs it to fit)" if checkpointing else None)
+           f"cannot replay gradient checkpointing, which this plan uses ({uses})" if checkpointing else None)
     if cfg.cuda_graphs:
         if why:
             raise ConfigError([f"FT_CUDA_GRAPHS=true: {why}; leave it unset"])
