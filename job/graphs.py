@@ -222,10 +222,11 @@ class StepGraphs:
                 self._compute(static)
         except Exception as e:  # noqa: BLE001 - any capture failure: the run goes on eagerly, the same steps
             self.disabled = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            captured = len(self.statics)
             self.statics.clear()
             torch.cuda.synchronize(self.device)
             log.get().warning("CUDA graphs off: a step could not be captured; computing eagerly",
-                              error=self.disabled[:300], buckets_captured=len(self.statics))
+                              error=self.disabled[:300], buckets_captured=captured)
             return False
         static.graph = graph
         self.captured_seconds += time.monotonic() - start

@@ -29,6 +29,7 @@ from job import log
 from job.config import Settings
 
 IGNORE = -100
+STEP_TOKENS = "step_trained_tokens"  # a step batch's key: its trained tokens, counted by StepCollator
 
 
 class StepCollator:
@@ -69,7 +70,12 @@ class StepCollator:
             from job.graphs import pad_to_bucket
 
             batches = [pad_to_bucket(b, self.bucket_sequences, self.collate.pad_token_id) for b in batches]
-        return {"micro_batches": batches}
+        # Counted here, on the host: by training_step, accelerate has moved the micro-batches to the GPU, where
+        # reading a count back would wait for the GPU's queue.
+        step = {"micro_batches": batches}
+        if all(isinstance(b, dict) and "labels" in b for b in batches):
+            step[STEP_TOKENS] = sum(int(trained_tokens(b)) for b in batches)
+        return step
 
 
 def trained_tokens(batch: dict[str, Any]) -> torch.Tensor:
@@ -145,10 +151,16 @@ class StepTrainer(SFTTrainer):
         """Forward and backward over each micro-batch of one optimizer step; returns the step's loss (this
         process's share of the per-token mean, as transformers reports it)."""
         micro_batches = inputs["micro_batches"]
-        if self.graphs is not None and model.training:
-            return self._graphed_step(model, micro_batches)
-        # Counted on the host, where the micro-batches still are: a blocking copy to the GPU waits for its queue.
-        tokens = torch.full((), sum(int(trained_tokens(mb)) for mb in micro_batches), device=self.args.device)
+        # Counted by the collator, on the host (a count read back from the GPU would wait for its queue).
+        count = inputs.get(STEP_TOKENS)
+        count = count if count is not None else sum(int(trained_tokens(mb)) for mb in micro_batches)
+        # Graphs capture loss_and_tally, trl's plain loss only (a custom loss, label smoothing or an MoE auxiliary
+        # loss goes through trl's compute_loss). An evaluation leaves the model in eval mode until transformers'
+        # training_step sets it back: set it here, or the step after every evaluation would run eagerly.
+        if self.graphs is not None and self._plain_loss():
+            model.train()
+            return self._graphed_step(model, micro_batches, count)
+        tokens = torch.full((), count, device=self.args.device)
         if self.accelerator.num_processes > 1:
             tokens = self.accelerator.reduce(tokens, reduction="sum")
         loss = torch.zeros((), device=self.args.device)
@@ -160,13 +172,13 @@ class StepTrainer(SFTTrainer):
                 loss = loss + super().training_step(model, batch, num_items_in_batch=tokens)
         return loss
 
-    def _graphed_step(self, model, micro_batches) -> torch.Tensor:
-        """training_step through CUDA graphs (one process; job/graphs.py). The step's trained tokens are counted on
-        the host, where the micro-batches still are, so that no copy waits for the GPU; a micro-batch that has no
+    def _graphed_step(self, model, micro_batches, count: int) -> torch.Tensor:
+        """training_step through CUDA graphs (one process; job/graphs.py). `count`: the step's trained tokens,
+        counted by StepCollator on the host, so that no read waits for the GPU; a micro-batch that has no
         bucket (more samples than a bucket holds) or no graph computes eagerly, as without graphs."""
         from job.graphs import REAL_TOKENS
 
-        count = torch.full((), sum(int(trained_tokens(mb)) for mb in micro_batches), device=self.args.device)
+        count = torch.full((), count, device=self.args.device)
         if self.graphs.loss_fn is None:
             self.graphs.loss_fn = functools.partial(self.loss_and_tally, model)
         self.graphs.begin_step()

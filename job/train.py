@@ -231,9 +231,13 @@ def build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, checkpoin
         peft_config=lora_config(cfg, model),
         callbacks=[TensorBoardCallback(writer), ProgressLog(), *callbacks],
     )
+    # CUDA graphs replay trl's plain loss only (StepTrainer.loss_and_tally): not a model's MoE auxiliary loss
+    graphs = speed.cuda_graphs and trainer._plain_loss()
+    if speed.cuda_graphs and not graphs:
+        log.get().warning("CUDA graphs off: the loss is not trl's plain one (an MoE auxiliary loss); computing eagerly")
     # CUDA graphs: at most a step's samples (this process's) in a micro-batch, so its buckets' shapes are fixed
     trainer.step_collator = StepCollator(collate, speed.micro_batch_tokens, speed.micro_batch_size,
-                                         bucket_sequences=speed.step_samples if speed.cuda_graphs else None)
+                                         bucket_sequences=speed.step_samples if graphs else None)
     trainer.global_batch, trainer.group_by_length = speed.global_batch, cfg.group_by_length
     trainer.remove_callback(PrinterCallback)  # prints raw dicts; ProgressLog logs them as events
     if trainer.pop_callback(ProgressCallback) is not None:  # a console's bar: it too printed the raw dicts
@@ -253,7 +257,7 @@ def build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, checkpoin
     if cfg.compile:
         compile_layers(trainer.model)
         trainer.eager_evaluation = True
-    if speed.cuda_graphs:
+    if graphs:
         from job.graphs import StepGraphs
 
         trainer.graphs = StepGraphs(trainer.model.parameters(), placement.device)

@@ -221,3 +221,76 @@ def test_evaluation_batches_hold_as_many_samples_as_their_longest_allow():
     assert eval_batch_samples([1000, 900, 100, 50, 50], 1950, 1024) == 2  # whatever order: 1000 + 900 fit, + 100 not
     assert eval_batch_samples([5000], 4096, 1024) == 1  # at least one
     assert eval_batch_samples(None, 65536, 1024) == 64  # unknown lengths: rows of FT_MAX_SEQ_LENGTH
+
+
+def test_a_step_after_an_evaluation_is_graphed_too(trainer):
+    """transformers' evaluation leaves the model in eval mode until its training_step sets it back; the graphed step
+    must not read that as "not training" and run the step after every evaluation (and the first) eagerly."""
+    trainer.model.eval()  # as from_pretrained and every evaluation leave it
+    trainer.graphs = StepGraphs(trainer.model.parameters(), "cpu", capture=False)
+    runs = []
+    run = trainer.graphs.run
+    trainer.graphs.run = lambda batch, count: runs.append(batch) or run(batch, count)
+    step_result(trainer, trainer.padded)
+    assert len(runs) == 3 and trainer.model.training
+
+
+def test_a_loss_other_than_trls_plain_one_is_not_replaced_by_the_graphed_one(trainer):
+    """Graphs capture loss_and_tally (trl's plain loss); with a custom loss (as with an MoE auxiliary loss or label
+    smoothing) the step computes that loss, as without graphs."""
+    def custom(outputs, labels, num_items_in_batch=None):  # independent of the padding: labelled positions only
+        kept = labels[..., 1:] != -100
+        return outputs.logits[..., :-1, :][kept].float().logsumexp(-1).sum() / num_items_in_batch
+
+    def result(batch):
+        trainer.model.zero_grad(set_to_none=True)
+        loss = trainer.training_step(trainer.model, batch)
+        return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+    trainer.model.train()
+    trainer.compute_loss_func = custom
+    loss, grads = result(trainer.plain)
+    trainer.graphs = StepGraphs(trainer.model.parameters(), "cpu", capture=False)
+    graphed_loss, graphed_grads = result(trainer.padded)
+    torch.testing.assert_close(graphed_loss, loss, rtol=1e-5, atol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(graphed_grads[name], grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_the_steps_token_count_is_taken_on_the_host_by_the_collator(trainer, monkeypatch):
+    """On a GPU, accelerate has moved the micro-batches to the device before training_step: counting their labels
+    there reads each count back (a host synchronisation per micro-batch). The collator counts them on the host."""
+    from job import steps
+
+    assert trainer.padded[steps.STEP_TOKENS] == sum(int(steps.trained_tokens(b)) for b in trainer.padded["micro_batches"])
+    trainer.model.train()
+    expected, _, _ = step_result(trainer, trainer.padded)
+
+    def no_reads(batch):
+        raise AssertionError("trained tokens counted in training_step")
+
+    monkeypatch.setattr(steps, "trained_tokens", no_reads)
+    for graphs in (None, StepGraphs(trainer.model.parameters(), "cpu", capture=False)):
+        trainer.graphs = graphs
+        loss, _, _ = step_result(trainer, trainer.padded)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_graphed_computation_scores_every_position(monkeypatch):
+    """What StepGraphs captures runs trl's fused head on its every-position path (a boolean-mask selection reads its
+    count back to the host, which a capture cannot); the CPU takes that path anyway, so check the switch itself."""
+    import trl.trainer.utils as trl_utils
+
+    monkeypatch.setattr(trl_utils, "_use_triton", lambda device: True)  # as on a GPU with Triton
+    weight = torch.nn.Parameter(torch.ones(3))
+    seen = []
+
+    def loss_fn(inputs, count, tokens):
+        seen.append(trl_utils._use_triton(torch.device("cuda")))
+        return (weight * inputs["input_ids"][0]).sum() / count, torch.zeros(4, dtype=torch.float64)
+
+    graphs = StepGraphs([weight], "cpu", loss_fn, capture=False)
+    graphs.begin_step()
+    graphs.run({"input_ids": torch.ones(1, 3), REAL_TOKENS: 3}, torch.tensor(3))
+    graphs.end_step()
+    assert seen == [False] and torch.equal(weight.grad, torch.full((3,), 1 / 3))
