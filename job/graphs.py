@@ -144,8 +144,9 @@ class StepGraphs:
         for p, g in zip(self.params, self.grads):
             if p.grad is None:
                 p.grad = g
-            else:  # a micro-batch computed eagerly accumulated there
+            elif p.grad is not g:  # a micro-batch computed eagerly accumulated there
                 p.grad.add_(g)
+            # else: the buffer itself, left by a zero_grad(set_to_none=False): it holds the whole step already
 
     def run(self, batch: dict[str, Any], count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Forward and backward of one padded micro-batch (pad_to_bucket's, its tensors on the host, pinned for an
@@ -179,7 +180,10 @@ class StepGraphs:
         return static.loss.clone(), static.tally.clone()
 
     def _new_static(self, batch) -> _Static:
-        inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in unpadded_inputs(batch).items()}
+        # copies: on a GPU the batch is already there (accelerate), and `.to` would return its tensors, which later
+        # micro-batches would then be copied into
+        inputs = {k: v.to(self.device, copy=True) if isinstance(v, torch.Tensor) else v
+                  for k, v in unpadded_inputs(batch).items()}
         return _Static(inputs, torch.zeros((), dtype=torch.long, device=self.device),
                        torch.zeros((), dtype=torch.float64, device=self.device),
                        torch.zeros((), dtype=torch.float32, device=self.device),

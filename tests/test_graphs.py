@@ -294,3 +294,33 @@ def test_the_graphed_computation_scores_every_position(monkeypatch):
     graphs.run({"input_ids": torch.ones(1, 3), REAL_TOKENS: 3}, torch.tensor(3))
     graphs.end_step()
     assert seen == [False] and torch.equal(weight.grad, torch.full((3,), 1 / 3))
+
+
+def test_gradients_are_not_doubled_when_zero_grad_keeps_the_buffers(trainer):
+    """end_step hands the gradient buffers to .grad; a zero_grad(set_to_none=False) between steps leaves .grad being
+    that buffer, which the next end_step must not add to itself."""
+    trainer.model.train()
+    trainer.graphs = StepGraphs(trainer.model.parameters(), "cpu", capture=False)
+    trainer.model.zero_grad(set_to_none=True)
+    trainer.model.eval()  # the same computation twice: no dropout
+    trainer._graphed_step(trainer.model, trainer.padded["micro_batches"], trainer.padded["step_trained_tokens"])
+    first = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.model.zero_grad(set_to_none=False)
+    trainer._graphed_step(trainer.model, trainer.padded["micro_batches"], trainer.padded["step_trained_tokens"])
+    for n, p in trainer.model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, first[n], rtol=1e-5, atol=1e-8, msg=n)
+
+
+def test_a_graphed_step_leaves_the_callers_micro_batches_as_they_were(trainer):
+    """A bucket's static inputs are its own tensors: where the batch is already on the graphs' device (a GPU, where
+    accelerate put it; the CPU here), `.to` returned the first micro-batch's tensors, into which every later
+    micro-batch of the bucket was then copied."""
+    before = [{k: v.clone() for k, v in mb.items() if isinstance(v, torch.Tensor)}
+              for mb in trainer.padded["micro_batches"]]
+    trainer.model.train()
+    trainer.graphs = StepGraphs(trainer.model.parameters(), "cpu", capture=False)
+    step_result(trainer, trainer.padded)
+    for mb, kept in zip(trainer.padded["micro_batches"], before):
+        for k, v in kept.items():
+            assert torch.equal(mb[k], v), k
