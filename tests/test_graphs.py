@@ -262,7 +262,8 @@ def test_the_steps_token_count_is_taken_on_the_host_by_the_collator(trainer, mon
     there reads each count back (a host synchronisation per micro-batch). The collator counts them on the host."""
     from job import steps
 
-    assert trainer.padded[steps.STEP_TOKENS] == sum(int(steps.trained_tokens(b)) for b in trainer.padded["micro_batches"])
+    counts = [int(steps.trained_tokens(b)) for b in trainer.padded["micro_batches"]]
+    assert trainer.padded[steps.STEP_TOKENS] == sum(counts)
     trainer.model.train()
     expected, _, _ = step_result(trainer, trainer.padded)
 
