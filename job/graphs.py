@@ -123,16 +123,20 @@ class StepGraphs:
     stream is captured. The first micro-batch runs eagerly on a side stream before any capture (lazy initialisation:
     cuBLAS workspaces, Triton kernels compiled on first use); later new buckets are captured, then replayed. All
     graphs share one memory pool (they never run at once, and their outputs are copied out before the next replay),
-    so the pool holds about one micro-batch's activations. If a capture fails, the rest of the run computes eagerly
-    (`disabled` gives the reason), which trains the same steps. `capture=False` computes every micro-batch through the
-    same buffers without graphs (the CPU tests: what is captured is this computation)."""
+    so the pool holds about one micro-batch's activations; a tensor first allocated inside a capture that outlived it
+    (a module's lazily built cache) would be overwritten by other buckets' replays: transformers' models build none
+    in training (RoPE tables are computed per forward; dynamic RoPE reads a length back to the host, which fails the
+    capture instead). If a capture fails, the rest of the run computes eagerly (`disabled` gives the reason), which
+    trains the same steps. `capture=False` computes every micro-batch through the same buffers without graphs (the
+    CPU tests: what is captured is this computation; `_record` and `_eager_on_side_stream` are where a CPU test puts
+    a recording that runs on replay)."""
 
     def __init__(self, params, device, loss_fn: LossFn | None = None, capture: bool = True):
         self.loss_fn, self.device, self.capture = loss_fn, device, capture
         self.params = [p for p in params if p.requires_grad]
         self.grads = [torch.zeros_like(p) for p in self.params]
         self.statics: dict[int, _Static] = {}
-        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.pool = None  # the graphs' shared memory pool, made at the first capture
         self.warm = False
         self.disabled: str | None = None
         self.captured_seconds = 0.0
@@ -149,34 +153,38 @@ class StepGraphs:
             # else: the buffer itself, left by a zero_grad(set_to_none=False): it holds the whole step already
 
     def run(self, batch: dict[str, Any], count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Forward and backward of one padded micro-batch (pad_to_bucket's, its tensors on the host, pinned for an
-        asynchronous copy), gradients added into the step's buffers. Returns (loss, tally) as new tensors, or None
-        when graphs are disabled (the caller computes the micro-batch eagerly)."""
+        """Forward and backward of one padded micro-batch (pad_to_bucket's), gradients added into the step's
+        buffers. `count`: the step's trained tokens, a 0-d tensor on the device. Returns (loss, tally) as new
+        tensors, or None when graphs are off (the caller then computes the micro-batch eagerly)."""
         if self.disabled:
             return None
         size = batch["input_ids"].shape[1]
-        if not self.capture:
-            static = self.statics.setdefault(size, self._new_static(batch))
-            self._fill(static, batch, count)
-            self._compute(static)
-            return static.loss.clone(), static.tally.clone()
         static = self.statics.get(size)
         if static is None:
             static = self._new_static(batch)
             self._fill(static, batch, count)
-            if not self.warm:
+            if not self.capture:
+                self.statics[size] = static
+                self._compute(static)
+                return static.loss.clone(), static.tally.clone()
+            warmed = not self.warm
+            if warmed:  # computes this micro-batch for real, then the capture records without running anything
                 self._eager_on_side_stream(static)
                 self.warm = True
-                if not self._capture(static):
-                    return static.loss.clone(), static.tally.clone()  # computed by the eager run
+            if self._capture(static):
                 self.statics[size] = static
+                if warmed:
+                    return static.loss.clone(), static.tally.clone()
+            elif warmed:
                 return static.loss.clone(), static.tally.clone()
-            if not self._capture(static):
+            else:
                 return None
-            self.statics[size] = static
         else:
             self._fill(static, batch, count)
-        static.graph.replay()
+        if static.graph is None:
+            self._compute(static)
+        else:
+            static.graph.replay()
         return static.loss.clone(), static.tally.clone()
 
     def _new_static(self, batch) -> _Static:
@@ -220,26 +228,43 @@ class StepGraphs:
         import time
 
         start = time.monotonic()
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                self._compute(static)
+            static.graph = self._record(static)
         except Exception as e:  # noqa: BLE001 - any capture failure: the run goes on eagerly, the same steps
-            self.disabled = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            cause = e.__context__ or e  # capture_end's "operation failed due to a previous error" hides the cause
+            self.disabled = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
             captured = len(self.statics)
             self.statics.clear()
-            torch.cuda.synchronize(self.device)
+            if torch.device(self.device).type == "cuda":
+                torch.cuda.synchronize(self.device)
             log.get().warning("CUDA graphs off: a step could not be captured; computing eagerly",
                               error=self.disabled[:300], buckets_captured=captured)
             return False
-        static.graph = graph
         self.captured_seconds += time.monotonic() - start
         log.get().info("CUDA graph captured", tokens=static.inputs["input_ids"].shape[1], graphs=len(self.statics) + 1,
                        capture_seconds=round(time.monotonic() - start, 2))
         return True
+
+    def _record(self, static: _Static):
+        """Capture `_compute(static)` into a CUDA graph (nothing runs until it is replayed)."""
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        current = torch.cuda.current_stream(self.device)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                self._compute(static)
+        except Exception:
+            # torch.cuda.graph's exit ends the capture before it leaves its stream: when ending raises, the capture
+            # stream would stay current for the rest of the run
+            torch.cuda.set_stream(current)
+            raise
+        return graph
 
     def release(self) -> None:
         """Drop the graphs and their memory pool (training has ended)."""
         self.statics.clear()
         self.grads = []
         self.disabled = "released"
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.empty_cache()

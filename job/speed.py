@@ -72,10 +72,14 @@ def activation_bytes_per_token(model_config, checkpointing: bool, liger: bool) -
 
 def forward_bytes_per_token(model_config) -> float:
     """Bytes per token that a forward pass without gradients (evaluation) holds at once: one layer's activations
-    (34*h, as in activation_bytes_per_token) and fp32 logits (4 per vocabulary entry, where a loss computes them
-    whole). Nothing is kept for a backward pass, so the layers do not add up."""
+    and fp32 logits (4 per vocabulary entry, where a loss computes them whole). A layer is 34*h (as in
+    activation_bytes_per_token), or, for an MLP much wider than 4h, its three 16-bit [tokens, intermediate] tensors
+    (gate, up, their product) beside four hidden-sized ones. Nothing is kept for a backward pass, so the layers do
+    not add up."""
     c = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    return 34 * c.hidden_size + 4 * c.vocab_size
+    h = c.hidden_size
+    intermediate = getattr(c, "intermediate_size", None) or 4 * h
+    return max(34 * h, 8 * h + 6 * intermediate) + 4 * c.vocab_size
 
 
 def plan(cfg: Settings, placement: Placement, model_config, processes: int = 1, dequantized_bytes: int = 0,
@@ -126,18 +130,21 @@ def plan(cfg: Settings, placement: Placement, model_config, processes: int = 1, 
         reserve += int(tokens * activation_bytes_per_token(model_config, ckpt, liger))
     eval_tokens = _eval_tokens(placement, model_config, attention, tokens, reserve,
                                VARLEN_MAX_EVAL_TOKENS if cfg.profile == "fast" else VARLEN_MAX_MICRO_BATCH_TOKENS)
-    return _logged(SpeedPlan(True, tokens, None, step, eval_batch_samples(eval_lengths, eval_tokens, cfg.row_length),
-                             ckpt, liger, attention, processes, dequantize, graphs))
+    eval_batch = eval_batch_samples(eval_lengths, eval_tokens, cfg.row_length, processes)
+    return _logged(SpeedPlan(True, tokens, None, step, eval_batch, ckpt, liger, attention, processes, dequantize, graphs))
 
 
-def eval_batch_samples(lengths: list[int] | None, tokens: int, row_length: int) -> int:
-    """Samples per padding-free evaluation batch such that no batch holds more than `tokens` tokens, whatever samples
-    it gets: the most samples whose longest `lengths` add up to at most `tokens` (in any order, over any process's
-    share). Without lengths, every sample is taken to be `row_length` long (FT_MAX_SEQ_LENGTH). At least 1."""
+def eval_batch_samples(lengths: list[int] | None, tokens: int, row_length: int, processes: int = 1) -> int:
+    """Samples per padding-free evaluation batch and process such that no batch holds more than `tokens` tokens,
+    whatever samples it gets: the most samples whose longest `lengths` add up to at most `tokens` (in any order,
+    over any process's share), and no more than a process's share of the set (accelerate deals whole batches to the
+    processes in turn: one batch of the whole set would leave the others only fill-ups). Without lengths, every
+    sample is taken to be `row_length` long (FT_MAX_SEQ_LENGTH). At least 1."""
     if not lengths:
         return max(1, tokens // row_length)
+    share = -(-len(lengths) // processes)
     total, count = 0, 0
-    for n in sorted(lengths, reverse=True):
+    for n in sorted(lengths, reverse=True)[:share]:
         if total + n > tokens:
             break
         total, count = total + n, count + 1

@@ -221,6 +221,19 @@ def test_evaluation_batches_hold_as_many_samples_as_their_longest_allow():
     assert eval_batch_samples([1000, 900, 100, 50, 50], 1950, 1024) == 2  # whatever order: 1000 + 900 fit, + 100 not
     assert eval_batch_samples([5000], 4096, 1024) == 1  # at least one
     assert eval_batch_samples(None, 65536, 1024) == 64  # unknown lengths: rows of FT_MAX_SEQ_LENGTH
+    assert eval_batch_samples([300] * 100, 65536, 1024, processes=2) == 50  # each process a batch of its own
+    assert eval_batch_samples([300] * 101, 65536, 1024, processes=2) == 51
+
+
+def test_a_forwards_memory_estimate_counts_a_wide_mlp():
+    from transformers import LlamaConfig, Qwen2Config
+
+    from job.speed import forward_bytes_per_token
+
+    llama = LlamaConfig(hidden_size=4096, intermediate_size=11008, vocab_size=32000)
+    assert forward_bytes_per_token(llama) == 34 * 4096 + 4 * 32000  # 34h covers Llama's MLP
+    qwen = Qwen2Config(hidden_size=3584, intermediate_size=18944, vocab_size=152064)  # Qwen2.5-7B: 5.3h wide
+    assert forward_bytes_per_token(qwen) == 8 * 3584 + 6 * 18944 + 4 * 152064
 
 
 def test_a_step_after_an_evaluation_is_graphed_too(trainer):
@@ -325,3 +338,74 @@ def test_a_graphed_step_leaves_the_callers_micro_batches_as_they_were(trainer):
     for mb, kept in zip(trainer.padded["micro_batches"], before):
         for k, v in kept.items():
             assert torch.equal(mb[k], v), k
+
+
+class Recording:
+    """What a CUDA graph's capture gives on the CPU: nothing runs when recorded, the computation runs on replay."""
+
+    def __init__(self, compute):
+        self.compute, self.replays = compute, 0
+
+    def replay(self):
+        self.replays += 1
+        self.compute()
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """StepGraphs with capture on, its two CUDA-only seams (the capture, the warm-up on a side stream) done on the
+    CPU; `failures` lists the captures (by number) that raise, as a capture that reads a value back would."""
+    made, failures = [], set()
+
+    def record(self, static):
+        made.append(static.inputs["input_ids"].shape[1])
+        if len(made) in failures:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return Recording(lambda: self._compute(static))
+
+    monkeypatch.setattr(StepGraphs, "_record", record)
+    monkeypatch.setattr(StepGraphs, "_eager_on_side_stream", lambda self, static: self._compute(static))
+    return made, failures
+
+
+def test_captured_steps_warm_up_once_then_replay_and_train_what_the_plain_step_trains(trainer, recorded):
+    """The first micro-batch is computed by the warm-up and then captured (its capture must not count twice); the
+    others replay; two steps in a row give the plain step's loss and gradients each time."""
+    made, _ = recorded
+    trainer.model.train()
+    loss, grads, tally = step_result(trainer, trainer.plain)
+    trainer.graphs = StepGraphs(trainer.model.parameters(), "cpu", capture=True)
+    for _ in range(2):
+        graphed_loss, graphed_grads, graphed_tally = step_result(trainer, trainer.padded)
+        torch.testing.assert_close(graphed_loss, loss, rtol=1e-5, atol=1e-6)
+        for name in grads:
+            torch.testing.assert_close(graphed_grads[name], grads[name], rtol=1e-4, atol=1e-7, msg=name)
+        torch.testing.assert_close(graphed_tally, tally, rtol=1e-5, atol=1e-6)
+    assert made == [BUCKET_TOKENS]  # one bucket, captured once
+    assert trainer.graphs.statics[BUCKET_TOKENS].graph.replays == 2 * 3 - 1  # all but the warm-up
+
+
+@pytest.mark.parametrize("failing", [1, 2])
+def test_a_failed_capture_leaves_the_run_eager_and_the_step_whole(trainer, recorded, failing, collate):
+    """A capture that fails (the first, after its warm-up computed the micro-batch; or a later bucket's) turns
+    graphs off for the rest of the run; that micro-batch and the rest compute eagerly: the same step."""
+    from job.steps import StepCollator
+
+    made, failures = recorded
+    failures.add(failing)
+    features = [trainer.train_dataset[i] for i in range(4)]
+    # two buckets: a micro-batch of 200+ tokens pads to 512
+    features[1] = {"input_ids": list(range(5, 255)), "labels": [-100] * 3 + list(range(8, 255))}
+    plain = StepCollator(collate, max_tokens=260)(features)
+    padded = StepCollator(collate, max_tokens=260, bucket_sequences=4)(features)
+    assert [b["input_ids"].shape[1] for b in padded["micro_batches"]] == [512, 256]
+    trainer.model.train()
+    loss, grads, _ = step_result(trainer, plain)
+    trainer.graphs = StepGraphs(trainer.model.parameters(), "cpu", capture=True)
+    for _ in range(2):
+        graphed_loss, graphed_grads, _ = step_result(trainer, padded)
+        torch.testing.assert_close(graphed_loss, loss, rtol=1e-5, atol=1e-6)
+        for name in grads:
+            torch.testing.assert_close(graphed_grads[name], grads[name], rtol=1e-4, atol=1e-7, msg=name)
+    assert trainer.graphs.disabled and not trainer.graphs.statics
+    assert made == [512, 256][:failing]
