@@ -194,9 +194,16 @@ class StepTrainer(SFTTrainer):
         return loss
 
     def floating_point_ops(self, inputs) -> float:
+        """transformers' estimate (6 x parameters x input tokens) per micro-batch, over a step's real tokens: the
+        padding of a micro-batch padded for CUDA graphs (job/graphs.py REAL_TOKENS) is not counted."""
+        from job.graphs import REAL_TOKENS
+
         if "micro_batches" in inputs:
-            return sum(super(StepTrainer, self).floating_point_ops(mb) for mb in inputs["micro_batches"])
-        return super().floating_point_ops(inputs)
+            return sum(self.floating_point_ops(mb) for mb in inputs["micro_batches"])
+        flops = super().floating_point_ops(inputs)
+        if REAL_TOKENS in inputs:
+            flops *= inputs[REAL_TOKENS] / inputs["input_ids"].numel()
+        return flops
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """trl's causal-LM loss (summed over the trained tokens, divided by `num_items_in_batch`), computed here in

@@ -101,6 +101,11 @@ def step_result(trainer, batch):
     return loss.detach(), grads, trainer._tallies["train"].clone()
 
 
+def test_the_padding_is_not_counted_in_the_steps_flops(trainer):
+    assert trainer.floating_point_ops(trainer.padded) == pytest.approx(trainer.floating_point_ops(trainer.plain))
+    assert trainer.floating_point_ops(trainer.plain) > 0
+
+
 def test_a_graphed_step_trains_what_the_plain_step_trains(trainer):
     """The padded micro-batches through StepGraphs' computation (gradients from autograd.grad added into buffers,
     the step's token count as the divisor) give the plain step's loss, gradients and metrics."""
