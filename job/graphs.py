@@ -37,7 +37,6 @@ from job import log
 BUCKET_TOKENS = 256  # padding per micro-batch: < 256 tokens, ~3% of a 1,400-token step's work (bench/NOTES.md)
 MAX_MICRO_BATCH_TOKENS = 4096  # where steps are launch-bound; larger micro-batches are GEMM-bound (the `fast` default)
 REAL_TOKENS = "real_tokens"  # a padded micro-batch's key: its tokens before padding
-IGNORE = -100
 
 
 def bucket_size(tokens: int, slots: int, multiple: int = BUCKET_TOKENS) -> int:
@@ -52,6 +51,8 @@ def pad_to_bucket(batch: dict[str, Any], max_sequences: int, pad_id: int, multip
     that it holds bucket_size(T, ...) tokens and max_sequences + 2 boundaries, with max_length the bucket (a bound
     for the kernel, fixed per bucket). Padding: `pad_id` tokens, positions restarting at 0, labels -100. Adds
     REAL_TOKENS = T. A micro-batch of more than `max_sequences` sequences is returned unchanged (computed eagerly)."""
+    from job.steps import IGNORE as IGNORE_INDEX
+
     ids, cu = batch["input_ids"], batch["cu_seq_lens_q"]
     tokens, sequences = ids.shape[1], cu.numel() - 1
     if sequences > max_sequences:
@@ -63,7 +64,7 @@ def pad_to_bucket(batch: dict[str, Any], max_sequences: int, pad_id: int, multip
     ends = tokens + torch.tensor(lengths).cumsum(0)
     out = dict(batch)
     out["input_ids"] = torch.cat([ids, ids.new_full((1, size - tokens), pad_id)], 1)
-    out["labels"] = torch.cat([batch["labels"], batch["labels"].new_full((1, size - tokens), IGNORE)], 1)
+    out["labels"] = torch.cat([batch["labels"], batch["labels"].new_full((1, size - tokens), IGNORE_INDEX)], 1)
     out["position_ids"] = torch.cat([batch["position_ids"], positions], 1)
     out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = torch.cat([cu, ends.to(cu.dtype)])
     out["max_length_q"] = out["max_length_k"] = size
@@ -160,28 +161,22 @@ class StepGraphs:
             return None
         size = batch["input_ids"].shape[1]
         static = self.statics.get(size)
-        if static is None:
+        if static is not None:
+            self._fill(static, batch, count)
+        else:
             static = self._new_static(batch)
             self._fill(static, batch, count)
-            if not self.capture:
-                self.statics[size] = static
-                self._compute(static)
-                return static.loss.clone(), static.tally.clone()
-            warmed = not self.warm
-            if warmed:  # computes this micro-batch for real, then the capture records without running anything
+            warm_up = self.capture and not self.warm
+            if warm_up:  # computes this micro-batch for real, then the capture records without running anything
                 self._eager_on_side_stream(static)
                 self.warm = True
-            if self._capture(static):
+            if not self.capture or self._capture(static):
                 self.statics[size] = static
-                if warmed:
-                    return static.loss.clone(), static.tally.clone()
-            elif warmed:
-                return static.loss.clone(), static.tally.clone()
-            else:
+            elif not warm_up:
                 return None
-        else:
-            self._fill(static, batch, count)
-        if static.graph is None:
+            if warm_up:
+                return static.loss.clone(), static.tally.clone()
+        if static.graph is None:  # capture=False
             self._compute(static)
         else:
             static.graph.replay()

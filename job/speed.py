@@ -87,8 +87,9 @@ def plan(cfg: Settings, placement: Placement, model_config, processes: int = 1, 
     """The plan for this hardware. `dequantized_bytes`: what a compute-dtype copy of the model's 4-bit weights would
     take (dequantized_size; 0 for a model without them). `step_tokens`: tokens that nearly every optimizer step of
     this process holds (typical_step_tokens; None when unknown). `eval_lengths`: the evaluation samples' token counts
-    (None when unknown), which size evaluation batches in samples (eval_batch_samples). Raises ConfigError when the global batch cannot be
-    split evenly over the processes, or Liger or FT_DEQUANTIZE_ONCE is asked for where it cannot run."""
+    (None when unknown), which size evaluation batches in samples (eval_batch_samples). Raises ConfigError when the
+    global batch cannot be split evenly over the processes, or Liger, FT_DEQUANTIZE_ONCE or FT_CUDA_GRAPHS is asked
+    for where it cannot run."""
     gpu = placement.device == "cuda"
     sharded = cfg.shards_model(processes)
     if cfg.dequantize_once and (sharded or not dequantized_bytes):
@@ -131,7 +132,8 @@ def plan(cfg: Settings, placement: Placement, model_config, processes: int = 1, 
     eval_tokens = _eval_tokens(placement, model_config, attention, tokens, reserve,
                                VARLEN_MAX_EVAL_TOKENS if cfg.profile == "fast" else VARLEN_MAX_MICRO_BATCH_TOKENS)
     eval_batch = eval_batch_samples(eval_lengths, eval_tokens, cfg.row_length, processes)
-    return _logged(SpeedPlan(True, tokens, None, step, eval_batch, ckpt, liger, attention, processes, dequantize, graphs))
+    return _logged(SpeedPlan(True, tokens, None, step, eval_batch, ckpt, liger, attention, processes, dequantize,
+                             graphs))
 
 
 def eval_batch_samples(lengths: list[int] | None, tokens: int, row_length: int, processes: int = 1) -> int:
@@ -179,9 +181,9 @@ def _eval_tokens(placement: Placement, model_config, attention: str, train_token
     """Tokens per padding-free evaluation batch (FT_MAX_SEQ_LENGTH-long samples' worth). Evaluation only runs
     forward, keeping one layer's activations at a time, so on a GPU with the varlen kernel it takes the largest
     batch up to `cap` (VARLEN_MAX_EVAL_TOKENS in `fast`; `lean` keeps its memory low with 16,384) whose activations
-    fit (forward_bytes_per_token); small training steps would otherwise evaluate in as many small, launch-bound forwards (the bench
-    workload's 100 held-out samples: 25 forwards, ~2 s per evaluation on an H200, ~30% of an epoch with 10
-    evaluations; bench/NOTES.md). The reported loss does not depend on it: StepTrainer tallies it per token."""
+    fit (forward_bytes_per_token); small training steps would otherwise evaluate in as many small, launch-bound
+    forwards (the bench workload's 100 held-out samples: 25 forwards, ~2 s per evaluation on an H200, ~30% of an
+    epoch with 10 evaluations; bench/NOTES.md). The reported loss does not depend on it: StepTrainer tallies it per token."""
     if placement.device != "cuda" or attention != "varlen":  # sdpa's dense mask grows with the square of a batch
         return train_tokens
     free = free_gpu_bytes() - reserve

@@ -198,7 +198,8 @@ def test_graphs_asked_for_where_they_cannot_run_are_refused_in_one_line(monkeypa
         plan(settings(cuda_graphs=True), Placement("cuda", torch.float16), config)
     with pytest.raises(ConfigError, match="FT_CUDA_GRAPHS=true: runs on one process"):
         plan(settings(cuda_graphs=True, batch_size=4), Placement("cuda", torch.bfloat16), config, 2)
-    with pytest.raises(ConfigError, match="FT_CUDA_GRAPHS=true: needs padding-free micro-batches, and FT_PROFILE=guide"):
+    with pytest.raises(ConfigError, match="FT_CUDA_GRAPHS=true: needs padding-free micro-batches, and "
+                                          "FT_PROFILE=guide"):
         plan(settings(cuda_graphs=True, profile="guide"), Placement("cuda", torch.bfloat16), config)
     with pytest.raises(ConfigError, match="FT_CUDA_GRAPHS=true: cannot replay gradient checkpointing, which this "
                                           r"plan uses \(FT_PROFILE=lean\)"):
