@@ -168,6 +168,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--steps", type=int, default=3, help="optimizer steps to profile")
     p.add_argument("--skip", type=int, default=4, help="steps before the profiled ones (warm-up), at least 1")
+    p.add_argument("--blocking-copies", action="store_true",
+                   help="copy each batch to the GPU with non_blocking=False, as the job did before the eleventh session")
     args = p.parse_args()
     if args.steps < 1 or args.skip < 1:
         p.error("--steps and --skip must be at least 1")
@@ -181,6 +183,8 @@ def main() -> int:
     def build_trainer(*a, **kw):
         trainer = build(*a, **kw)
         trainer.add_callback(callback)
+        if args.blocking_copies:
+            trainer.accelerator.dataloader_config.non_blocking = False
         return trainer
 
     train.build_trainer = build_trainer

@@ -76,6 +76,16 @@ VARIANTS = {
                    "_steps": "10", "FT_MAX_STEPS": "40"},
     "profile-b4-fused": {**RECIPE, "FT_PROFILE": "fast", "FT_OPTIM": "adamw_torch_fused", "_runner": "profile",
                          "_skip": "20", "_steps": "10", "FT_MAX_STEPS": "40"},
+    # Twelfth session: peft's own LoRA layers instead of the fused path (FT_FUSED_LORA, on by default in `fast`), and
+    # profiles of steady steps between evaluations (27-36) of the default, without the fused path, and with the
+    # batches copied to the GPU blocking (as before the twelfth session).
+    "fast-peft": {**RECIPE, "FT_PROFILE": "fast", "FT_FUSED_LORA": "false"},
+    "profile-steady": {**RECIPE, "FT_PROFILE": "fast", "_runner": "profile", "_skip": "26", "_steps": "10",
+                       "FT_MAX_STEPS": "40"},
+    "profile-steady-peft": {**RECIPE, "FT_PROFILE": "fast", "FT_FUSED_LORA": "false", "_runner": "profile",
+                            "_skip": "26", "_steps": "10", "FT_MAX_STEPS": "40"},
+    "profile-steady-blocking": {**RECIPE, "FT_PROFILE": "fast", "_runner": "profile", "_skip": "26", "_steps": "10",
+                                "FT_MAX_STEPS": "40", "_blocking": "1"},
     # --- the explicit bigger-step setting (FT_PACKING): other recipes, fewer optimizer steps ---
     "packed-16k": {"FT_PROFILE": "fast", **packed(16384)},  # what the `fast` default trained before issue 12
     "trl-packed": {**packed(4096), "FT_USE_LIGER": "false", "FT_GRADIENT_CHECKPOINTING": "false",
@@ -226,7 +236,8 @@ def run_variant(name: str, round_: int, gpus: list[int], model: Path, data: dict
     env["FT_DATASET"] = str(data[int(env["FT_MAX_SEQ_LENGTH"])])
     nodes = int(env.pop("_nodes", "1"))
     runner, unsloth_gc, batch = env.pop("_runner", "job"), env.pop("_unsloth_gc", "none"), env.pop("_batch", "0")
-    profile_window = ["--skip", env.pop("_skip", "4"), "--steps", env.pop("_steps", "3")]
+    profile_window = ["--skip", env.pop("_skip", "4"), "--steps", env.pop("_steps", "3"),
+                      *(["--blocking-copies"] if env.pop("_blocking", "") else [])]
     if gib := env.pop("_gpu_gib", None):
         env["BENCH_GPU_GIB"] = gib
         env["PYTHONPATH"] = f"{ROOT / 'bench' / 'gpucap'}:{env['PYTHONPATH']}"

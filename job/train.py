@@ -18,6 +18,7 @@ from job.errors import ConfigError, DivergedError, InterruptedJob, OutOfMemoryEr
 from job.history import RunHistory
 from job.model import Placement, lora_config
 from job.signals import Stopper
+from job.fused_lora import fuse_lora
 from job.speed import SpeedPlan, compile_layers, dequantize_once, release_dequantized
 
 
@@ -134,6 +135,9 @@ def sft_config(cfg: Settings, placement: Placement, output_dir: Path, has_eval: 
         packing=False,
         padding_free=False,
         dataloader_pin_memory=on_gpu,
+        # Each batch copied to the GPU from pinned memory without waiting: a blocking copy waits for the GPU to finish
+        # the step before, so the host could not queue the next step while the GPU computes this one.
+        accelerator_config={"non_blocking": on_gpu},
         ddp_backend=("nccl" if on_gpu else "gloo") if speed.processes > 1 else None,
         ddp_timeout=int(cfg.dist_timeout_seconds),
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; searching costs a graph walk per step
@@ -254,6 +258,8 @@ def build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, checkpoin
                 param.data = param.data.float()
     if speed.dequantize_once:
         dequantize_once(trainer.model, placement.dtype)
+    if speed.fused_lora:
+        fuse_lora(trainer.model)
     if cfg.compile:
         compile_layers(trainer.model)
         trainer.eager_evaluation = True
