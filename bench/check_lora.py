@@ -46,8 +46,7 @@ def build(kind: str, layers: int, width: int):
     if kind == "base":
         return model
     config = LoraConfig(r=64, lora_alpha=16, lora_dropout=0.1, init_lora_weights=False,  # B != 0: gradients for A
-                        target_modules=["proj." + str(i) for i in
-                                                                               range(layers)])
+                        target_modules=[f"proj.{i}" for i in range(layers)])
     model = get_peft_model(model, config, autocast_adapter_dtype=False)
     if kind == "fused":
         fuse_lora(model)
