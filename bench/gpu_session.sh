@@ -4,8 +4,8 @@
 # Installs the wheels (the job's into /tmp/site, the Unsloth peer's into /tmp/site-unsloth), then bench/run.py runs
 # every variant `rounds` times over all the machine's GPUs (a scale-out variant takes two), within BUDGET seconds
 # (default 500: the device tool allows 600 per call); ONCE lists variants to run in the first round only. With
-# CHECK_VARLEN=1, bench/check_varlen.py runs first on GPU 0; with CHECK_LORA=1, bench/check_lora.py (the fused LoRA
-# path against peft's layers, isolated).
+# CHECK_VARLEN=1, bench/check_varlen.py runs first on GPU 0; with CHECK_LORA=1, bench/check_lora.py (what peft's LoRA
+# layers cost over the base products, isolated).
 # Everything lands in $OUT as few files (the device tool brings back at most 8): results.json, runs.json, the run's
 # RESULTS.md and results.png, the varlen check, the profiles and one archive of every log.
 set -uo pipefail

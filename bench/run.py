@@ -76,14 +76,10 @@ VARIANTS = {
                    "_steps": "10", "FT_MAX_STEPS": "40"},
     "profile-b4-fused": {**RECIPE, "FT_PROFILE": "fast", "FT_OPTIM": "adamw_torch_fused", "_runner": "profile",
                          "_skip": "20", "_steps": "10", "FT_MAX_STEPS": "40"},
-    # Twelfth session: peft's own LoRA layers instead of the fused path (FT_FUSED_LORA, on by default in `fast`), and
-    # profiles of steady steps between evaluations (27-36) of the default, without the fused path, and with the
-    # batches copied to the GPU blocking (as before the twelfth session).
-    "fast-peft": {**RECIPE, "FT_PROFILE": "fast", "FT_FUSED_LORA": "false"},
+    # Profiles of steady steps between evaluations (27-36) of the default, and with each batch copied to the GPU
+    # blocking, as before the twelfth session (bench/profile_step.py --blocking-copies).
     "profile-steady": {**RECIPE, "FT_PROFILE": "fast", "_runner": "profile", "_skip": "26", "_steps": "10",
                        "FT_MAX_STEPS": "40"},
-    "profile-steady-peft": {**RECIPE, "FT_PROFILE": "fast", "FT_FUSED_LORA": "false", "_runner": "profile",
-                            "_skip": "26", "_steps": "10", "FT_MAX_STEPS": "40"},
     "profile-steady-blocking": {**RECIPE, "FT_PROFILE": "fast", "_runner": "profile", "_skip": "26", "_steps": "10",
                                 "FT_MAX_STEPS": "40", "_blocking": "1"},
     # --- the explicit bigger-step setting (FT_PACKING): other recipes, fewer optimizer steps ---

@@ -244,12 +244,6 @@ class Settings(BaseSettings):
         "with a 7B model at 4 samples per step, steady steps run 2.4x as fast (14,357 against 5,862 tokens/s), after "
         "~0.2 s of capture per size (bench/RESULTS.md, run 18).",
     )
-    fused_lora: bool | None = Field(
-        None, description="Compute each LoRA layer (base product, dropout, A, B, scale and sum) as one autograd "
-        "function of fewer kernels instead of peft's separate modules (job/fused_lora.py): the same products and "
-        "dropout masks, sums rounded once. Layers it cannot compute (LoRA bias, several adapters, mixed dtypes) run "
-        "peft's forward. Default: on, except in the `guide` profile, with DoRA and under FT_COMPILE.",
-    )
     attention: Literal["auto", "varlen", "sdpa", "flex_attention", "eager"] = Field(
         "auto", description="Attention implementation. `varlen`: torch's variable-length flash attention (torch >= "
         "2.11, Ampere or newer GPU, bf16/fp16), which attends within each sample of a padding-free row and builds no "
@@ -552,16 +546,6 @@ class Settings(BaseSettings):
                                                         "micro-batches)")):
             if clash:
                 raise ValueError(f"FT_CUDA_GRAPHS=true with {why}; leave FT_CUDA_GRAPHS unset")
-        return self
-
-    @model_validator(mode="after")
-    def _fused_lora_where_it_computes(self) -> Settings:
-        if self.fused_lora and self.use_dora:
-            raise ValueError("FT_FUSED_LORA=true with FT_USE_DORA=true: the fused path computes plain LoRA, not "
-                             "DoRA's weight decomposition; leave FT_FUSED_LORA unset")
-        if self.fused_lora and self.compile:
-            raise ValueError("FT_FUSED_LORA=true with FT_COMPILE=true: torch.compile fuses the LoRA layers itself; "
-                             "leave FT_FUSED_LORA unset")
         return self
 
     @model_validator(mode="after")

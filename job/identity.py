@@ -37,7 +37,7 @@ NOT_FINGERPRINTED = {"run_id", "overwrite", "log_format", "log_level", "work_dir
                      "storage_attempts", "storage_timeout_seconds", "storage_deadline_seconds",
                      # how a step is computed, not what it trains: a run may resume under another plan (another GPU)
                      "profile", "padding_free", "micro_batch_tokens", "gradient_checkpointing", "use_liger", "attention",
-                     "compile", "dequantize_once", "cuda_graphs", "fused_lora",
+                     "compile", "dequantize_once", "cuda_graphs",
                      # where and on how many processes it runs: the global batch is kept, and every node must agree
                      "nproc_per_node", "nnodes", "node_rank", "dist_timeout_seconds",
                      # what is shown and exported after training

@@ -48,7 +48,6 @@ class SpeedPlan:
     processes: int = 1
     dequantize_once: bool = False  # a bf16 copy of the 4-bit base weights, dequantized once (job/speed.py)
     cuda_graphs: bool = False  # micro-batches padded to buckets and replayed from CUDA graphs (job/graphs.py)
-    fused_lora: bool = False  # peft's LoRA layers computed in fewer kernels (job/fused_lora.py)
 
     @property
     def global_batch(self) -> int:
@@ -118,7 +117,7 @@ def plan(cfg: Settings, placement: Placement, model_config, processes: int = 1, 
         ckpt = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else cfg.profile != "fast"
         micro = min(cfg.batch_size, step)
         return _logged(SpeedPlan(False, None, micro, step, cfg.batch_size, ckpt, liger, attention, processes,
-                                 bool(cfg.dequantize_once), fused_lora=fused_lora(cfg)))
+                                 bool(cfg.dequantize_once)))
     # Asked for, the copy comes first and the micro-batch is sized in the memory left beside it.
     forced = dequantized_bytes if cfg.dequantize_once else 0
     tokens, ckpt = _size_micro_batch(cfg, placement, model_config, liger, attention, step, forced, step_tokens)
@@ -134,16 +133,7 @@ def plan(cfg: Settings, placement: Placement, model_config, processes: int = 1, 
                                VARLEN_MAX_EVAL_TOKENS if cfg.profile == "fast" else VARLEN_MAX_MICRO_BATCH_TOKENS)
     eval_batch = eval_batch_samples(eval_lengths, eval_tokens, cfg.row_length, processes)
     return _logged(SpeedPlan(True, tokens, None, step, eval_batch, ckpt, liger, attention, processes, dequantize,
-                             graphs, fused_lora(cfg)))
-
-
-def fused_lora(cfg: Settings) -> bool:
-    """FT_FUSED_LORA: asked for, or by default outside the `guide` profile (which computes as the guide does) where
-    every LoRA layer can take it (no DoRA) and the layers are not compiled (torch.compile fuses them itself). The
-    settings' own clashes are refused when they are read."""
-    if cfg.fused_lora is not None:
-        return cfg.fused_lora
-    return cfg.profile != "guide" and not cfg.use_dora and not cfg.compile
+                             graphs))
 
 
 def eval_batch_samples(lengths: list[int] | None, tokens: int, row_length: int, processes: int = 1) -> int:

@@ -18,7 +18,6 @@ from job.errors import ConfigError, DivergedError, InterruptedJob, OutOfMemoryEr
 from job.history import RunHistory
 from job.model import Placement, lora_config
 from job.signals import Stopper
-from job.fused_lora import fuse_lora
 from job.speed import SpeedPlan, compile_layers, dequantize_once, release_dequantized
 
 
@@ -258,8 +257,6 @@ def build_trainer(cfg, model, tokenizer, train_ds, eval_ds, placement, checkpoin
                 param.data = param.data.float()
     if speed.dequantize_once:
         dequantize_once(trainer.model, placement.dtype)
-    if speed.fused_lora:
-        fuse_lora(trainer.model)
     if cfg.compile:
         compile_layers(trainer.model)
         trainer.eager_evaluation = True

@@ -116,19 +116,6 @@ def test_graphed_steps_are_padded_to_buckets(runs):
         assert graphed[tag] == pytest.approx(fast[tag], rel=1e-4), tag
 
 
-def test_the_fused_lora_path_trains_what_pefts_layers_train(runs):
-    """FT_FUSED_LORA, on by default outside the guide: the equal losses and adapters above compare its layers (every
-    projection of the 4-bit tiny model, over the 4-bit weights and over the dequantized copy) with peft's in
-    `guide`."""
-    for name in ("fast", "split", "lean", "dequantized", "graphed"):
-        assert runs[name]["manifest"]["training"]["fused_lora"] is True, name
-        fused = next(e for e in runs[name]["log"] if e["event"] == "LoRA layers fused")
-        assert fused["layers"] == 7 * 2, name  # all-linear: 7 projections in each of the 2 layers
-    for name in ("guide", "compiled"):
-        assert runs[name]["manifest"]["training"]["fused_lora"] is False, name
-        assert not any(e["event"] == "LoRA layers fused" for e in runs[name]["log"]), name
-
-
 def test_dequantized_weights_are_used_for_training_and_released(runs):
     """FT_DEQUANTIZE_ONCE keeps the copies through training (the equal losses above say they compute what the 4-bit
     layers compute) and releases them before the sample answers; the default on the CPU leaves them off."""
