@@ -169,7 +169,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=3, help="optimizer steps to profile")
     p.add_argument("--skip", type=int, default=4, help="steps before the profiled ones (warm-up), at least 1")
     p.add_argument("--blocking-copies", action="store_true",
-                   help="copy each batch to the GPU with non_blocking=False, as the job did before the eleventh session")
+                   help="copy each batch to the GPU with non_blocking=False, as the job did before the twelfth session")
     args = p.parse_args()
     if args.steps < 1 or args.skip < 1:
         p.error("--steps and --skip must be at least 1")
