@@ -207,21 +207,6 @@ def test_graphs_asked_for_where_they_cannot_run_are_refused_in_one_line(monkeypa
     assert plan(settings(cuda_graphs=True, batch_size=64), Placement("cuda", torch.bfloat16), config).cuda_graphs
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"FT_CUDA_GRAPHS": "true", "FT_COMPILE": "true"}, "FT_CUDA_GRAPHS=true with FT_COMPILE=true"),
-    ({"FT_CUDA_GRAPHS": "true", "FT_PACKING": "true"}, "FT_CUDA_GRAPHS=true with FT_PACKING=true"),
-    ({"FT_CUDA_GRAPHS": "true", "FT_GRADIENT_CHECKPOINTING": "true"},
-     "FT_CUDA_GRAPHS=true with FT_GRADIENT_CHECKPOINTING=true"),
-])
-def test_settings_that_exclude_graphs_are_refused_before_any_download(monkeypatch, env, message):
-    from job.config import load_settings
-
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    with pytest.raises(ConfigError, match=message):
-        load_settings()
-
-
 def test_evaluation_batches_hold_as_many_samples_as_their_longest_allow():
     assert eval_batch_samples([300] * 100, 65536, 1024) == 100  # the whole set in one forward
     assert eval_batch_samples([1000, 900, 100, 50, 50], 1950, 1024) == 2  # whatever order: 1000 + 900 fit, + 100 not

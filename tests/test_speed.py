@@ -329,6 +329,10 @@ def test_dequantize_once_asked_for_sizes_the_micro_batch_beside_the_copy(monkeyp
      "FT_DEQUANTIZE_ONCE=true with FT_STRATEGY=fsdp: FSDP is there to save memory"),
     ({"FT_USE_LIGER": "true", "FT_COMPILE": "true"},
      "FT_USE_LIGER=true with FT_COMPILE=true: Liger's Triton kernels fail to build inside torch.compile's graphs"),
+    ({"FT_CUDA_GRAPHS": "true", "FT_COMPILE": "true"}, "FT_CUDA_GRAPHS=true with FT_COMPILE=true"),
+    ({"FT_CUDA_GRAPHS": "true", "FT_PACKING": "true"}, "FT_CUDA_GRAPHS=true with FT_PACKING=true"),
+    ({"FT_CUDA_GRAPHS": "true", "FT_GRADIENT_CHECKPOINTING": "true"},
+     "FT_CUDA_GRAPHS=true with FT_GRADIENT_CHECKPOINTING=true"),
 ])
 def test_plan_combinations_that_cannot_run_are_refused_before_any_download(monkeypatch, env, message):
     from job.config import load_settings
